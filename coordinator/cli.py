@@ -1,0 +1,29 @@
+"""The ``llama-node`` command line. Each command is a thin wrapper; the work lives in importable modules.
+
+Heavy modules (torch, grpc) are imported inside the commands, so ``llama-node --help`` and ``llama-node plan`` stay
+fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from coordinator.plan_cmd import plan_command
+from coordinator.run_cmd import run_command
+
+app = typer.Typer(
+    name="llama-node",
+    help="Run one Llama across the machines of a household.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("run")(run_command)
+app.command("plan")(plan_command)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app()

@@ -1,0 +1,105 @@
+"""GGUF files through the ``gguf`` package: metadata as a plain dict, tensors read one at a time.
+
+The file is memory-mapped by ``gguf.GGUFReader``; a tensor's bytes are touched only when ``tensor()`` is called for
+it, so a stage that asks for its own layers never pages in the rest of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from llama_shard.errors import ModelFormatError
+
+log = logging.getLogger(__name__)
+
+#: Tensor types this loader reads (dequantised to float at load; the speed issue keeps them packed).
+SUPPORTED_TYPES = frozenset(
+    GGMLQuantizationType[name]
+    for name in ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+)
+
+#: GGUF tensor names -> this project's names. ``{i}`` is the global layer index.
+GGUF_TO_NATIVE = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "rope_freqs.weight": "rope_freqs",
+    "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.attention.wq.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.attention.wk.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.attention.wv.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.attention.wo.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
+}
+
+
+def _field_value(field: Any) -> Any:
+    value = field.contents()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value
+
+
+class GGUFFile:
+    """An open GGUF file: ``metadata`` (key -> Python value) and tensors by name."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelFormatError(f"{self.path}: no such file")
+        try:
+            self._reader = GGUFReader(str(self.path), "r")
+        except (ValueError, IndexError, OSError, KeyError) as e:
+            raise ModelFormatError(f"{self.path}: not a readable GGUF file ({e})") from None
+        self.metadata: dict[str, Any] = {}
+        for key, field in self._reader.fields.items():
+            try:
+                self.metadata[key] = _field_value(field)
+            except (ValueError, IndexError, UnicodeDecodeError) as e:
+                raise ModelFormatError(f"{self.path}: corrupt metadata field {key!r} ({e})") from None
+        self._tensors = {t.name: t for t in self._reader.tensors}
+
+    @property
+    def tensor_names(self) -> set[str]:
+        return set(self._tensors)
+
+    def tensor_type(self, name: str) -> GGMLQuantizationType:
+        return GGMLQuantizationType(self._tensors[name].tensor_type)
+
+    def tensor_nbytes(self, name: str) -> int:
+        return int(self._tensors[name].n_bytes)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor, dequantised to float32, in PyTorch's ``[rows, cols]`` order."""
+        t = self._tensors.get(name)
+        if t is None:
+            raise ModelFormatError(f"{self.path}: tensor {name!r} is missing")
+        qtype = GGMLQuantizationType(t.tensor_type)
+        if qtype not in SUPPORTED_TYPES:
+            raise ModelFormatError(f"{self.path}: tensor {name!r} has unsupported type {qtype.name}")
+        shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists ne0 (the row length) first
+        try:
+            if qtype == GGMLQuantizationType.F32:
+                array = np.asarray(t.data, dtype=np.float32)
+            elif qtype == GGMLQuantizationType.F16:
+                array = np.asarray(t.data, dtype=np.float16).astype(np.float32)
+            else:
+                array = dequantize(t.data, qtype)
+            return torch.from_numpy(np.ascontiguousarray(array.reshape(shape), dtype=np.float32))
+        except (ValueError, IndexError) as e:
+            raise ModelFormatError(f"{self.path}: tensor {name!r} is truncated or corrupt ({e})") from None
+
+
+def gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """Only the key/value metadata of a GGUF file (the tensors stay unread)."""
+    return GGUFFile(path).metadata
