@@ -96,6 +96,13 @@ class ModelConfig:
         model_type = cfg.get("model_type", "llama")
         if model_type != "llama":
             raise ModelFormatError(f"unsupported architecture {model_type!r} (supported: llama)")
+        for flag in ("attention_bias", "mlp_bias"):
+            if cfg.get(flag):
+                raise ModelFormatError(f"unsupported Llama variant: {flag} is set")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ModelFormatError(f"unsupported activation {cfg['hidden_act']!r} (Llama uses silu)")
+        # transformers 5 writes rope_parameters (theta included); older checkpoints have rope_theta + rope_scaling
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         try:
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
@@ -109,8 +116,8 @@ class ModelConfig:
                 ffn_dim=int(cfg["intermediate_size"]),
                 head_dim=int(cfg.get("head_dim") or 0),
                 norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                rope_scaling=_rope_scaling_from_hf(cfg.get("rope_scaling")),
+                rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+                rope_scaling=_rope_scaling_from_hf(rope),
                 max_seq_len=int(cfg.get("max_position_embeddings", 4096)),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 bos_token_id=cfg.get("bos_token_id"),

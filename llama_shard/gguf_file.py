@@ -90,7 +90,7 @@ class GGUFFile:
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists ne0 (the row length) first
         try:
             if qtype == GGMLQuantizationType.F32:
-                array = np.asarray(t.data, dtype=np.float32)
+                array = np.array(t.data, dtype=np.float32)  # a copy: the mapped file is read-only
             elif qtype == GGMLQuantizationType.F16:
                 array = np.asarray(t.data, dtype=np.float16).astype(np.float32)
             else:

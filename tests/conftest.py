@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random-weight HF Llama models saved with ``save_pretrained`` (the reference)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def make_hf_llama(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Build, save and cache a tiny random ``LlamaForCausalLM``; returns its directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    made: dict[str, Path] = {}
+
+    def make(**overrides: Any) -> Path:
+        key = repr(sorted(overrides.items()))
+        if key not in made:
+            kwargs: dict[str, Any] = dict(
+                vocab_size=320,
+                hidden_size=64,
+                intermediate_size=160,
+                num_hidden_layers=4,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                max_position_embeddings=512,
+                rms_norm_eps=1e-5,
+                tie_word_embeddings=False,
+                bos_token_id=1,
+                eos_token_id=2,
+            )
+            kwargs.update(overrides)
+            torch.manual_seed(len(made) + 1)
+            model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+            # random init leaves norms at 1; perturb them so a wrong norm cannot hide
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "norm" in name:
+                        p.add_(torch.randn_like(p) * 0.1)
+            path = tmp_path_factory.mktemp("hf_llama")
+            model.save_pretrained(path)
+            made[key] = path
+        return made[key]
+
+    return make
