@@ -2,18 +2,19 @@
 
 Memory of a stage ``[a, b)`` on device ``d``:
     weights (its blocks, whole MoE blocks with every expert; + embedding on the first stage; + final norm and
-    output matrix on the last, a tied one counted again) + KV cache (``context`` tokens x ``batch`` sequences x its
-    blocks) + activation workspace (one prefill chunk through one block, fp32: hidden states, q/k/v, the attention
-    scores against the whole context, the FFN; + the logits of ``batch`` rows on the last stage) + the device's
-    runtime reserve. It must not exceed the device's usable memory.
+    output matrix on the last, a tied one counted again) + KV cache (``context`` tokens x ``batch`` sequences
+    x its blocks) + activation workspace (one prefill chunk through one block, fp32: hidden states, q/k/v, the
+    attention scores against the whole context, the FFN; + the logits of ``batch`` rows on the last stage) +
+    the device's runtime reserve. It must not exceed the device's usable memory.
 
 Time of one decode step (``batch`` tokens, one per sequence) through the stage, a roofline per stage:
-    max(FLOPs / compute, bytes read / memory bandwidth) + per-block overhead + its network legs.
-    FLOPs: 2 x active parameters per token + attention (4 x heads x head_dim x mean position) per block, x batch;
-    the head adds 2 x vocab x dim per token. Bytes: the active weights once per step (for MoE, the expected number
-    of distinct experts the batch routes to), the KV cache up to the mean position (``context / 2``) per sequence.
-    Network: every stage receives and sends one message per step (latency of its own link each way); the payload
-    is ``batch x dim`` hidden values at ``activation_bytes`` each between stages, token ids at either end.
+    max(FLOPs / compute, bytes read / memory bandwidth) + per-block overhead + its network legs. FLOPs: 2 x
+    active parameters per token + attention (4 x heads x head_dim x mean position) per block, x batch; the
+    head adds 2 x vocab x dim per token. Bytes: the active weights once per step (for MoE, the expected number
+    of distinct experts the batch routes to), the KV cache up to the mean position (``context / 2``) per
+    sequence. Network: every stage receives and sends one message per step (latency of its own link each way);
+    the payload is ``batch x dim`` hidden values at ``activation_bytes`` each between stages, token ids at
+    either end.
 """
 
 from __future__ import annotations
@@ -68,8 +69,10 @@ class PlanOptions:
 
 @dataclass(frozen=True, slots=True)
 class Stage:
-    """One node's slice: blocks ``[start, end)`` (half-open, global indices), embedding and/or head, its memory
-    and its predicted share of one decode step."""
+    """One node's slice: blocks ``[start, end)`` (half-open, global indices), embedding and/or head.
+
+    Also its memory (the four parts and the device's usable total) and its share of one decode step.
+    """
 
     node: str
     kind: str
@@ -124,7 +127,7 @@ class CostModel:
         self.F = [0.0] * (L + 1)  # FLOPs per step
         self.R = [0.0] * (L + 1)  # bytes read per step
         for i in range(L):
-            read = t.active_bytes[i]
+            read: float = t.active_bytes[i]
             if i in m.moe_layers:
                 read = t.active_bytes[i] + (distinct - m.experts_per_token) * t.expert_bytes[i]
             self.W[i + 1] = self.W[i] + t.layer_bytes[i]
@@ -191,9 +194,9 @@ class CostModel:
     def feasible(self) -> bool:
         """Whether any ordered subset of the devices holds the model (exact up to 12 devices).
 
-        ``reach[mask]`` is the furthest block boundary that non-last stages on ``mask`` can cover. Starting later
-        never helps the next stage (fewer blocks, fewer bytes), so the furthest reach dominates and the search is
-        exact over every order.
+        ``reach[mask]`` is the furthest block boundary that non-last stages on ``mask`` can cover. Starting
+        later never helps the next stage (fewer blocks, fewer bytes), so the furthest reach dominates and the
+        search is exact over every order.
         """
         L, n = self.L, self.n
         if n > 12:

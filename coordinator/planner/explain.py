@@ -11,8 +11,11 @@ from coordinator.planner.weights import FORMATS_BY_SIZE, weight_table
 
 
 class PlanError(ValueError):
-    """No placement fits. ``shortfall_bytes`` is how much more memory the devices would need in total (0 when the
-    total suffices but no contiguous split does); ``suggestions`` are sentences saying what would fit."""
+    """No placement fits.
+
+    ``shortfall_bytes`` is how much more memory the devices would need in total (0 when the total suffices but
+    no contiguous split does); ``suggestions`` are sentences saying what would fit.
+    """
 
     def __init__(self, message: str, shortfall_bytes: int, needed_bytes: int, available_bytes: int,
                  suggestions: Sequence[str] = ()) -> None:
@@ -43,10 +46,13 @@ def diagnose(model: ModelProfile, devices: Sequence[DeviceProfile], options: Pla
     shortfall = max(0, needed - available)
     head = (
         f"{model.name} at {t.label} with {options.context} tokens x {options.batch} sequences does not fit: "
-        f"it needs {Memory(needed)} (weights {Memory(weights)}, KV cache {Memory(kv)}, workspace and reserve) "
+        f"it needs {Memory(needed)} (weights {Memory(weights)}, KV cache {Memory(kv)}, workspace, reserve) "
         f"but the {len(devices)} device(s) offer {Memory(available)}"
     )
-    head += f", short by {Memory(shortfall)}" if shortfall else "; no contiguous split fits (a stage is too big)"
+    if shortfall:
+        head += f", short by {Memory(shortfall)}"
+    else:
+        head += "; no contiguous split fits (a stage is too big)"
     tips: list[str] = []
     # more memory: the smallest extra device (of the largest device's kind) that makes it fit
     kind = max(devices, key=lambda d: d.memory.bytes).kind if devices else "cpu"
@@ -72,7 +78,8 @@ def diagnose(model: ModelProfile, devices: Sequence[DeviceProfile], options: Pla
         lo_c, hi_c = 1, options.context
         while hi_c - lo_c > 1:
             mid_c = (lo_c + hi_c) // 2
-            lo_c, hi_c = (mid_c, hi_c) if _fits(model, devices, replace(options, context=mid_c)) else (lo_c, mid_c)
+            ok = _fits(model, devices, replace(options, context=mid_c))
+            lo_c, hi_c = (mid_c, hi_c) if ok else (lo_c, mid_c)
         tips.append(f"a shorter context: up to {lo_c} tokens fits")
     if options.batch > 1 and _fits(model, devices, replace(options, batch=1)):
         tips.append("fewer sequences: --batch 1 fits")

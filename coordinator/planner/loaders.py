@@ -55,12 +55,15 @@ def profile_from_hf_config(cfg: Mapping[str, Any], name: str = "hf-model") -> Mo
         if model_type == "mixtral":
             return ModelProfile(
                 ffn_dim=int(cfg["intermediate_size"]), n_experts=int(cfg["num_local_experts"]),
-                experts_per_token=int(cfg["num_experts_per_tok"]), expert_ffn_dim=int(cfg["intermediate_size"]),
+                experts_per_token=int(cfg["num_experts_per_tok"]),
+                expert_ffn_dim=int(cfg["intermediate_size"]),
                 moe_layers=frozenset(range(n_layers)), **common,
             )
         step = int(cfg.get("interleave_moe_layer_step", 1))
         moe = cfg.get("moe_layers")
-        moe_layers = frozenset(int(i) for i in moe) if moe is not None else frozenset(range(step - 1, n_layers, step))
+        moe_layers = frozenset(range(step - 1, n_layers, step))
+        if moe is not None:
+            moe_layers = frozenset(int(i) for i in moe)
         return ModelProfile(
             ffn_dim=int(cfg.get("intermediate_size_mlp") or cfg["intermediate_size"]),
             n_experts=int(cfg["num_local_experts"]), experts_per_token=int(cfg.get("num_experts_per_tok", 1)),
@@ -185,5 +188,6 @@ def load_model_profile(source: str) -> ModelProfile:
             raise ModelSourceError(f"{p}: config.json is not an object")
         return profile_from_hf_config(cfg, name=p.parent.name or "hf-model")
     raise ModelSourceError(
-        f"{source!r} is neither a preset ({', '.join(PRESETS)}), a config.json / HF model directory nor a .gguf file"
+        f"{source!r} is neither a preset ({', '.join(PRESETS)}), a config.json / HF model directory "
+        "nor a .gguf file"
     )

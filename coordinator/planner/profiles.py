@@ -1,10 +1,10 @@
 """Value types the planner works on: ``Memory``, ``DeviceProfile``, ``ModelProfile`` and the named presets.
 
-Sizes: ``Memory.parse("16GB")`` is decimal (16 * 10^9 bytes), ``Memory.parse("16GiB")`` binary (16 * 2^30). Every
-figure the planner shows in GB is decimal.
+Sizes: ``Memory.parse("16GB")`` is decimal (16 * 10^9 bytes), ``Memory.parse("16GiB")`` binary (16 * 2^30).
+Every figure the planner shows in GB is decimal.
 
-Device defaults per kind (used where a figure is not declared or measured; all are *effective*, sustained figures,
-not datasheet peaks):
+Device defaults per kind (used where a figure is not declared or measured; all are *effective*, sustained
+figures, not datasheet peaks):
 
 | kind | tflops | membw GB/s | link Gbit/s | latency ms | reserve | per-layer overhead ms |
 |------|--------|------------|-------------|------------|---------|-----------------------|
@@ -14,7 +14,8 @@ not datasheet peaks):
 
 ``latency_ms`` is the fixed cost of one message into or out of the device (gRPC + kernel + one LAN leg); a hop
 between two nodes pays the sender's and the receiver's. ``reserve`` is memory kept back for the runtime itself
-(Python, torch, a CUDA context, allocator slack). The per-layer overhead is the launch/dispatch cost of one block.
+(Python, torch, a CUDA context, allocator slack). The per-layer overhead is the launch/dispatch cost of one
+block.
 """
 
 from __future__ import annotations
@@ -174,9 +175,9 @@ class DeviceProfile:
 class StoredWeights:
     """Exact bytes of a model as a file stores them (from a GGUF header's tensor infos).
 
-    ``layer_bytes[i]`` counts every tensor of block ``i`` (all its experts); ``expert_bytes[i]`` is one expert's share
-    of block ``i`` (0 for dense blocks); ``head_bytes`` includes the final norm and, for a tied head, the embedding
-    matrix again (the last stage holds its own copy).
+    ``layer_bytes[i]`` counts every tensor of block ``i`` (all its experts); ``expert_bytes[i]`` is one
+    expert's share of block ``i`` (0 for dense blocks); ``head_bytes`` includes the final norm and, for a tied
+    head, the embedding matrix again (the last stage holds its own copy).
     """
 
     label: str
@@ -249,7 +250,7 @@ class ModelProfile:
     def is_70b_class(self) -> bool:
         return self.n_layers == 80 and self.n_heads != self.n_kv_heads and not self.is_moe
 
-    # ---- parameter counts ------------------------------------------------------------------------------------
+    # ---- parameter counts ----------------------------------------------------------------------------
 
     def attn_params(self) -> int:
         q = self.dim * self.n_heads * self.head_dim
@@ -260,14 +261,18 @@ class ModelProfile:
         """All parameters of block ``i`` (every expert of an MoE block)."""
         if i in self.moe_layers:
             routed = self.n_experts * 3 * self.dim * self.expert_ffn_dim
-            return self.attn_params() + routed + 3 * self.dim * self.shared_expert_ffn_dim + self.dim * self.n_experts
+            return self._moe_always() + routed
         return self.attn_params() + 3 * self.dim * self.ffn_dim
+
+    def _moe_always(self) -> int:
+        """Attention, shared expert and router of an MoE block: what every token touches."""
+        return self.attn_params() + 3 * self.dim * self.shared_expert_ffn_dim + self.dim * self.n_experts
 
     def layer_active_params(self, i: int) -> int:
         """Parameters one token touches in block ``i``."""
         if i in self.moe_layers:
             routed = self.experts_per_token * 3 * self.dim * self.expert_ffn_dim
-            return self.attn_params() + routed + 3 * self.dim * self.shared_expert_ffn_dim + self.dim * self.n_experts
+            return self._moe_always() + routed
         return self.layer_params(i)
 
     def embed_params(self) -> int:
@@ -311,8 +316,9 @@ PRESETS: Mapping[str, ModelProfile] = {
     "llama-3.1-8b": ModelProfile("llama-3.1-8b", 128256, 4096, 32, 32, 8, 14336, max_seq_len=131072),
     "llama-3.1-70b": ModelProfile("llama-3.1-70b", 128256, 8192, 80, 64, 8, 28672, max_seq_len=131072),
     "llama-3.1-405b": ModelProfile("llama-3.1-405b", 128256, 16384, 126, 128, 8, 53248, max_seq_len=131072),
-    "mixtral-8x7b": ModelProfile("mixtral-8x7b", 32000, 4096, 32, 32, 8, 14336, max_seq_len=32768, n_experts=8,
-                                 experts_per_token=2, expert_ffn_dim=14336, moe_layers=frozenset(range(32))),
+    "mixtral-8x7b": ModelProfile("mixtral-8x7b", 32000, 4096, 32, 32, 8, 14336, max_seq_len=32768,
+                                 n_experts=8, experts_per_token=2, expert_ffn_dim=14336,
+                                 moe_layers=frozenset(range(32))),
     "llama-4-scout": _llama4("llama-4-scout", 16, 1),
     "llama-4-maverick": _llama4("llama-4-maverick", 128, 2),
 }

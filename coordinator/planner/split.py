@@ -1,19 +1,19 @@
 """The split: contiguous block ranges and the order of the nodes, by dynamic programming.
 
-Search (exact up to ``options.exact_max_devices`` devices): ``best[mask][b]`` is the least cost of covering blocks
-``[0, b)`` with stages on exactly the devices in ``mask``, in any order. A stage's cost depends only on its device
-and ``[a, b)`` (its network legs are charged to itself, see ``cost.py``), so extending ``(mask, a)`` by a device ``d``
-and a range ``[a, b)`` is all the search needs, and every ordered subset of the devices is covered. Cost combines
-by sum (per-token latency) or by max (the slowest stage, for pipelined throughput). The plan is the cheapest
-``best[mask][L]``; among equally cheap ones the fewest devices. A device therefore joins only when the predicted
-time with it is strictly lower than the best without it, so adding a machine never makes the prediction worse
-(exo #489, distributed-llama #262); for every left-out device the plan says why, with the numbers.
-Beyond that many devices, the same DP runs over a few fixed orders (fastest first, largest first), devices may be
-skipped, and the result is marked ``exact=False``.
+Search (exact up to ``options.exact_max_devices`` devices): ``best[mask][b]`` is the least cost of covering
+blocks ``[0, b)`` with stages on exactly the devices in ``mask``, in any order. A stage's cost depends only on
+its device and ``[a, b)`` (its network legs are charged to itself, see ``cost.py``), so extending ``(mask,
+a)`` by a device ``d`` and a range ``[a, b)`` is all the search needs, and every ordered subset of the devices
+is covered. Cost combines by sum (per-token latency) or by max (the slowest stage, for pipelined throughput).
+The plan is the cheapest ``best[mask][L]``; among equally cheap ones the fewest devices. A device therefore
+joins only when the predicted time with it is strictly lower than the best without it, so adding a machine
+never makes the prediction worse (exo #489, distributed-llama #262); for every left-out device the plan says
+why, with the numbers. Beyond that many devices, the same DP runs over a few fixed orders (fastest first,
+largest first), devices may be skipped, and the result is marked ``exact=False``.
 
-Re-planning: with ``keep=previous_plan`` the search is repeated with a penalty per byte a node would have to load
-that it does not hold already; of the plans within ``options.keep_tolerance`` of the best, the one that reloads
-least wins.
+Re-planning: with ``keep=previous_plan`` the search is repeated with a penalty per byte a node would have to
+load that it does not hold already; of the plans within ``options.keep_tolerance`` of the best, the one that
+reloads least wins.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ class Plan:
     """The stages in pipeline order and why the other devices are not in it.
 
     Attributes:
-        predicted_ms: one decode step of ``batch`` tokens through every stage and link.
-        bottleneck_ms: the slowest stage (what pipelined throughput is bound by).
-        experts: for MoE models, layer -> node -> expert ids it holds (whole layers here; the MoE issue spreads
+        predicted_ms: one decode step of ``batch`` tokens through every stage and link. bottleneck_ms: the
+        slowest stage (what pipelined throughput is bound by). experts: for MoE models, layer -> node ->
+        expert ids it holds (whole layers here; the MoE issue spreads
             experts of one layer over several nodes). ``None`` for dense models.
         reload_bytes: with ``keep=``, bytes the nodes must load that they did not hold in the previous plan.
         exact: whether the search covered every order and subset.
@@ -82,9 +82,10 @@ class Plan:
             "bottleneck_ms": self.bottleneck_ms, "tokens_per_s": self.tokens_per_s, "exact": self.exact,
             "reload_bytes": self.reload_bytes,
             "stages": [
-                {"node": s.node, "kind": s.kind, "start": s.start, "end": s.end, "embed": s.embed, "head": s.head,
-                 "weights_bytes": s.weights_bytes, "kv_bytes": s.kv_bytes, "workspace_bytes": s.workspace_bytes,
-                 "reserve_bytes": s.reserve_bytes, "memory_bytes": s.memory_bytes, "free_bytes": s.free_bytes,
+                {"node": s.node, "kind": s.kind, "start": s.start, "end": s.end, "embed": s.embed,
+                 "head": s.head, "weights_bytes": s.weights_bytes, "kv_bytes": s.kv_bytes,
+                 "workspace_bytes": s.workspace_bytes, "reserve_bytes": s.reserve_bytes,
+                 "memory_bytes": s.memory_bytes, "free_bytes": s.free_bytes,
                  "compute_ms": s.compute_ms, "hop_ms": s.hop_ms}
                 for s in self.stages
             ],
@@ -142,7 +143,10 @@ def _walk(cm: CostModel, parent: list[list[int]], mask: int) -> list[tuple[int, 
     return out[::-1]
 
 
-def _chain_dp(cm: CostModel, cost: StageCost, use_max: bool, order: Sequence[int]) -> tuple[float, list[tuple[int, int, int]]]:
+Ranges = list[tuple[int, int, int]]  # (device, start, end)
+
+
+def _chain_dp(cm: CostModel, cost: StageCost, use_max: bool, order: Sequence[int]) -> tuple[float, Ranges]:
     """The same DP over one fixed order where devices may be skipped (for large clusters)."""
     L = cm.L
     best = [0.0] + [INF] * L
@@ -173,9 +177,9 @@ def _search(cm: CostModel, cost: StageCost) -> tuple[float, list[tuple[int, int,
                   sorted(range(n), key=lambda d: -cm.devices[d].memory.bytes)]
         value, stages = min((_chain_dp(cm, cost, use_max, o) for o in orders), key=lambda r: r[0])
         used = {d for d, _, _ in stages}
-        why = {d: f"not used by the best of {len(orders)} orders searched ({n} devices: heuristic search)"
-               for d in range(n) if d not in used}
-        return value, stages, why
+        note = f"not used by the best of {len(orders)} orders searched ({n} devices: heuristic search)"
+        heuristic = dict.fromkeys((d for d in range(n) if d not in used), note)
+        return value, stages, heuristic
     best, parent = _mask_dp(cm, cost, use_max)
     finals = [(best[m][cm.L], m.bit_count(), m) for m in range(1, 1 << n) if best[m][cm.L] < INF]
     if not finals:
@@ -194,7 +198,8 @@ def _search(cm: CostModel, cost: StageCost) -> tuple[float, list[tuple[int, int,
         with_d = [v for v, _, m in finals if m >> d & 1]
         if with_d:
             w = min(with_d)
-            verdict = "no faster with it" if w <= value * (1 + _REL_TIE) + 1e-12 else "it would slow the cluster"
+            tie = w <= value * (1 + _REL_TIE) + 1e-12
+            verdict = "no faster with it" if tie else "it would slow the cluster"
             why[d] = f"{verdict}: the best plan using it predicts {w:.2f} {unit}, this one {value:.2f}"
         else:
             need = cm.min_stage_bytes(d)
@@ -278,15 +283,17 @@ def plan(
         value, reload_bytes, chosen = min(ok, key=lambda c: (c[1], c[0]))
         for d in range(cm.n):
             if d not in why and d not in {s[0] for s in chosen}:
-                why[d] = (f"left out to keep the surviving nodes' ranges ({value:.2f} vs best {best_value:.2f}, "
-                          f"within the {options.keep_tolerance:.0%} tolerance)")
+                why[d] = (f"left out to keep the surviving nodes' ranges ({value:.2f} vs best "
+                          f"{best_value:.2f}, within the {options.keep_tolerance:.0%} tolerance)")
     stages = tuple(cm.stage(*s) for s in chosen)
     used = {s[0] for s in chosen}
     left = tuple(LeftOut(cm.devices[d].name, why.get(d, "not used")) for d in range(cm.n) if d not in used)
     experts: dict[int, dict[str, frozenset[int]]] | None = None
     if model.is_moe:
-        experts = {i: {s.node: frozenset(range(model.n_experts))} for s in stages for i in range(s.start, s.end)
-                   if i in model.moe_layers}
+        all_experts = frozenset(range(model.n_experts))
+        experts = {
+            i: {s.node: all_experts} for s in stages for i in range(s.start, s.end) if i in model.moe_layers
+        }
     result = Plan(
         model=model.name, weights=cm.table.label, context=options.context, batch=options.batch,
         objective=options.objective, stages=stages, left_out=left,

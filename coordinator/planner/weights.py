@@ -1,14 +1,14 @@
 """Bytes of every layer in each weight format, with llama.cpp's real per-tensor type choices.
 
-Block types (bytes per block of weights): F32 4/1, F16/BF16 2/1, Q8_0 34/32, Q5_0 22/32, Q5_1 24/32, Q4_0 18/32,
-Q4_K 144/256, Q5_K 176/256, Q6_K 210/256. Norm vectors and MoE routers stay F32 in GGUF files.
+Block types (bytes per block of weights): F32 4/1, F16/BF16 2/1, Q8_0 34/32, Q5_0 22/32, Q5_1 24/32, Q4_0
+18/32, Q4_K 144/256, Q5_K 176/256, Q6_K 210/256. Norm vectors and MoE routers stay F32 in GGUF files.
 
-``q4_k_m`` follows ``llama_tensor_get_type`` in llama.cpp's ``llama-quant.cpp``: Q4_K by default; ``attn_v`` and
-``ffn_down`` are Q6_K on the layers ``use_more_bits`` picks (the first and last eighth and every third in between);
-``output`` (or a tied ``token_embd``) is Q6_K; the 70B shape bumps its other ``attn_v`` to Q5_K; 8-expert models
-(Mixtral) keep ``attn_k``/``attn_v`` at Q8_0 and ``attn_output`` at Q5_K; a row length that is not a multiple of
-256 falls back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16). ``q4_0`` and ``q8_0`` quantise every matrix
-except the head, which llama.cpp makes Q6_K (Q8_0 for ``q8_0``).
+``q4_k_m`` follows ``llama_tensor_get_type`` in llama.cpp's ``llama-quant.cpp``: Q4_K by default; ``attn_v``
+and ``ffn_down`` are Q6_K on the layers ``use_more_bits`` picks (the first and last eighth and every third in
+between); ``output`` (or a tied ``token_embd``) is Q6_K; the 70B shape bumps its other ``attn_v`` to Q5_K;
+8-expert models (Mixtral) keep ``attn_k``/``attn_v`` at Q8_0 and ``attn_output`` at Q5_K; a row length that is
+not a multiple of 256 falls back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16). ``q4_0`` and ``q8_0``
+quantise every matrix except the head, which llama.cpp makes Q6_K (Q8_0 for ``q8_0``).
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ class WeightFormat(StrEnum):
 
 
 #: Formats from largest to smallest, for "a smaller format would fit" advice.
-FORMATS_BY_SIZE = (WeightFormat.BF16, WeightFormat.F16, WeightFormat.Q8_0, WeightFormat.Q4_K_M, WeightFormat.Q4_0)
+FORMATS_BY_SIZE = (
+    WeightFormat.BF16, WeightFormat.F16, WeightFormat.Q8_0, WeightFormat.Q4_K_M, WeightFormat.Q4_0,
+)
 
 
 def tensor_bytes(qtype: str, rows: int, cols: int) -> int:
-    """Bytes of a ``[rows, cols]`` matrix (``cols`` is the row length, ggml's ne0) in ``qtype``, after fallback."""
+    """Bytes of a ``[rows, cols]`` matrix (``cols``: row length, ggml's ne0) in ``qtype``, after fallback."""
     t = qtype
     while cols % BLOCK[t][0]:
         t = _FALLBACK.get(t, "F16")
@@ -55,10 +57,10 @@ def _use_more_bits(i: int, n: int) -> bool:
 class WeightTable:
     """Per-layer bytes of one model in one format.
 
-    ``layer_bytes[i]``: block ``i`` whole (all experts); ``active_bytes[i]``: what one token reads of it (attention,
-    router, shared expert and ``experts_per_token`` routed experts); ``expert_bytes[i]``: one routed expert (0 for
-    dense blocks). ``head_bytes`` is final norm + output matrix; a tied head counts here *and* in ``embed_bytes``,
-    because the first and last stages each hold a copy.
+    ``layer_bytes[i]``: block ``i`` whole (all experts); ``active_bytes[i]``: what one token reads of it
+    (attention, router, shared expert and ``experts_per_token`` routed experts); ``expert_bytes[i]``: one
+    routed expert (0 for dense blocks). ``head_bytes`` is final norm + output matrix; a tied head counts here
+    *and* in ``embed_bytes``, because the first and last stages each hold a copy.
     """
 
     label: str
@@ -75,9 +77,6 @@ class WeightTable:
 
 def _matrix_types(fmt: WeightFormat, model: ModelProfile, i: int) -> dict[str, str]:
     """The ggml type of each matrix of block ``i``."""
-    if fmt in (WeightFormat.BF16, WeightFormat.F16):
-        t = fmt.value.upper()
-        return dict.fromkeys(("q", "k", "v", "o", "gate", "up", "down"), t)
     if fmt is not WeightFormat.Q4_K_M:
         t = fmt.value.upper()
         return dict.fromkeys(("q", "k", "v", "o", "gate", "up", "down"), t)
@@ -104,7 +103,8 @@ def _layer(model: ModelProfile, fmt: WeightFormat, i: int) -> tuple[int, int, in
     def ffn(width: int) -> int:
         if width == 0:
             return 0
-        return tensor_bytes(t["gate"], width, d) + tensor_bytes(t["up"], width, d) + tensor_bytes(t["down"], d, width)
+        gate_up = tensor_bytes(t["gate"], width, d) + tensor_bytes(t["up"], width, d)
+        return gate_up + tensor_bytes(t["down"], d, width)
 
     if i not in model.moe_layers:
         whole = attn + ffn(model.ffn_dim)
