@@ -107,6 +107,9 @@ KIND_DEFAULTS: Mapping[DeviceKind, KindDefaults] = {
 }
 
 
+_SPEC_KEYS = ("kind", "tflops", "membw", "link", "latency")
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceProfile:
     """One machine as the planner sees it: what it can hold and how fast it is.
@@ -165,6 +168,45 @@ class DeviceProfile:
             latency_ms=d.latency_ms if latency_ms is None else latency_ms,
             reserve=d.reserve if reserve is None else reserve,
             layer_overhead_ms=d.layer_overhead_ms if layer_overhead_ms is None else layer_overhead_ms,
+        )
+
+    @classmethod
+    def from_spec(cls, spec: str) -> DeviceProfile:
+        """Parse ``NAME=MEM[,kind=cpu|cuda|mps][,tflops=X][,membw=GB/s][,link=Gbit/s][,latency=ms]``.
+
+        Raises:
+            ValueError: a malformed spec, with what was wrong.
+        """
+        head, *rest = spec.split(",")
+        name, sep, mem = head.partition("=")
+        if not sep or not name.strip() or not mem.strip():
+            raise ValueError(f"--device {spec!r}: expected NAME=MEM, e.g. laptop=16GB")
+        fields: dict[str, str] = {}
+        for item in rest:
+            key, sep, value = item.partition("=")
+            key = key.strip().lower()
+            if not sep or key not in _SPEC_KEYS or not value.strip():
+                raise ValueError(f"--device {spec!r}: bad field {item!r} (known: {', '.join(_SPEC_KEYS)})")
+            fields[key] = value.strip()
+        try:
+            memory = Memory.parse(mem)
+        except ValueError as e:
+            raise ValueError(f"--device {spec!r}: {e}") from None
+        try:
+            kind = DeviceKind(fields.get("kind", "cpu").lower())
+        except ValueError:
+            raise ValueError(f"--device {spec!r}: kind must be cpu, cuda or mps") from None
+        numbers: dict[str, float] = {}
+        for key in ("tflops", "membw", "link", "latency"):
+            if key in fields:
+                try:
+                    numbers[key] = float(fields[key])
+                except ValueError:
+                    msg = f"--device {spec!r}: {key} must be a number, got {fields[key]!r}"
+                    raise ValueError(msg) from None
+        return cls.declare(
+            name.strip(), memory, kind, tflops=numbers.get("tflops"), membw_gbs=numbers.get("membw"),
+            link_gbits=numbers.get("link"), latency_ms=numbers.get("latency"),
         )
 
     def with_memory(self, memory: Memory) -> DeviceProfile:
