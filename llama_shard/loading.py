@@ -220,9 +220,9 @@ def load_stage(
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
             )
     stage.load_state_dict(state, strict=True, assign=True)
-    if spec.has_embed and spec.has_head and stage.output is not None and stage.tok_embeddings is not None:
-        if not source.has("output.weight"):
-            stage.output.weight = stage.tok_embeddings.weight
+    tied_here = spec.has_embed and spec.has_head and not source.has("output.weight")
+    if tied_here and stage.output is not None and stage.tok_embeddings is not None:
+        stage.output.weight = stage.tok_embeddings.weight
     stage.setup_rope(freq_factors)
     stage.eval().requires_grad_(False)
     log.info("loaded stage %s: %d tensors, %.1f MB", spec, len(state), nbytes / 1e6)

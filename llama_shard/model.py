@@ -114,8 +114,9 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         k_cache[batch.slots[:, None], batch.positions] = k.to(k_cache.dtype)
         v_cache[batch.slots[:, None], batch.positions] = v.to(v_cache.dtype)
-        keys = k_cache[batch.slots, : batch.length].to(x.dtype)  # [B, L, K, E]
-        values = v_cache[batch.slots, : batch.length].to(x.dtype)
+        # slice before gathering the rows, so only L positions are copied, not the whole cache
+        keys = k_cache[:, : batch.length].index_select(0, batch.slots).to(x.dtype)  # [B, L, K, E]
+        values = v_cache[:, : batch.length].index_select(0, batch.slots).to(x.dtype)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=batch.mask, enable_gqa=True
         )  # [B, H, T, E]
