@@ -12,6 +12,7 @@ import typer
 
 from coordinator.plan_cmd import plan_command
 from coordinator.run_cmd import run_command
+from node.node_cmd import node_command
 
 app = typer.Typer(
     name="llama-node",
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 app.command("run")(run_command)
 app.command("plan")(plan_command)
+app.command("node")(node_command)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import typer
 
 if TYPE_CHECKING:
+    from coordinator.pipeline.local import LocalPipeline
     from llama_shard.generate import GenerationResult
     from llama_shard.sampling import SamplingParams
 
@@ -55,6 +56,12 @@ def run_command(
     context: int = typer.Option(4096, "--context", min=16, help="context length to reserve (tokens)"),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="keep generating past EOS (benchmarks)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object and nothing else on stdout"),
+    nodes: int | None = typer.Option(
+        None, "--nodes", min=1, help="run the layers on N local node processes (default: all in this process)"
+    ),
+    push_weights: bool = typer.Option(
+        False, "--push-weights", help="with --nodes: stream the slices to the nodes instead of their own copies"
+    ),
 ) -> None:
     """Answer a prompt with a model, coordinator and model in this one process."""
     from llama_shard.errors import LlamaShardError
@@ -69,11 +76,14 @@ def run_command(
             repetition_penalty=repeat_penalty,
             seed=SamplingParams.random_seed() if seed is None else seed,
         )
-        session = _Session(resolve_model(model), dtype, threads, context)
-        if prompt is None:
-            session.chat(params, max_tokens, stop)
-            return
-        result = session.answer(prompt, raw, params, max_tokens, stop, ignore_eos, stream=not as_json)
+        session = _Session(resolve_model(model), dtype, threads, context, nodes, push_weights)
+        try:
+            if prompt is None:
+                session.chat(params, max_tokens, stop)
+                return
+            result = session.answer(prompt, raw, params, max_tokens, stop, ignore_eos, stream=not as_json)
+        finally:
+            session.close()
     except LlamaShardError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=2) from None
@@ -96,13 +106,15 @@ def _result_json(model: str, r: GenerationResult) -> dict[str, object]:
 class _Session:
     """A loaded model and tokenizer, and the conversation so far."""
 
-    def __init__(self, path: Path, dtype: DType, threads: int | None, context: int) -> None:
+    def __init__(
+        self, path: Path, dtype: DType, threads: int | None, context: int, nodes: int | None = None, push: bool = False
+    ) -> None:
         import torch
 
         from llama_shard.loading import load_stage, load_tokenizer, open_source
         from llama_shard.shard import ShardSpec
 
-        if threads is not None:
+        if threads is not None and nodes is None:
             torch.set_num_threads(threads)
         source = open_source(path)
         self.name = path.name
@@ -113,8 +125,17 @@ class _Session:
             DType.bfloat16: torch.bfloat16,
             DType.float16: torch.float16,
         }[dtype]
-        self.stage = load_stage(source, ShardSpec.whole(source.config.n_layers), dtype=torch_dtype)
         self.max_len = min(context, source.config.max_seq_len)
+        self.pipeline: LocalPipeline | None = None
+        if nodes is not None:
+            from coordinator.pipeline.local import LocalPipeline, StageOptions
+            from coordinator.pipeline.progress import slice_progress
+
+            with slice_progress() as on_progress:
+                options = StageOptions([torch_dtype] * nodes, max_len=self.max_len, push=push, on_progress=on_progress)
+                self.pipeline = LocalPipeline(path, nodes, options, threads=threads or 1)
+        else:
+            self.stage = load_stage(source, ShardSpec.whole(source.config.n_layers), dtype=torch_dtype)
         self.messages: list[dict[str, str]] = []
 
     def answer(
@@ -133,6 +154,11 @@ class _Session:
         else:
             ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         return self._generate(ids, params, max_tokens, stop, ignore_eos, stream)
+
+    def close(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
 
     def chat(self, params: SamplingParams, max_tokens: int, stop: list[str]) -> None:
         typer.echo("Chat with the model; an empty line or Ctrl-D ends.", err=True)
@@ -157,13 +183,19 @@ class _Session:
         ignore_eos: bool,
         stream: bool,
     ) -> GenerationResult:
-        from llama_shard.generate import LocalEngine, generate
+        from llama_shard.generate import LocalEngine, TokenEngine, generate
 
         def write(text: str) -> None:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        engine = LocalEngine(self.stage, params, self.max_len)
+        engine: TokenEngine
+        if self.pipeline is not None:
+            from coordinator.pipeline.engine import PipelineEngine
+
+            engine = PipelineEngine(self.pipeline.client, self.pipeline.runner, params, self.max_len)
+        else:
+            engine = LocalEngine(self.stage, params, self.max_len)
         result = generate(
             engine,
             self.tokenizer,

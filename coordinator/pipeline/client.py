@@ -1,0 +1,171 @@
+"""Async clients: ``NodeClient`` for one node's control calls, ``PipelineClient`` for the activation stream.
+
+``PipelineClient`` holds one Forward stream to the first stage; the route of the others travels in its
+OpenStream message, the stages connect to each other, and sampled tokens come back up the chain. Frames are
+matched to replies by ``frame_id``, so any number of ``forward`` calls may be in flight at once (micro-batches
+pipelined across the stages); each frame's parts are written contiguously.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from grpc import aio
+
+from node.servicer import CHANNEL_OPTIONS, PROTOCOL_METADATA
+from node.slices import SliceManifest
+from node.wire import (
+    DEFAULT_PART_BYTES,
+    Frame,
+    LoadRequest,
+    RowInput,
+    RowOutput,
+    chunk_crc,
+    frame_to_messages,
+    load_request_to_pb,
+    result_from_pb,
+)
+from protos import PROTOCOL_VERSION
+from protos.llama_node.v1 import node_pb2 as pb
+from protos.llama_node.v1 import node_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+#: Bytes per PushSlice chunk.
+PUSH_CHUNK_BYTES = 1 << 20
+
+
+class ProtocolMismatchError(RuntimeError):
+    pass
+
+
+class NodeClient:
+    """Control calls to one node (Health, LoadShard, PushSlice, ReleaseShard)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.NodeStub(self.channel)
+
+    async def health(self, timeout: float = 5.0) -> pb.HealthReply:
+        """The node's health; raises ``ProtocolMismatchError`` when it speaks another protocol version."""
+        reply = await self.stub.Health(pb.HealthRequest(), timeout=timeout)
+        if reply.protocol_version != PROTOCOL_VERSION:
+            raise ProtocolMismatchError(
+                f"node {self.address} speaks llama-node protocol {reply.protocol_version}, this coordinator "
+                f"speaks {PROTOCOL_VERSION}: run the same llama-node version on both"
+            )
+        return reply
+
+    async def load(self, req: LoadRequest, on_progress: Callable[[int, int], None] | None = None) -> pb.LoadProgress:
+        """Ask the node to hold ``req.spec``; returns the last progress message (READY or AWAITING_BYTES)."""
+        last = pb.LoadProgress()
+        call = self.stub.LoadShard(load_request_to_pb(req), metadata=PROTOCOL_METADATA)
+        async for progress in call:
+            last = progress
+            if on_progress is not None:
+                on_progress(progress.done_bytes, progress.total_bytes)
+        return last
+
+    async def push(
+        self,
+        blob: Path,
+        manifest: SliceManifest,
+        offset: int,
+        on_progress: Callable[[int, int], None] | None = None,
+        chunk_bytes: int = PUSH_CHUNK_BYTES,
+    ) -> pb.PushSliceReply:
+        """Send the slice's bytes from ``offset`` (where the node's partial copy ends)."""
+
+        async def chunks() -> AsyncIterator[pb.SliceChunk]:
+            with open(blob, "rb") as f:
+                f.seek(offset)
+                at = offset
+                while data := await asyncio.to_thread(f.read, chunk_bytes):
+                    yield pb.SliceChunk(slice_sha256=manifest.sha256, offset=at, data=data, crc32=chunk_crc(data))
+                    at += len(data)
+                    if on_progress is not None:
+                        on_progress(at, manifest.nbytes)
+
+        return await self.stub.PushSlice(chunks(), metadata=PROTOCOL_METADATA)
+
+    async def release(self) -> bool:
+        reply = await self.stub.ReleaseShard(pb.ReleaseShardRequest(), metadata=PROTOCOL_METADATA)
+        return reply.released
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class PipelineClient:
+    """The Forward stream into the first stage of ``addresses`` (stages in order)."""
+
+    def __init__(self, addresses: Sequence[str], part_bytes: int = DEFAULT_PART_BYTES) -> None:
+        if not addresses:
+            raise ValueError("a pipeline needs at least one stage")
+        self.addresses, self.part_bytes = list(addresses), part_bytes
+        self.session = uuid.uuid4().hex[:12]
+        self._channel = aio.insecure_channel(self.addresses[0], options=CHANNEL_OPTIONS)
+        self._call: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[tuple[RowOutput, ...]]] = {}
+        self._ids = itertools.count(1)
+        self._write_lock = asyncio.Lock()
+        self._error: BaseException | None = None
+
+    async def open(self) -> None:
+        stub = pb_grpc.NodeStub(self._channel)
+        self._call = stub.Forward(metadata=PROTOCOL_METADATA)
+        await self._call.write(pb.ForwardMessage(open=pb.OpenStream(route=self.addresses[1:], session=self.session)))
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for reply in self._call:
+                result = result_from_pb(reply)
+                future = self._pending.pop(result.frame_id, None)
+                if future is not None and not future.done():
+                    future.set_result(result.rows)
+            self._error = ConnectionError("the pipeline closed its Forward stream")
+        except aio.AioRpcError as e:
+            self._error = e
+        except asyncio.CancelledError:
+            self._error = ConnectionError("the pipeline client was closed")
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(self._error)
+        self._pending.clear()
+
+    async def forward(self, rows: Sequence[RowInput]) -> list[RowOutput]:
+        """Run one micro-batch through every stage; the sampled token (and logits if asked) of each row."""
+        if self._call is None:
+            await self.open()
+        if self._error is not None:
+            raise self._error
+        frame = Frame(next(self._ids), 0, tuple(rows))
+        future: asyncio.Future[tuple[RowOutput, ...]] = asyncio.get_running_loop().create_future()
+        self._pending[frame.frame_id] = future
+        async with self._write_lock:
+            for message in frame_to_messages(frame, self.part_bytes):
+                await self._call.write(message)
+        return list(await future)
+
+    async def close(self) -> None:
+        if self._call is not None:
+            with contextlib.suppress(aio.AioRpcError):
+                await self._call.done_writing()
+        if self._reader is not None:
+            try:
+                await asyncio.wait_for(self._reader, timeout=5.0)
+            except TimeoutError:
+                self._reader.cancel()
+        if self._call is not None:
+            self._call.cancel()
+        await self._channel.close()

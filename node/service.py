@@ -1,0 +1,170 @@
+"""What a node is: its shard (if any), its slice cache, and the loading of a shard. No gRPC types here.
+
+Loading and computing run on one compute thread (``NodeService.compute``), never on the gRPC event loop, so
+Health answers while a layer computes or a slice loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import grpc
+import psutil
+import torch
+
+from llama_shard.errors import LlamaShardError
+from llama_shard.loading import load_stage, open_source
+from llama_shard.shard import ShardSpec
+from node.slices import BlobSource, PartialSlice, SliceBusyError, SliceCache, SliceMismatchError, VerifiedSource
+from node.stage_host import StageHost
+from node.wire import LoadRequest, WireError
+
+log = logging.getLogger(__name__)
+
+
+class NodeState(StrEnum):
+    idle = "idle"
+    loading = "loading"
+    ready = "ready"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOutcome:
+    """READY (``from_cache`` says whether a pushed slice was already on disk) or awaiting ``have_bytes``."""
+
+    ready: bool
+    have_bytes: int = 0
+    from_cache: bool = False
+
+
+Progress = Callable[[str, int, int], None]  # (phase, done bytes, total bytes)
+
+
+class NodeService:
+    def __init__(self, cache: SliceCache, device: str = "cpu", node_id: str | None = None) -> None:
+        self.cache, self.device = cache, device
+        self.node_id = node_id or uuid.uuid4().hex[:12]
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.host: StageHost | None = None
+        self.spec: ShardSpec | None = None
+        self.state = NodeState.idle
+        self.load_done = self.load_total = 0
+        self._pending: dict[bytes, LoadRequest] = {}  # pushed slices awaited, by manifest sha256
+        self._lock = threading.Lock()
+
+    @property
+    def rss_bytes(self) -> int:
+        return int(psutil.Process().memory_info().rss)
+
+    # ---- loading (on the compute thread) ------------------------------------------------------------------
+
+    def load(self, req: LoadRequest, progress: Progress) -> LoadOutcome:
+        self.release()
+        self.state, self.spec = NodeState.loading, req.spec
+        self.load_done, self.load_total = 0, req.manifest.nbytes
+
+        def on_tensor(nbytes: int) -> None:
+            self.load_done += nbytes
+            progress("loading", self.load_done, self.load_total)
+
+        try:
+            outcome = self._load(req, on_tensor)
+        except BaseException:
+            self.state, self.spec = NodeState.idle, None
+            raise
+        if not outcome.ready:
+            self.state, self.spec = NodeState.idle, None
+        return outcome
+
+    def _load(self, req: LoadRequest, on_tensor: Callable[[int], None]) -> LoadOutcome:
+        from_cache = False
+        if req.local_path is not None:
+            try:
+                source = open_source(req.local_path)
+            except LlamaShardError as e:
+                raise WireError(grpc.StatusCode.FAILED_PRECONDITION, f"node's copy is unusable: {e}") from None
+            if source.config != req.config:
+                raise WireError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{req.local_path} is a different model than the coordinator's ({source.config} != {req.config})",
+                )
+        else:
+            path = self.cache.lookup(req.manifest.sha256, req.manifest.nbytes)
+            if path is None:
+                with self._lock:
+                    self._pending[req.manifest.sha256] = req
+                part = self.cache.root / f"{req.manifest.hex}.part"
+                have = part.stat().st_size if part.exists() else 0
+                return LoadOutcome(ready=False, have_bytes=min(have, req.manifest.nbytes))
+            source = BlobSource(req.config, req.manifest, path)
+            from_cache = True
+        try:
+            stage = load_stage(
+                VerifiedSource(source, req.manifest, on_tensor),
+                req.spec,
+                dtype=req.compute_dtype,
+                device=req.device or self.device,
+            )
+        except SliceMismatchError as e:
+            if req.local_path is None:
+                self.cache.discard(req.manifest.sha256)  # a corrupt cache entry: fetch it again next time
+            raise WireError(grpc.StatusCode.DATA_LOSS, str(e)) from None
+        except LlamaShardError as e:
+            raise WireError(grpc.StatusCode.FAILED_PRECONDITION, f"cannot load {req.spec}: {e}") from None
+        self.host = StageHost(
+            stage,
+            slots=req.slots,
+            max_len=req.max_len,
+            input_dtype=req.input_dtype,
+            output_dtype=req.output_dtype,
+        )
+        self.state = NodeState.ready
+        log.info(
+            "holding layers %s (%.1f MB, %s, from %s); RSS %.1f MB",
+            req.spec, req.manifest.nbytes / 1e6, req.compute_dtype,
+            req.local_path or ("cache" if from_cache else "push"), self.rss_bytes / 1e6,
+        )  # fmt: skip
+        return LoadOutcome(ready=True, from_cache=from_cache)
+
+    def release(self) -> bool:
+        had = self.host is not None
+        self.host, self.spec, self.state = None, None, NodeState.idle
+        gc.collect()
+        return had
+
+    # ---- pushed slices ------------------------------------------------------------------------------------
+
+    def open_push(self, sha: bytes) -> PartialSlice:
+        with self._lock:
+            req = self._pending.get(sha)
+        if req is None:
+            raise WireError(grpc.StatusCode.FAILED_PRECONDITION, f"no LoadShard awaits slice {sha.hex()[:16]}…")
+        try:
+            return self.cache.open_partial(sha, req.manifest.nbytes)
+        except SliceBusyError as e:
+            raise WireError(grpc.StatusCode.ABORTED, str(e)) from None
+
+    def finish_push(self, partial: PartialSlice) -> Path:
+        try:
+            path = partial.finish()
+        except SliceMismatchError as e:
+            raise WireError(grpc.StatusCode.DATA_LOSS, str(e)) from None
+        with self._lock:
+            self._pending.pop(partial.sha, None)
+        return path
+
+
+def configure_torch(threads: int) -> None:
+    """Threads per node process: several nodes share a few cores."""
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # already set once in this process
+        torch.set_num_interop_threads(1)

@@ -1,0 +1,265 @@
+"""The ``Node`` gRPC service: decode with ``node.wire``, call ``NodeService``/``StageHost``, encode.
+
+Forward: the first message of a stream opens it with the route of the stages after this one. This node opens its
+own Forward stream to ``route[0]`` (passing on ``route[1:]``), computes every frame on the compute thread in
+arrival order, writes the result frame downstream, and relays the replies that come back up. The last stage
+answers with sampled tokens itself. An error (bad frame, or a status from downstream) ends this stream with its
+status; other streams and the node go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from node.service import NodeService, NodeState
+from node.slices import PartialSlice
+from node.wire import (
+    MAX_MESSAGE_BYTES,
+    Frame,
+    FrameAssembler,
+    WireError,
+    chunk_crc,
+    frame_to_messages,
+    load_request_from_pb,
+    result_to_pb,
+    spec_to_pb,
+)
+from protos import PROTOCOL_METADATA_KEY, PROTOCOL_VERSION
+from protos.llama_node.v1 import node_pb2 as pb
+from protos.llama_node.v1 import node_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+PROTOCOL_METADATA = ((PROTOCOL_METADATA_KEY, str(PROTOCOL_VERSION)),)
+_HEALTH = "/llama_node.v1.Node/Health"
+_STATES = {NodeState.idle: pb.HealthReply.IDLE, NodeState.loading: pb.HealthReply.LOADING,
+           NodeState.ready: pb.HealthReply.READY}  # fmt: skip
+
+
+class ProtocolInterceptor(aio.ServerInterceptor):
+    """Refuses every call (but Health, which reports the version) that does not speak this protocol version."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if details.method == _HEALTH or handler is None:
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        theirs = metadata.get(PROTOCOL_METADATA_KEY)
+        if theirs == str(PROTOCOL_VERSION):
+            return handler
+        message = (
+            f"protocol mismatch: this node speaks llama-node protocol {PROTOCOL_VERSION}, the caller "
+            f"{'sent no version' if theirs is None else f'speaks {theirs!r}'}; run the same llama-node version"
+        )
+
+        async def refuse(_request: Any, context: aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(handler.request_streaming, handler.response_streaming)]
+        return make(
+            refuse,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class NodeServicer(pb_grpc.NodeServicer):
+    def __init__(self, service: NodeService) -> None:
+        self.service = service
+        self._channels: dict[str, aio.Channel] = {}
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.service.compute, fn, *args)
+
+    async def Health(self, request: pb.HealthRequest, context: aio.ServicerContext) -> pb.HealthReply:  # noqa: N802
+        s = self.service
+        reply = pb.HealthReply(
+            protocol_version=PROTOCOL_VERSION, node_id=s.node_id, state=_STATES[s.state],
+            load_done_bytes=s.load_done, load_total_bytes=s.load_total, rss_bytes=s.rss_bytes, device=s.device,
+        )  # fmt: skip
+        if s.spec is not None:
+            reply.spec.CopyFrom(spec_to_pb(s.spec))
+        return reply
+
+    async def LoadShard(  # noqa: N802 - generated servicer name
+        self, request: pb.LoadShardRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.LoadProgress]:
+        queue: asyncio.Queue[pb.LoadProgress] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def progress(_phase: str, done: int, total: int) -> None:
+            msg = pb.LoadProgress(state=pb.LoadProgress.LOADING, done_bytes=done, total_bytes=total)
+            loop.call_soon_threadsafe(queue.put_nowait, msg)
+
+        try:
+            req = load_request_from_pb(request)
+            job = asyncio.ensure_future(self._run(self.service.load, req, progress))
+            while not job.done() or not queue.empty():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            outcome = job.result()
+        except WireError as e:
+            await context.abort(e.code, e.message)
+        total = req.manifest.nbytes
+        if outcome.ready:
+            yield pb.LoadProgress(state=pb.LoadProgress.READY, done_bytes=total, total_bytes=total,
+                                  from_cache=outcome.from_cache)  # fmt: skip
+        else:
+            yield pb.LoadProgress(state=pb.LoadProgress.AWAITING_BYTES, total_bytes=total,
+                                  have_bytes=outcome.have_bytes)  # fmt: skip
+
+    async def PushSlice(  # noqa: N802 - generated servicer name
+        self, request_iterator: AsyncIterator[pb.SliceChunk], context: aio.ServicerContext
+    ) -> pb.PushSliceReply:
+        partial: PartialSlice | None = None
+        try:
+            async for chunk in request_iterator:
+                if partial is None:
+                    partial = self.service.open_push(bytes(chunk.slice_sha256))
+                elif bytes(chunk.slice_sha256) != partial.sha:
+                    raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "one PushSlice stream carries one slice")
+                if chunk.offset != partial.have:
+                    raise WireError(
+                        grpc.StatusCode.FAILED_PRECONDITION, f"chunk at offset {chunk.offset}; expected {partial.have}"
+                    )
+                if chunk_crc(chunk.data) != chunk.crc32:
+                    raise WireError(grpc.StatusCode.DATA_LOSS, f"chunk at offset {chunk.offset} fails its crc32")
+                try:
+                    partial.append(chunk.data)
+                except ValueError as e:
+                    raise WireError(grpc.StatusCode.OUT_OF_RANGE, str(e)) from None
+                if partial.have == partial.total:
+                    await asyncio.to_thread(self.service.finish_push, partial)
+                    return pb.PushSliceReply(received_bytes=partial.total, complete=True)
+            return pb.PushSliceReply(received_bytes=partial.have if partial else 0, complete=False)
+        except WireError as e:
+            await context.abort(e.code, e.message)
+            raise  # unreachable: abort raises
+        finally:
+            if partial is not None:
+                partial.close()
+
+    async def ReleaseShard(self, request: pb.ReleaseShardRequest, context: aio.ServicerContext) -> pb.ReleaseShardReply:  # noqa: N802
+        return pb.ReleaseShardReply(released=await self._run(self.service.release))
+
+    # ---- Forward ------------------------------------------------------------------------------------------
+
+    def _channel(self, address: str) -> aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return self._channels[address]
+
+    async def Forward(  # noqa: N802 - generated servicer name
+        self, request_iterator: AsyncIterator[pb.ForwardMessage], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.ForwardReply]:
+        out: asyncio.Queue[pb.ForwardReply | BaseException | None] = asyncio.Queue()
+        tasks: list[asyncio.Task[None]] = []
+        downstream: Any = None
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None:
+                return
+            if first.WhichOneof("kind") != "open":
+                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a Forward stream starts with an OpenStream message")
+            host = self.service.host
+            if host is None:
+                raise WireError(grpc.StatusCode.FAILED_PRECONDITION, "this node holds no shard (LoadShard first)")
+            route = list(first.open.route)
+            if host.spec.has_head == bool(route):
+                raise WireError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"layers {host.spec} {'end the model' if host.spec.has_head else 'need a next stage'}, "
+                    f"but the route has {len(route)} more stage(s)",
+                )
+            if route:
+                stub = pb_grpc.NodeStub(self._channel(route[0]))
+                downstream = stub.Forward(metadata=PROTOCOL_METADATA)
+                await downstream.write(
+                    pb.ForwardMessage(open=pb.OpenStream(route=route[1:], session=first.open.session))
+                )
+                tasks.append(asyncio.create_task(self._relay(downstream, out)))
+            tasks.append(asyncio.create_task(self._pump(request_iterator, downstream, out)))
+            finished = 0
+            while finished < len(tasks):
+                item = await out.get()
+                if item is None:
+                    finished += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        except WireError as e:
+            log.warning("Forward refused: %s (%s)", e.message, e.code.name)
+            await context.abort(e.code, e.message)
+        except aio.AioRpcError as e:
+            await context.abort(e.code(), f"from the next stage: {e.details()}")
+        finally:
+            for t in tasks:
+                t.cancel()
+            if downstream is not None:
+                downstream.cancel()
+
+    async def _pump(
+        self, request_iterator: AsyncIterator[pb.ForwardMessage], downstream: Any, out: asyncio.Queue[Any]
+    ) -> None:
+        """Assemble frames, compute them in order, and send each result downstream (or up, on the last stage)."""
+        try:
+            assembler = FrameAssembler()
+            async for msg in request_iterator:
+                if msg.WhichOneof("kind") != "part":
+                    raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "OpenStream may only be the first message")
+                frame = assembler.push(msg.part)
+                if frame is None:
+                    continue
+                host = self.service.host
+                if host is None:
+                    raise WireError(grpc.StatusCode.FAILED_PRECONDITION, "the shard was released")
+                result = await self._run(host.run, frame)
+                if isinstance(result, Frame):
+                    for m in frame_to_messages(result):
+                        await downstream.write(m)
+                else:
+                    await out.put(result_to_pb(result))
+            if downstream is not None:
+                await downstream.done_writing()
+            await out.put(None)
+        except (WireError, aio.AioRpcError) as e:
+            await out.put(e)
+        except Exception as e:
+            log.exception("Forward failed")
+            await out.put(WireError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
+
+    async def _relay(self, downstream: Any, out: asyncio.Queue[Any]) -> None:
+        try:
+            async for reply in downstream:
+                await out.put(reply)
+            await out.put(None)
+        except aio.AioRpcError as e:
+            await out.put(e)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()

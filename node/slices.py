@@ -1,0 +1,256 @@
+"""Weight slices: exactly the tensors one stage needs, hashed, written as a blob, and cached on disk by content.
+
+A slice is the list of source tensors a stage reads (``slice_tensor_names``: a tied head on a later stage reads the
+embedding), each as the weight source decodes it (GGUF is dequantised, q/k un-permuted), so the same manifest
+verifies a node's own copy of the model and bytes streamed by the coordinator. Its blob is those tensors' raw bytes
+concatenated in manifest order; the slice sha256 is over that blob, each tensor has its own sha256 too.
+
+The cache holds complete blobs as ``<sha256>.slice``. A push in progress writes ``<sha256>.part`` under an
+exclusive ``flock`` (a second writer of the same slice is refused, writers of different slices never meet), so a
+broken stream resumes from the part's length; completion renames atomically and then evicts the oldest blobs
+beyond the size cap.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+
+from llama_shard.config import ModelConfig
+from llama_shard.errors import ModelFormatError
+from llama_shard.loading import WeightSource, stage_tensor_names
+from llama_shard.shard import ShardSpec
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorDigest:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    sha256: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SliceManifest:
+    tensors: tuple[TensorDigest, ...]
+    nbytes: int
+    sha256: bytes
+
+    @property
+    def hex(self) -> str:
+        return self.sha256.hex()
+
+    def offsets(self) -> dict[str, tuple[int, TensorDigest]]:
+        out, offset = {}, 0
+        for t in self.tensors:
+            out[t.name] = (offset, t)
+            offset += t.nbytes
+        return out
+
+
+class SliceMismatchError(ModelFormatError):
+    """A tensor's bytes do not match the coordinator's digest (a different or corrupt copy)."""
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a uint8 array without a copy when it is already contiguous on the CPU."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def slice_tensor_names(source: WeightSource, spec: ShardSpec) -> list[str]:
+    """Source names of the tensors a stage reads, in load order, each once."""
+    names: list[str] = []
+    for name in stage_tensor_names(source.config, spec):
+        if name == "output.weight" and not source.has(name):
+            name = "tok_embeddings.weight"  # tied head
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def iter_slice(source: WeightSource, spec: ShardSpec) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in slice_tensor_names(source, spec):
+        yield name, source.get(name)
+
+
+def build_manifest(
+    source: WeightSource,
+    spec: ShardSpec,
+    blob: IO[bytes] | None = None,
+    on_tensor: Callable[[int], None] | None = None,
+) -> SliceManifest:
+    """Hash the slice of ``spec`` in ``source``; with ``blob``, also write the slice's bytes to it."""
+    whole = hashlib.sha256()
+    digests = []
+    for name, t in iter_slice(source, spec):
+        if t.dtype not in _DTYPES.values():
+            t = t.float()
+        raw = _raw(t)
+        whole.update(raw.data)
+        if blob is not None:
+            blob.write(raw.tobytes())
+        dtype = next(k for k, v in _DTYPES.items() if v == t.dtype)
+        digests.append(TensorDigest(name, dtype, tuple(t.shape), raw.nbytes, hashlib.sha256(raw.data).digest()))
+        if on_tensor is not None:
+            on_tensor(raw.nbytes)
+    return SliceManifest(tuple(digests), sum(d.nbytes for d in digests), whole.digest())
+
+
+class VerifiedSource:
+    """A weight source whose tensors are checked against a manifest as they are read; nothing else is readable."""
+
+    def __init__(self, inner: WeightSource, manifest: SliceManifest, on_tensor: Callable[[int], None] | None = None):
+        self.inner, self.config = inner, inner.config
+        self._digests = {t.name: t for t in manifest.tensors}
+        self._on_tensor = on_tensor
+
+    def has(self, name: str) -> bool:
+        return name in self._digests and self.inner.has(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        digest = self._digests.get(name)
+        if digest is None:
+            raise SliceMismatchError(f"tensor {name!r} is not part of this slice")
+        t = self.inner.get(name)
+        if t.dtype not in _DTYPES.values():
+            t = t.float()
+        raw = _raw(t)
+        if tuple(t.shape) != digest.shape or hashlib.sha256(raw.data).digest() != digest.sha256:
+            raise SliceMismatchError(
+                f"tensor {name!r} ({list(t.shape)}) does not match the coordinator's digest "
+                f"({list(digest.shape)}, sha256 {digest.sha256.hex()[:16]}…): a different or corrupt copy"
+            )
+        if self._on_tensor is not None:
+            self._on_tensor(raw.nbytes)
+        return t
+
+
+class BlobSource:
+    """A slice blob on disk as a weight source: each tensor is read (copied) from its offset when asked for."""
+
+    def __init__(self, config: ModelConfig, manifest: SliceManifest, path: Path) -> None:
+        self.config, self.path = config, path
+        self._where = manifest.offsets()
+        size = path.stat().st_size
+        if size != manifest.nbytes:
+            raise ModelFormatError(f"{path}: {size} bytes, the manifest says {manifest.nbytes}")
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise ModelFormatError(f"{self.path}: tensor {name!r} is not in this slice")
+        offset, d = self._where[name]
+        array = np.fromfile(self.path, dtype=np.uint8, count=d.nbytes, offset=offset)
+        return torch.from_numpy(array).view(_DTYPES[d.dtype]).reshape(d.shape)
+
+
+class PartialSlice:
+    """A slice being received: appends at the end of ``<sha>.part`` under an exclusive lock."""
+
+    def __init__(self, cache: SliceCache, manifest_sha: bytes, total: int) -> None:
+        self.cache, self.sha, self.total = cache, manifest_sha, total
+        self.path = cache.root / f"{manifest_sha.hex()}.part"
+        self._file = open(self.path, "ab")  # noqa: SIM115 - held until close(), the lock with it
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise SliceBusyError(f"slice {manifest_sha.hex()[:16]}… is being received by another writer") from None
+
+    @property
+    def have(self) -> int:
+        return self._file.tell()
+
+    def append(self, data: bytes) -> None:
+        if self.have + len(data) > self.total:
+            raise ValueError(f"{self.have + len(data)} bytes exceed the slice's {self.total}")
+        self._file.write(data)
+
+    def finish(self) -> Path:
+        """Check the whole slice's sha256 and move it into the cache; a mismatch deletes the part."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+        if digest.digest() != self.sha:
+            self.path.unlink(missing_ok=True)
+            self.close()
+            raise SliceMismatchError(
+                f"received slice has sha256 {digest.hexdigest()[:16]}…, expected {self.sha.hex()[:16]}…"
+            )
+        final = self.cache.path_for(self.sha)
+        os.replace(self.path, final)  # atomic: readers see the whole blob or none
+        self.close()
+        self.cache.evict(keep=final)
+        return final
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # releases the lock
+
+
+class SliceBusyError(Exception):
+    pass
+
+
+class SliceCache:
+    """Complete slice blobs by content hash, at most ``max_bytes`` in all (least recently used evicted first)."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root, self.max_bytes = root, max_bytes
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, sha: bytes) -> Path:
+        return self.root / f"{sha.hex()}.slice"
+
+    def lookup(self, sha: bytes, nbytes: int) -> Path | None:
+        path = self.path_for(sha)
+        try:
+            if path.stat().st_size != nbytes:
+                return None
+            os.utime(path)  # mark as recently used
+        except FileNotFoundError:
+            return None
+        return path
+
+    def open_partial(self, sha: bytes, total: int) -> PartialSlice:
+        return PartialSlice(self, sha, total)
+
+    def discard(self, sha: bytes) -> None:
+        self.path_for(sha).unlink(missing_ok=True)
+
+    def evict(self, keep: Path | None = None) -> None:
+        blobs = []
+        for p in self.root.glob("*.slice"):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue  # another node evicted it meanwhile
+            blobs.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in blobs)
+        for _, size, path in sorted(blobs):
+            if total <= self.max_bytes:
+                break
+            if path == keep:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
+            log.info("evicted cached slice %s (%.1f MB)", path.name, size / 1e6)

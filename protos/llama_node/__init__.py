@@ -1,0 +1,1 @@
+"""The llama_node protobuf packages."""
