@@ -527,3 +527,36 @@ def test_chat_template_sandbox_and_helpers(llama3_ours: Tokenizer) -> None:
         ChatTemplate("{{ messages.append(1) }}").render([])  # immutable sandbox: no mutation
     with pytest.raises(ModelFormatError, match="does not parse"):
         ChatTemplate("{% for %}")
+
+
+# Block tags on their own, indented lines: only trim_blocks + lstrip_blocks (as in transformers) render this right.
+BLOCKY_TEMPLATE = """{%- set system = messages[0]['content'] if messages[0]['role'] == 'system' else none %}
+{{ bos_token }}
+{% if system %}
+    <|start_header_id|>system<|end_header_id|>
+
+{{ system }}<|eot_id|>
+{% endif %}
+{% for m in messages if m['role'] != 'system' %}
+    {% if loop.index0 > 2 %}{% break %}{% endif %}
+<|start_header_id|>{{ m['role'] }}<|end_header_id|>
+
+{{ m['content'] | trim }}<|eot_id|>
+{% endfor %}
+{% if add_generation_prompt %}
+<|start_header_id|>assistant<|end_header_id|>
+
+{% endif %}"""
+
+
+def test_blocky_template_matches_transformers(llama3_hf_dir: tuple[Tokenizer, Any]) -> None:
+    from llama_shard.chat_template import ChatTemplate
+
+    _, hf = llama3_hf_dir
+    template = ChatTemplate(BLOCKY_TEMPLATE, {"bos_token": "<|begin_of_text|>"})
+    for conversation in CONVERSATIONS:
+        for gen in (True, False):
+            expected = hf.apply_chat_template(
+                conversation, chat_template=BLOCKY_TEMPLATE, add_generation_prompt=gen, tokenize=False
+            )
+            assert template.render(conversation, add_generation_prompt=gen) == expected
