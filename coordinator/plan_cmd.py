@@ -41,7 +41,8 @@ def _show(p: Plan) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{p.model} at {p.weights}, {p.context} tokens x {p.batch} sequence(s)")
+    seqs = f"{p.batch} sequence(s)" + (f" x {p.micro_batches} micro-batches" if p.micro_batches > 1 else "")
+    table = Table(title=f"{p.model} at {p.weights}, {p.context} tokens x {seqs}")
     columns = ("node", "kind", "layers", "weights GB", "KV GB", "workspace GB", "reserve GB", "free after GB",
                "predicted ms")
     for col in columns:
@@ -74,7 +75,12 @@ def plan_command(
         "decimal, 16GiB binary; undeclared figures take the kind's defaults (coordinator/planner/profiles.py)",
     ),
     context: int = typer.Option(4096, "--context", min=1, help="tokens of KV cache per sequence"),
-    batch: int = typer.Option(1, "--batch", min=1, help="sequences decoded together"),
+    batch: int = typer.Option(1, "--batch", min=1, help="sequences decoded together (one micro-batch)"),
+    micro_batches: int | None = typer.Option(
+        None, "--micro-batches", min=1,
+        help="micro-batches in flight (KV is sized for batch x this); default 1, or the number of devices "
+        "with --objective throughput",
+    ),
     weights: WeightFormat | None = typer.Option(  # noqa: B008
         None, "--weights", help="weight format (default: as stored for a GGUF file, else q4_k_m)"
     ),
@@ -91,7 +97,10 @@ def plan_command(
         if not devices:
             raise ValueError("declare at least one --device NAME=MEM")
         fmt = weights if weights is not None or profile.stored is not None else WeightFormat.Q4_K_M
-        options = PlanOptions(context=context, batch=batch, weights=fmt, objective=objective,
+        if micro_batches is None:
+            micro_batches = len(devices) if objective is Objective.THROUGHPUT else 1
+        options = PlanOptions(context=context, batch=batch, micro_batches=micro_batches, weights=fmt,
+                              objective=objective,
                               kv_bytes_per_element=2.0 if kv is KvType.F16 else 4.0)
         result = plan(profile, devices, options)
     except PlanError as e:

@@ -279,13 +279,15 @@ def test_throughput_objective_balances_stages() -> None:
     m = preset("llama-3.1-8b")
     devs = [D("a", "16GB"), D("b", "16GB")]
     lat = plan(m, devs, PlanOptions(objective=Objective.LATENCY))
-    thr = plan(m, devs, PlanOptions(objective=Objective.THROUGHPUT))
+    thr = plan(m, devs, PlanOptions(objective=Objective.THROUGHPUT, micro_batches=2))
     assert len(lat.stages) == 1  # two equal CPUs: splitting only adds a hop to each token
     assert len(thr.stages) == 2 and thr.bottleneck_ms < lat.bottleneck_ms
     # balanced by time, not by layer count: the last stage also reads and runs the head
     a, b = (s.ms for s in thr.stages)
     assert max(a, b) / min(a, b) < 1.1 and thr.stages[0].n_layers > thr.stages[1].n_layers
-    assert thr.tokens_per_s > lat.tokens_per_s
+    assert thr.tokens_per_s > 1.8 * lat.tokens_per_s  # two micro-batches keep both stages busy
+    # the KV cache holds both micro-batches' sequences
+    assert thr.stages[0].kv_bytes / thr.stages[0].n_layers == 2 * lat.stages[0].kv_bytes / lat.stages[0].n_layers
 
 
 def test_moe_plan_keeps_whole_layers_and_names_expert_hosts() -> None:

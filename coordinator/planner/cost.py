@@ -2,10 +2,11 @@
 
 Memory of a stage ``[a, b)`` on device ``d``:
     weights (its blocks, whole MoE blocks with every expert; + embedding on the first stage; + final norm and
-    output matrix on the last, a tied one counted again) + KV cache (``context`` tokens x ``batch`` sequences
-    x its blocks) + activation workspace (one prefill chunk through one block, fp32: hidden states, q/k/v, the
-    attention scores against the whole context, the FFN; + the logits of ``batch`` rows on the last stage) +
-    the device's runtime reserve. It must not exceed the device's usable memory.
+    output matrix on the last, a tied one counted again) + KV cache (``context`` tokens x ``batch`` x
+    ``micro_batches`` sequences x its blocks) + activation workspace (one prefill chunk through one block,
+    fp32: hidden states, q/k/v, the attention scores against the whole context, the FFN; + the logits of
+    ``batch`` rows on the last stage) + the device's runtime reserve. It must not exceed the device's usable
+    memory.
 
 Time of one decode step (``batch`` tokens, one per sequence) through the stage, a roofline per stage:
     max(FLOPs / compute, bytes read / memory bandwidth) + per-block overhead + its network legs. FLOPs: 2 x
@@ -14,7 +15,8 @@ Time of one decode step (``batch`` tokens, one per sequence) through the stage, 
     of distinct experts the batch routes to), the KV cache up to the mean position (``context / 2``) per
     sequence. Network: every stage receives and sends one message per step (latency of its own link each way);
     the payload is ``batch x dim`` hidden values at ``activation_bytes`` each between stages, token ids at
-    either end.
+    either end. Tokens/s: ``batch x min(micro_batches / sum of stages, 1 / slowest stage)``; the latency
+    objective minimises the sum, the throughput objective the slowest stage.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ class PlanOptions:
 
     Attributes:
         context: tokens of KV cache per sequence.
-        batch: sequences decoded together.
+        batch: sequences decoded together in one step (one micro-batch).
+        micro_batches: micro-batches in flight through the pipeline; the KV cache holds ``batch x
+            micro_batches`` sequences, and tokens/s is ``batch x min(micro_batches / step, 1 / slowest
+            stage)``.
         weights: weight format; ``None`` uses the sizes stored in the model's GGUF file.
         kv_bytes_per_element: 2 for an f16/bf16 cache, 4 for fp32.
         activation_bytes: bytes per hidden value on the wire between stages.
@@ -49,6 +54,7 @@ class PlanOptions:
 
     context: int = 4096
     batch: int = 1
+    micro_batches: int = 1
     weights: WeightFormat | None = WeightFormat.Q4_K_M
     objective: Objective = Objective.LATENCY
     kv_bytes_per_element: float = 2.0
@@ -58,7 +64,7 @@ class PlanOptions:
     exact_max_devices: int = 8
 
     def __post_init__(self) -> None:
-        for attr in ("context", "batch", "prefill_chunk", "exact_max_devices"):
+        for attr in ("context", "batch", "micro_batches", "prefill_chunk", "exact_max_devices"):
             if getattr(self, attr) <= 0:
                 raise ValueError(f"{attr} must be > 0, got {getattr(self, attr)}")
         if self.kv_bytes_per_element <= 0 or self.activation_bytes <= 0:
@@ -115,7 +121,7 @@ class CostModel:
         L, B = m.n_layers, o.batch
         self.L, self.n = L, len(self.devices)
         mean_pos = o.context / 2
-        self.kv_layer = m.kv_bytes_per_token_layer(o.kv_bytes_per_element) * o.context * B
+        self.kv_layer = m.kv_bytes_per_token_layer(o.kv_bytes_per_element) * o.context * B * o.micro_batches
         # expected distinct experts B tokens route to, each picking k of E uniformly
         distinct = 0.0
         if m.is_moe:

@@ -56,6 +56,7 @@ class Plan:
     weights: str
     context: int
     batch: int
+    micro_batches: int
     objective: Objective
     stages: tuple[Stage, ...]
     left_out: tuple[LeftOut, ...]
@@ -67,8 +68,10 @@ class Plan:
 
     @property
     def tokens_per_s(self) -> float:
-        step = self.predicted_ms if self.objective is Objective.LATENCY else self.bottleneck_ms
-        return self.batch * 1e3 / step if step > 0 else INF
+        """``batch`` tokens per step; with micro-batches in flight, bounded by the slowest stage."""
+        if self.predicted_ms <= 0:
+            return INF
+        return self.batch * 1e3 * min(self.micro_batches / self.predicted_ms, 1 / self.bottleneck_ms)
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -78,6 +81,7 @@ class Plan:
         """Plain JSON-ready data."""
         return {
             "model": self.model, "weights": self.weights, "context": self.context, "batch": self.batch,
+            "micro_batches": self.micro_batches,
             "objective": self.objective.value, "predicted_ms": self.predicted_ms,
             "bottleneck_ms": self.bottleneck_ms, "tokens_per_s": self.tokens_per_s, "exact": self.exact,
             "reload_bytes": self.reload_bytes,
@@ -296,7 +300,7 @@ def plan(
         }
     result = Plan(
         model=model.name, weights=cm.table.label, context=options.context, batch=options.batch,
-        objective=options.objective, stages=stages, left_out=left,
+        micro_batches=options.micro_batches, objective=options.objective, stages=stages, left_out=left,
         predicted_ms=sum(s.ms for s in stages), bottleneck_ms=max(s.ms for s in stages),
         experts=experts, reload_bytes=reload_bytes, exact=cm.n <= options.exact_max_devices,
     )
