@@ -48,6 +48,7 @@ def cases(draw: st.DrawFn) -> tuple[ModelProfile, list[DeviceProfile], PlanOptio
     model = draw(models())
     options = PlanOptions(
         context=draw(st.integers(1, 64)), batch=draw(st.integers(1, 3)), prefill_chunk=4,
+        micro_batches=draw(st.integers(1, 2)),
         weights=draw(st.sampled_from(list(WeightFormat))), objective=draw(st.sampled_from(list(Objective))),
     )
     probe = CostModel(model, [DeviceProfile.declare("probe", Memory(0))], options)
