@@ -61,9 +61,7 @@ LLAMA3_SPLIT = (
 #: words up before merging.
 PRE_TOKENIZERS: dict[str, str] = {
     **dict.fromkeys(("gpt2", "gpt-2", "mpt", "olmo", "jais", "trillion"), "gpt2"),
-    **dict.fromkeys(
-        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), "digits"
-    ),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), "digits"),
     **dict.fromkeys(
         (
             "llama3",
@@ -120,9 +118,7 @@ def _pre_tokenizer(pre: str | None) -> tuple[pre_tokenizers.PreTokenizer, bool]:
     # Llama 3's tokenizer.json sets ``ignore_merges`` (a pre-token that is itself a vocab entry is taken
     # whole),
     # and llama.cpp does the same for this family.
-    return pre_tokenizers.Sequence(
-        [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    ), True
+    return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), True
 
 
 def _token_text(value: Any) -> str | None:
@@ -147,9 +143,7 @@ class IncrementalDecoder:
         self._tok = tokenizer
         self._skip = skip_special
         self._ids: list[int] = []
-        self._prefix = (
-            0  # window start: decoding from here keeps leading-space rules the same as a full decode
-        )
+        self._prefix = 0  # window start: decoding from here keeps leading-space rules the same as a full decode
         self._read = 0  # everything before this index has been emitted
         self.text = ""
 
@@ -240,13 +234,10 @@ class Tokenizer:
         types = list(meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
         if not tokens or not merges:
             raise ModelFormatError(
-                f"GGUF BPE tokenizer needs tokens and merges, "
-                f"got {len(tokens)} tokens and {len(merges)} merges"
+                f"GGUF BPE tokenizer needs tokens and merges, got {len(tokens)} tokens and {len(merges)} merges"
             )
         if len(types) != len(tokens):
-            raise ModelFormatError(
-                f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
-            )
+            raise ModelFormatError(f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
 
         alphabet = _byte_alphabet()
         spelled = set(alphabet.values())
@@ -260,9 +251,7 @@ class Tokenizer:
         for n, merge in enumerate(merges):
             left, sep, right = merge.partition(" ")
             if not sep:
-                raise ModelFormatError(
-                    f"tokenizer.ggml.merges[{n}] = {merge!r} has no space between its two parts"
-                )
+                raise ModelFormatError(f"tokenizer.ggml.merges[{n}] = {merge!r} has no space between its two parts")
             bpe_merges.append((left, right))
 
         pre_tok, ignore_merges = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
@@ -299,9 +288,7 @@ class Tokenizer:
             if value is None:
                 return None
             if not 0 <= int(value) < len(tokens):
-                raise ModelFormatError(
-                    f"tokenizer.ggml.{key} = {value} is outside the {len(tokens)}-token vocab"
-                )
+                raise ModelFormatError(f"tokenizer.ggml.{key} = {value} is outside the {len(tokens)}-token vocab")
             return int(value)
 
         bos_id, eos_id = token_id("bos_token_id"), token_id("eos_token_id")
@@ -368,24 +355,28 @@ class Tokenizer:
             return backend.token_to_id(text) if text is not None else None
 
         bos_id, eos_id = id_of("bos_token"), id_of("eos_token")
-        # What the tokenizer.json post-processor adds decides the default, unless the config says otherwise
-        # (transformers then rewrites the post-processor from add_bos_token/add_eos_token).
+        # tokenizer.json's post-processor decides whether BOS/EOS are added. transformers 5 does the same for
+        # byte-level tokenizers: it ignores ``add_bos_token``/``add_eos_token`` in tokenizer_config.json.
         probe = backend.encode("", add_special_tokens=True).ids
-        add_bos = config.get("add_bos_token")
-        if not isinstance(add_bos, bool):
-            add_bos = bool(probe) and probe[0] == bos_id
-        add_eos = config.get("add_eos_token")
-        if not isinstance(add_eos, bool):
-            add_eos = bool(probe) and probe[-1] == eos_id and not (add_bos and len(probe) == 1)
+        add_bos = bool(probe) and probe[0] == bos_id
+        add_eos = bool(probe) and probe[-1] == eos_id and not (add_bos and len(probe) == 1)
+        for key, used in (("add_bos_token", add_bos), ("add_eos_token", add_eos)):
+            if isinstance(config.get(key), bool) and config[key] != used:
+                log.warning(
+                    "%s: tokenizer_config.json says %s=%s but tokenizer.json's post-processor says %s; "
+                    "following tokenizer.json, as transformers does",
+                    path,
+                    key,
+                    config[key],
+                    used,
+                )
         backend.post_processor = None
 
         ends = {i for i in (eos_id,) if i is not None}
         gen_eos = generation.get("eos_token_id")
         ends |= {int(i) for i in (gen_eos if isinstance(gen_eos, list) else [gen_eos]) if isinstance(i, int)}
         ends |= {
-            i
-            for i, t in backend.get_added_tokens_decoder().items()
-            if t.special and t.content in END_OF_TURN_TEXTS
+            i for i, t in backend.get_added_tokens_decoder().items() if t.special and t.content in END_OF_TURN_TEXTS
         }
 
         template = _read_template(path, config)
@@ -435,22 +426,16 @@ class Tokenizer:
             ValueError: the template rejects the conversation (e.g. roles that do not alternate).
         """
         if self._template is None:
-            raise ModelFormatError(
-                "this model has no chat template (tokenizer.chat_template / chat_template)"
-            )
+            raise ModelFormatError("this model has no chat template (tokenizer.chat_template / chat_template)")
         return self._template.render(messages, add_generation_prompt=add_generation_prompt)
 
-    def apply_chat_template(
-        self, messages: Sequence[Message], *, add_generation_prompt: bool = True
-    ) -> list[int]:
+    def apply_chat_template(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
         """``render_chat`` then ``encode`` without adding BOS: the template writes it if the model wants it.
 
         This is what ``transformers`` does (its ``apply_chat_template`` tokenizes with
         ``add_special_tokens=False``).
         """
-        return self.encode(
-            self.render_chat(messages, add_generation_prompt=add_generation_prompt), add_bos=False
-        )
+        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt), add_bos=False)
 
     def incremental_decoder(self, *, skip_special: bool = True) -> IncrementalDecoder:
         """A fresh streaming decoder: ``.push(id) -> delta``, ``.flush()`` at the end, ``.text`` so far."""

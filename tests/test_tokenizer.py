@@ -481,21 +481,26 @@ def test_hf_dir_chat_template_matches_transformers(llama3_hf_dir: tuple[Tokenize
             assert ours.apply_chat_template(conversation, add_generation_prompt=gen) == expected_ids
 
 
-def test_hf_dir_from_smollm2_tokenizer_json(tmp_path: Path, smol: Tokenizer, hf_smol: Any) -> None:
-    """SmolLM2's tokenizer as an HF directory: chat_template.jinja wins, add_bos_token false in the config."""
+@pytest.mark.parametrize("add_bos_token", [False, True, None])
+def test_hf_dir_from_smollm2_tokenizer_json(
+    tmp_path: Path, smol: Tokenizer, hf_smol: Any, add_bos_token: bool | None
+) -> None:
+    """SmolLM2's tokenizer as an HF directory; chat_template.jinja wins over the config's template.
+
+    tokenizer.json's post-processor (which adds nothing here) decides BOS, whatever ``add_bos_token`` the config
+    states: transformers 5 ignores that key for byte-level tokenizers, and so do we.
+    """
     from transformers import AutoTokenizer
 
     hf_smol.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "bos_token": "<|im_start|>",
-                "eos_token": "<|im_end|>",
-                "add_bos_token": False,
-                "chat_template": "{{ 'not this one' }}",
-            }
-        )
-    )
+    config: dict[str, Any] = {
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "chat_template": "{{ 'not this one' }}",
+    }
+    if add_bos_token is not None:
+        config["add_bos_token"] = add_bos_token
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "chat_template.jinja").write_text(smol.chat_template or "")
     ours, hf = Tokenizer.from_hf_dir(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
     assert ours.add_bos is False and ours.eos_ids == smol.eos_ids
@@ -504,6 +509,18 @@ def test_hf_dir_from_smollm2_tokenizer_json(tmp_path: Path, smol: Tokenizer, hf_
     for conversation in CONVERSATIONS:
         expected = _ids(hf.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True))
         assert ours.apply_chat_template(conversation) == expected == smol.apply_chat_template(conversation)
+
+
+def test_hf_dir_post_processor_bos_wins_over_config(tmp_path: Path, llama3_like: dict[str, Any]) -> None:
+    from transformers import AutoTokenizer
+
+    for name in ("tokenizer.json", "generation_config.json"):
+        (tmp_path / name).write_bytes((llama3_like["hf_dir"] / name).read_bytes())
+    config = json.loads((llama3_like["hf_dir"] / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    ours, hf = Tokenizer.from_hf_dir(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    assert ours.add_bos and ours.encode("hi") == hf("hi").input_ids
+    assert ours.encode("hi")[0] == llama3_like["ids"]["<|begin_of_text|>"]
 
 
 def test_hf_dir_without_tokenizer_json(tmp_path: Path) -> None:
