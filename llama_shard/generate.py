@@ -125,6 +125,7 @@ def generate(
     decoder = tokenizer.incremental_decoder()
     stops = StopStrings(stop)
     emit = on_text or (lambda _text: None)
+    stopped = False
 
     t0 = time.perf_counter()
     token = engine.step(prompt, 0)
@@ -148,7 +149,12 @@ def generate(
         token = engine.step([token], position)
         position += 1
     result.decode_s = time.perf_counter() - t1
-    tail = stops.flush()  # empty after a stop string; the held-back text otherwise
+    tail = ""
+    if not stopped:  # the decoder's held-back bytes, then the text held back for a possible stop string
+        visible, stopped = stops.push(decoder.flush())
+        tail = visible if stopped else visible + stops.flush()
+        if stopped:
+            result.finish_reason = "stop"
     if tail:
         result.text += tail
         emit(tail)
