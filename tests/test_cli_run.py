@@ -78,3 +78,20 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
 def test_prompt_longer_than_context(context: str) -> None:
     proc = run_cli("--prompt", "word " * 100, "--context", context, "--threads", "1")
     assert_one_line_error(proc, f"the context holds {context}")
+
+
+def test_interactive_chat_keeps_the_conversation() -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*CLI, "run", "--max-tokens", "6", "--threads", "1"],
+        input="My name is Ada.\nWhat is my name?\n\n",
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("> ") >= 3  # two turns answered, then the empty line ends the chat
+    # the second turn's prompt carries the first exchange: more prompt tokens than the first turn
+    counts = [int(line.split()[2]) for line in proc.stderr.splitlines() if "prompt tokens at" in line]
+    assert len(counts) == 2 and counts[1] > counts[0] + 6
