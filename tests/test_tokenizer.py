@@ -27,55 +27,25 @@ from llama_shard.gguf_file import gguf_metadata
 from llama_shard.tokenizer import LLAMA3_SPLIT, Tokenizer
 
 TEXTS = [
-    "Hello, world!",
-    "The quick brown fox jumps over the lazy dog.",
-    "日本語のテキストと中文字符、한국어 텍스트",
-    "emoji 🎉🚀 family 👩‍👩‍👧‍👦 flag 🇫🇷 skin 👍🏽",
-    "café naïve résumé Ångström façade",
-    "مرحبا بالعالم - שלום עולם",
-    "Ελληνικά ΑΒΓ αβγ, Русский текст",
-    "def f(x):\n    return x ** 2  # square\n",
-    "for (int i = 0; i < 10; ++i) { sum += a[i]; }",
-    '<div class="x">&amp;</div>',
-    "3.14159265358979 and 1234567890123",
-    "year 2024, $1,000,000.00, 007, 1e-9",
-    "  1  22   333\t4444\n55555",
-    "\n\n3 items",
-    "   leading spaces",
-    "trailing   ",
-    "tabs\tand\t\ttabs",
-    "\n\n\nnewlines\r\nwindows\r\n",
-    "mixed \t \n whitespace  ",
-    "I'm sure you're right, they'll see it's WE'VE DONE",
-    "<|im_start|>user\nhi<|im_end|>\n",
-    "<|endoftext|>",
-    "text<|im_end|>more<|im_start|>",
-    "<|im_start no <|special|> here",
-    "",
-    " ",
-    "a" * 60,
-    "Zürich: 25°C ½ ² Ⅳ",
-    "zero\u200bwidth e\u0301 ﬁ",
-]
+    "Hello, world!", "The quick brown fox jumps over the lazy dog.",
+    "日本語のテキストと中文字符、한국어 텍스트", "emoji 🎉🚀 family 👩‍👩‍👧‍👦 flag 🇫🇷 skin 👍🏽",
+    "café naïve résumé Ångström façade", "مرحبا بالعالم - שלום עולם", "Ελληνικά ΑΒΓ αβγ, Русский текст",
+    "def f(x):\n    return x ** 2  # square\n", "for (int i = 0; i < 10; ++i) { sum += a[i]; }",
+    '<div class="x">&amp;</div>', "3.14159265358979 and 1234567890123", "year 2024, $1,000,000.00, 007, 1e-9",
+    "  1  22   333\t4444\n55555", "\n\n3 items", "   leading spaces", "trailing   ", "tabs\tand\t\ttabs",
+    "\n\n\nnewlines\r\nwindows\r\n", "mixed \t \n whitespace  ", "I'm sure you're right, they'll see it's WE'VE DONE",
+    "<|im_start|>user\nhi<|im_end|>\n", "<|endoftext|>", "text<|im_end|>more<|im_start|>",
+    "<|im_start no <|special|> here", "", " ", "a" * 60, "Zürich: 25°C ½ ² Ⅳ", "zero\u200bwidth e\u0301 ﬁ",
+]  # fmt: skip
 
 CONVERSATIONS: list[list[dict[str, str]]] = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [
-        {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": "Count: 1, 2, 3."},
-    ],
-    [
-        {"role": "user", "content": "Hi!"},
-        {"role": "assistant", "content": "Hello! How can I help?"},
-        {"role": "user", "content": "Write 日本語 and an emoji 🎉.\n\nThanks"},
-    ],
-    [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "a"},
-        {"role": "assistant", "content": "b"},
-        {"role": "user", "content": "code:\n\tx = 1\n"},
-    ],
-]
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Count: 1, 2, 3."}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Write 日本語 and an emoji 🎉.\n\nThanks"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+     {"role": "assistant", "content": "b"}, {"role": "user", "content": "code:\n\tx = 1\n"}],
+]  # fmt: skip
 
 
 def _splits_disagree(text: str) -> bool:
@@ -100,12 +70,8 @@ def _ids(result: Any) -> list[int]:
 
 def _smollm_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     """What SmolLM2's tokenizer.json (and llama.cpp's ``smollm``) does: each digit alone, then GPT-2's split."""
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
+    digits = pre_tokenizers.Digits(individual_digits=True)
+    return pre_tokenizers.Sequence([digits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -309,12 +275,9 @@ CORPUS = [
 
 def _train_llama3_like() -> HFTokenizer:
     tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
@@ -342,25 +305,15 @@ def llama3_like(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     gguf_path = root / "tiny-llama3.gguf"
     w = gguf.GGUFWriter(str(gguf_path), "llama")
     dim = 8
-    w.add_block_count(1)
-    w.add_context_length(128)
-    w.add_embedding_length(dim)
-    w.add_feed_forward_length(16)
-    w.add_head_count(2)
-    w.add_head_count_kv(1)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(500000.0)
-    w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in ids else 1 for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(ids["<|begin_of_text|>"])
-    w.add_eos_token_id(ids["<|end_of_text|>"])
-    w.add_eot_token_id(ids["<|eot_id|>"])
-    w.add_add_bos_token(True)
-    w.add_chat_template(LLAMA3_TEMPLATE)
+    for method, value in [
+        ("block_count", 1), ("context_length", 128), ("embedding_length", dim), ("feed_forward_length", 16),
+        ("head_count", 2), ("head_count_kv", 1), ("layer_norm_rms_eps", 1e-5), ("rope_freq_base", 5e5),
+        ("vocab_size", len(tokens)), ("tokenizer_model", "gpt2"), ("tokenizer_pre", "llama-bpe"),
+        ("token_list", tokens), ("token_types", [3 if t in ids else 1 for t in tokens]), ("token_merges", merges),
+        ("bos_token_id", ids["<|begin_of_text|>"]), ("eos_token_id", ids["<|end_of_text|>"]),
+        ("eot_token_id", ids["<|eot_id|>"]), ("add_bos_token", True), ("chat_template", LLAMA3_TEMPLATE),
+    ]:  # fmt: skip
+        getattr(w, f"add_{method}")(value)
     w.add_tensor("token_embd.weight", np.zeros((len(tokens), dim), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -373,19 +326,10 @@ def llama3_like(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", ids["<|begin_of_text|>"])]
     )
     tok.save(str(hf_dir / "tokenizer.json"))
-    (hf_dir / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": "<|begin_of_text|>",
-                "eos_token": "<|eot_id|>",
-                "chat_template": LLAMA3_TEMPLATE,
-            }
-        )
-    )
-    (hf_dir / "generation_config.json").write_text(
-        json.dumps({"eos_token_id": [ids["<|end_of_text|>"], ids["<|eot_id|>"]]})
-    )
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": LLAMA3_TEMPLATE}))
+    generation = {"eos_token_id": [ids["<|end_of_text|>"], ids["<|eot_id|>"]]}
+    (hf_dir / "generation_config.json").write_text(json.dumps(generation))
     return {"gguf": gguf_path, "hf_dir": hf_dir, "ids": ids, "n": len(tokens)}
 
 
@@ -440,9 +384,8 @@ def test_llama3_gguf_chat_template_matches_transformers(
     expected = _ids(llama3_hf_gguf.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True))
     ours = llama3_ours.apply_chat_template(conversation)
     assert ours == expected
-    assert (
-        llama3_ours.bos_id is not None and ours.count(llama3_ours.bos_id) == 1
-    )  # the template writes BOS; encoding does not add a second one
+    # the template writes BOS; encoding does not add a second one
+    assert llama3_ours.bos_id is not None and ours.count(llama3_ours.bos_id) == 1
 
 
 # ----------------------------------------------------------------------------------------- HF directory
@@ -493,11 +436,7 @@ def test_hf_dir_from_smollm2_tokenizer_json(
     from transformers import AutoTokenizer
 
     hf_smol.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
-    config: dict[str, Any] = {
-        "bos_token": "<|im_start|>",
-        "eos_token": "<|im_end|>",
-        "chat_template": "{{ 'not this one' }}",
-    }
+    config: dict[str, Any] = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": "{{ 'no' }}"}
     if add_bos_token is not None:
         config["add_bos_token"] = add_bos_token
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
