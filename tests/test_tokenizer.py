@@ -352,6 +352,9 @@ def test_llama3_gguf_special_ids(llama3_ours: Tokenizer, llama3_like: dict[str, 
     assert llama3_ours.bos_id == ids["<|begin_of_text|>"] and llama3_ours.add_bos
     assert llama3_ours.eos_ids == {ids["<|end_of_text|>"], ids["<|eot_id|>"]}
     assert llama3_ours.encode("<|eot_id|>", add_bos=False) == [ids["<|eot_id|>"]]
+    # No add_bos_token key: llama.cpp's default, on for llama-bpe (transformers would add none).
+    meta = {k: v for k, v in gguf_metadata(llama3_like["gguf"]).items() if k != "tokenizer.ggml.add_bos_token"}
+    assert Tokenizer.from_gguf_metadata(meta).add_bos
 
 
 def test_llama3_gguf_splits_digits_in_threes(llama3_ours: Tokenizer) -> None:
