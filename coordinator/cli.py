@@ -10,8 +10,12 @@ import logging
 
 import typer
 
+from coordinator.cluster_cmd import cluster_command
 from coordinator.plan_cmd import plan_command
 from coordinator.run_cmd import run_command
+from coordinator.serve_cmd import serve_command
+from coordinator.status_cmd import status_command
+from node.join_cmd import join_command
 from node.node_cmd import node_command
 
 app = typer.Typer(
@@ -24,6 +28,10 @@ app = typer.Typer(
 app.command("run")(run_command)
 app.command("plan")(plan_command)
 app.command("node")(node_command)
+app.command("serve")(serve_command)
+app.command("join")(join_command)
+app.command("cluster")(cluster_command)
+app.command("status")(status_command)
 
 
 def main() -> None:

@@ -1,0 +1,158 @@
+"""``llama-node serve``: the coordinator's HTTP server (OpenAI- and Ollama-compatible), with continuous batching.
+
+``MODEL`` is a path (``.gguf`` or an HF directory), a name from the local Ollama store or HF cache
+(``llama3.1:70b``, ``HuggingFaceTB/SmolLM2-135M-Instruct``), or nothing for the embedded SmolLM2. Without
+``--nodes`` the model runs in this process, in a worker thread; with ``--nodes N`` it runs on N local node processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+if TYPE_CHECKING:
+    from coordinator.api.backend import ModelInfo
+    from coordinator.scheduler import StepExecutor
+    from llama_shard.loading import WeightSource
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_ALIASES = frozenset({"smollm2", "smollm2:135m", "smollm2:135m-instruct", "smollm2-135m-instruct"})
+
+
+def serve_command(
+    model: str | None = typer.Argument(None, help="path, local Ollama/HF name, or nothing for embedded SmolLM2"),
+    port: int = typer.Option(11434, "--port", min=0, max=65535),
+    host: str = typer.Option("127.0.0.1", "--host", help="bind address; 0.0.0.0 serves the LAN"),
+    nodes: int = typer.Option(0, "--nodes", min=0, help="run the layers on N local node processes"),
+    api_key: str | None = typer.Option(None, "--api-key", help="require 'Authorization: Bearer KEY'"),
+    context: int = typer.Option(2048, "--context", min=16, help="tokens per request (prompt + answer)"),
+    slots: int = typer.Option(16, "--slots", min=1, help="requests decoded at once (one KV slot each)"),
+    kv_budget_mb: int = typer.Option(2048, "--kv-budget-mb", min=1, help="KV cache memory; caps --slots"),
+    max_queue: int | None = typer.Option(None, "--max-queue", min=0, help="waiting requests (default 4 x slots)"),
+    prefill_chunk: int = typer.Option(32, "--prefill-chunk", min=1, help="prompt tokens per step"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: all cores)"),
+) -> None:
+    """Serve a model over HTTP: OpenAI /v1 and Ollama /api, many requests batched together."""
+    import uvicorn
+
+    from coordinator.api.app import create_app
+    from coordinator.api.backend import Backend
+    from coordinator.scheduler import Scheduler
+    from llama_shard.errors import LlamaShardError
+    from llama_shard.loading import load_tokenizer, open_source
+
+    try:
+        path, name = resolve_served_model(model)
+        source = open_source(path)
+        tokenizer = load_tokenizer(source)
+        max_len = min(context, source.config.max_seq_len)
+        n_slots = min(slots, max(1, kv_budget_mb * 2**20 // kv_bytes_per_slot(source, max_len)))
+        if n_slots < slots:
+            log.warning("--kv-budget-mb %d holds %d slots of %d tokens, not %d", kv_budget_mb, n_slots, max_len, slots)
+        info = model_info(source, path, name, model)
+        if nodes:
+            raise typer.BadParameter("--nodes needs the pipeline engine, which is not in this build yet")
+        executor = _local_executor(source, n_slots, max_len, threads)
+    except LlamaShardError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=2) from None
+    scheduler = Scheduler(executor, max_queue=max_queue, prefill_chunk=prefill_chunk)
+    backend = Backend(info, tokenizer, max_len, scheduler)
+    app = create_app(backend, api_key=api_key)
+    log.info("serving %s on http://%s:%d (%d slots x %d tokens)", info.name, host, port, n_slots, max_len)
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5)
+
+
+def resolve_served_model(model: str | None) -> tuple[Path, str]:
+    """The model's path and the name it is served under."""
+    from llama_shard.errors import ModelFormatError
+
+    if model is None:
+        from llama_shard.embedded import smollm2_gguf_path
+
+        path = smollm2_gguf_path()
+        return path, path.stem
+    path = Path(model).expanduser()
+    if path.exists():
+        return path, path.stem if path.is_file() else path.name
+    from coordinator.models_store import find_model, list_local_models
+
+    models = list_local_models()
+    found = find_model(model, models)
+    if found is None:
+        names = ", ".join(m.name for m in models[:12]) or "none"
+        raise ModelFormatError(
+            f"{model!r} is neither a file nor a model in the local Ollama store or Hugging Face cache (found: {names})"
+        )
+    log.info("%s is %s from the %s store", model, found.path, found.source)
+    return found.path, found.name
+
+
+def kv_bytes_per_slot(source: WeightSource, max_len: int) -> int:
+    c = source.config
+    return 2 * c.n_layers * max_len * c.n_kv_heads * c.head_dim * 4  # fp32 keys and values
+
+
+def model_info(source: WeightSource, path: Path, name: str, requested: str | None) -> ModelInfo:
+    from coordinator.api.backend import ModelInfo
+
+    c = source.config
+    attn = c.dim * c.n_heads * c.head_dim * 2 + c.dim * c.n_kv_heads * c.head_dim * 2
+    params = (
+        c.n_layers * (attn + 3 * c.dim * c.ffn_dim + 2 * c.dim)
+        + c.vocab_size * c.dim * (1 if c.tie_embeddings else 2)
+        + c.dim
+    )
+    if path.is_file():
+        size, fmt = path.stat().st_size, "gguf"
+    else:
+        size, fmt = sum(f.stat().st_size for f in path.glob("*.safetensors")), "safetensors"
+    aliases = {path.name, str(path), name}
+    if requested:
+        aliases.add(requested)
+    if requested is None:
+        aliases |= EMBEDDED_ALIASES
+    return ModelInfo(
+        name=name,
+        aliases=frozenset(aliases),
+        path=str(path),
+        format=fmt,
+        family=c.arch,
+        parameter_count=params,
+        size_bytes=size,
+        quantization=_quantization(source),
+        context_length=c.max_seq_len,
+        modified_at=path.stat().st_mtime if path.exists() else time.time(),
+    )
+
+
+def _quantization(source: WeightSource) -> str:
+    from llama_shard.loading import GGUFSource
+
+    if isinstance(source, GGUFSource):
+        file_type = source.gguf.metadata.get("general.file_type")
+        try:
+            import gguf
+
+            return str(gguf.LlamaFileType(int(str(file_type))).name).removeprefix("MOSTLY_")
+        except ValueError:
+            return "unknown"
+    return "F32"
+
+
+def _local_executor(source: WeightSource, n_slots: int, max_len: int, threads: int | None) -> StepExecutor:
+    import torch
+
+    from coordinator.local_executor import LocalExecutor
+    from llama_shard.loading import load_stage
+    from llama_shard.shard import ShardSpec
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    stage = load_stage(source, ShardSpec.whole(source.config.n_layers), dtype=torch.float32)
+    return LocalExecutor(stage, n_slots, max_len)
