@@ -19,6 +19,7 @@ import httpx
 import ollama
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 CLI = [str(Path(sys.executable).with_name("llama-node"))]
 QUESTION = "What is the capital of France?"
@@ -108,8 +109,8 @@ MODEL = "smollm2"
 
 
 def test_openai_chat_greedy_equals_run(oai: openai.OpenAI, references: dict[str, subprocess.Popen[bytes]]) -> None:
-    messages = [{"role": "user", "content": QUESTION}]
-    r = oai.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=N)  # type: ignore[arg-type]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
+    r = oai.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=N)
     expected = reference_text(references, "chat")
     assert r.choices[0].message.content == expected
     assert r.choices[0].finish_reason in ("stop", "length")
@@ -117,7 +118,7 @@ def test_openai_chat_greedy_equals_run(oai: openai.OpenAI, references: dict[str,
 
     stream = oai.chat.completions.create(
         model=MODEL,
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         temperature=0,
         max_tokens=N,
         stream=True,
@@ -185,13 +186,17 @@ def test_ollama_client_generate_chat_and_listing(
 
 
 def test_seed_curl_example_as_written(server: str, references: dict[str, subprocess.Popen[bytes]]) -> None:
-    body = json.dumps({"model": MODEL, "prompt": QUESTION, "stream": False, "options": {"temperature": 0, "num_predict": N}})
+    body = json.dumps(
+        {"model": MODEL, "prompt": QUESTION, "stream": False, "options": {"temperature": 0, "num_predict": N}}
+    )
     out = subprocess.run(["curl", "-s", f"{server}/api/generate", "-d", body], capture_output=True, check=True)
     assert json.loads(out.stdout)["response"] == reference_text(references, "chat")
     head = subprocess.run(["curl", "-sI", server + "/"], capture_output=True, check=True, text=True)
     assert head.stdout.startswith("HTTP/1.1 200")
     # and the seeds' body exactly, with Ollama's default sampling
-    body = json.dumps({"model": MODEL, "prompt": "Why is the sky blue?", "stream": False, "options": {"num_predict": 4}})
+    body = json.dumps(
+        {"model": MODEL, "prompt": "Why is the sky blue?", "stream": False, "options": {"num_predict": 4}}
+    )
     out = subprocess.run(["curl", "-s", f"{server}/api/generate", "-d", body], capture_output=True, check=True)
     assert json.loads(out.stdout)["done"] is True
 
@@ -211,9 +216,9 @@ async def _chat_all(server: str, prompts: list[str]) -> list[str]:
 
 def test_eight_concurrent_prompts_equal_their_answers_alone(server: str, oai: openai.OpenAI) -> None:
     alone = [
-        oai.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=8
-        ).choices[0].message.content
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=8)
+        .choices[0]
+        .message.content
         for p in PROMPTS
     ]
     assert len(set(alone)) > 4  # different prompts, different answers: cross-talk could not hide
