@@ -83,9 +83,10 @@ class ProtocolInterceptor(aio.ServerInterceptor):
 
 
 class NodeServicer(pb_grpc.NodeServicer):
-    def __init__(self, service: NodeService) -> None:
+    def __init__(self, service: NodeService, channel_credentials: grpc.ChannelCredentials | None = None) -> None:
         self.service = service
         self._channels: dict[str, aio.Channel] = {}
+        self._credentials = channel_credentials  # mutual TLS to the next stage (the join issue); None: plain text
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.service.compute, fn, *args)
@@ -169,7 +170,10 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     def _channel(self, address: str) -> aio.Channel:
         if address not in self._channels:
-            self._channels[address] = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            if self._credentials is None:
+                self._channels[address] = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            else:
+                self._channels[address] = aio.secure_channel(address, self._credentials, options=CHANNEL_OPTIONS)
         return self._channels[address]
 
     async def Forward(  # noqa: N802 - generated servicer name

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 from grpc import aio
 
 from node.servicer import CHANNEL_OPTIONS, PROTOCOL_METADATA
@@ -46,12 +47,19 @@ class ProtocolMismatchError(RuntimeError):
     pass
 
 
+def _channel(address: str, credentials: grpc.ChannelCredentials | None) -> aio.Channel:
+    """Mutual TLS with the coordinator's certificate (the join issue), or plain text for local/--insecure nodes."""
+    if credentials is None:
+        return aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+
+
 class NodeClient:
     """Control calls to one node (Health, LoadShard, PushSlice, ReleaseShard)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
-        self.channel = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = _channel(address, credentials)
         self.stub = pb_grpc.NodeStub(self.channel)
 
     async def health(self, timeout: float = 5.0) -> pb.HealthReply:
@@ -107,12 +115,17 @@ class NodeClient:
 class PipelineClient:
     """The Forward stream into the first stage of ``addresses`` (stages in order)."""
 
-    def __init__(self, addresses: Sequence[str], part_bytes: int = DEFAULT_PART_BYTES) -> None:
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        part_bytes: int = DEFAULT_PART_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         if not addresses:
             raise ValueError("a pipeline needs at least one stage")
         self.addresses, self.part_bytes = list(addresses), part_bytes
         self.session = uuid.uuid4().hex[:12]
-        self._channel = aio.insecure_channel(self.addresses[0], options=CHANNEL_OPTIONS)
+        self._channel = _channel(self.addresses[0], credentials)
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[tuple[RowOutput, ...]]] = {}

@@ -1,0 +1,260 @@
+"""The cluster as the coordinator runs it: CA and join endpoint, its own mDNS advertisement, node discovery, and
+discovered nodes → plan → loaded stages → a pipeline client. When the node list changes, it re-plans and reloads.
+
+``ClusterRuntime`` runs all of it on a background event loop, for ``llama-node serve``/``cluster``:
+
+    rt = ClusterRuntime(ClusterSettings(model=path, state_dir=dir))
+    print(rt.join_command())          # the exact `llama-node join --token …` line
+    rt.wait_ready(timeout=60)         # planned and loaded
+    engine = rt.engine(params, max_len)            # a TokenEngine for llama_shard.generate.generate
+    rows = await rt.forward(rows)                  # or: one micro-batch, from any event loop (the scheduler)
+
+No torch at import time (``llama-node --help`` stays fast): the pipeline modules are imported when used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from coordinator.cluster_defaults import DEFAULT_JOIN_PORT, DEFAULT_STATE_DIR
+from coordinator.discovery import Discovery, NodeRegistry
+from coordinator.join_service import start_coordinator_server
+from coordinator.pki import ClusterCA
+from node.advertise import COORDINATOR_SERVICE, Advertiser, package_version
+from node.identity import Role
+from node.probe import lan_addresses
+from protos.llama_node.v1 import cluster_pb2 as cpb
+
+if TYPE_CHECKING:
+    import grpc
+    from grpc import aio
+
+    from coordinator.pipeline.client import NodeClient, PipelineClient
+    from coordinator.pipeline.engine import LoopThread, PipelineEngine
+    from coordinator.planner import Plan
+    from llama_shard.sampling import SamplingParams
+    from node.wire import RowInput, RowOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterSettings:
+    """What ``serve`` needs to run a cluster (the flags ``--peer``, ``--insecure``, ``--state-dir``, …)."""
+
+    model: Path
+    state_dir: Path = DEFAULT_STATE_DIR
+    insecure: bool = False
+    peers: Sequence[str] = ()
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_JOIN_PORT
+    mdns: bool = True
+    addresses: Sequence[str] = ()  # to advertise; default: this machine's LAN addresses
+    context: int = 2048
+    slots: int = 1
+    min_nodes: int = 1
+    settle_s: float = 1.0
+    push: bool = True  # stream slices from the coordinator (nodes need no copy of the model)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Cluster:
+    """Runs on one event loop; see the module docstring."""
+
+    def __init__(self, settings: ClusterSettings) -> None:
+        self.s = settings
+        self.coordinator_id = f"{socket.gethostname().split('.')[0] or 'coordinator'}-{secrets.token_hex(3)}"
+        self.ca: ClusterCA | None = None
+        self.credentials: grpc.ChannelCredentials | None = None
+        self.registry = NodeRegistry()
+        self.discovery: Discovery | None = None
+        self.state = "waiting for nodes"
+        self.plan: Plan | None = None
+        self.stage_nodes: list[tuple[str, str, int, int]] = []  # (node id, address, start, end) in order
+        self.client: PipelineClient | None = None
+        self.ready = asyncio.Event()
+        self.port = 0
+        self._server: aio.Server | None = None
+        self._advertiser: Advertiser | None = None
+        self._replanner: asyncio.Task[None] | None = None
+        self._clients: list[NodeClient] = []
+
+    async def start(self) -> None:
+        if self.s.insecure:
+            log.warning("INSECURE: --insecure coordinator: no TLS, no join token; any machine on this network can "
+                        "join, read the weights and drive the nodes. Use only on a trusted test network.")  # fmt: skip
+        else:
+            self.ca = ClusterCA.load_or_create(self.s.state_dir)
+            self.credentials = self.ca.identity(Role.coordinator).channel_credentials()
+        self._server, self.port = await start_coordinator_server(
+            self.ca, self.coordinator_id, self.snapshot, self.s.host, self.s.port
+        )
+        self.discovery = Discovery(self.registry, self.credentials, self.s.peers, mdns=self.s.mdns)
+        await self.discovery.start()
+        if self.s.mdns:
+            addresses = list(self.s.addresses) or lan_addresses()
+            ca = self.ca.token.ca_sha256.hex()[:16] if self.ca else ""
+            txt = {"id": self.coordinator_id, "ver": package_version(), "role": "coordinator", "ca": ca,
+                   "tls": "1" if self.ca else "0"}  # fmt: skip
+            self._advertiser = Advertiser(COORDINATOR_SERVICE, self.coordinator_id, self.port, addresses, txt)
+            await self._advertiser.start()
+        self._replanner = asyncio.create_task(self._replan_loop())
+
+    def join_command(self, address: str | None = None) -> str:
+        """The line to run on other machines (``--coordinator`` too when ``address`` is given)."""
+        where = f" --coordinator {address}:{self.port}" if address else ""
+        if self.ca is None:
+            return f"llama-node join --insecure{where}"
+        return f"llama-node join --token {self.ca.token}{where}"
+
+    async def _replan_loop(self) -> None:
+        while True:
+            await self.registry.changed.wait()
+            await asyncio.sleep(self.s.settle_s)  # let a burst of arrivals settle into one plan
+            self.registry.changed.clear()
+            current = {(n, a) for n, a, _, _ in self.stage_nodes}
+            known = {(r.node_id, r.address) for r in self.registry.nodes.values()}
+            if self.client is not None and current == known:
+                continue
+            if len(known) < self.s.min_nodes:
+                self.state = f"waiting for nodes ({len(known)} of {self.s.min_nodes})"
+                log.info("%s", self.state)
+                continue
+            try:
+                await self.replan()
+            except Exception as e:
+                self.state = f"not ready: {e}"
+                log.error("cannot serve with the nodes known now: %s", e)
+
+    async def replan(self) -> None:
+        """Plan over the nodes known now, load the stages, and open the pipeline."""
+        from coordinator.pipeline.client import NodeClient, PipelineClient
+        from coordinator.pipeline.local import StageOptions, load_pipeline
+        from coordinator.planner import DeviceProfile, Memory, PlanOptions, WeightFormat, plan
+        from coordinator.planner.loaders import load_model_profile
+        from llama_shard.shard import ShardSpec
+
+        self.ready.clear()
+        records = dict(self.registry.nodes)
+        self.state = f"planning over {len(records)} node(s)"
+        profile = load_model_profile(str(self.s.model))
+        devices = []
+        for r in records.values():
+            d, link = r.description.device, r.description.link
+            devices.append(DeviceProfile.declare(
+                r.node_id, Memory(int(d.memory_free)), d.kind or "cpu", tflops=d.tflops or None,
+                membw_gbs=d.membw_gbs or None, link_gbits=link.bandwidth_gbits or None,
+                latency_ms=link.latency_ms or None,
+            ))  # fmt: skip
+        # the engine computes and caches in fp32 (4-byte KV and activations); bf16 sizes the weights it streams
+        weights = None if profile.stored is not None else WeightFormat.BF16
+        options = PlanOptions(context=self.s.context, batch=self.s.slots, kv_bytes_per_element=4,
+                              activation_bytes=4, weights=weights)  # fmt: skip
+        chosen = plan(profile, devices, options, keep=self.plan)
+        stages = [(s.node, records[s.node].address, s.start, s.end) for s in chosen.stages]
+        where = "; ".join(f"{n} at {a} holds layers [{b}, {e})" for n, a, b, e in stages)
+        log.info("plan over %d node(s): %s; predicted %.1f ms/token", len(records), where, chosen.predicted_ms)
+        self.state = "loading"
+        specs = [ShardSpec(b, e, profile.n_layers) for _, _, b, e in stages]
+        clients = [NodeClient(a, self.credentials) for _, a, _, _ in stages]
+        stage_options = StageOptions(slots=self.s.slots, max_len=self.s.context, push=self.s.push,
+                                     catalog_dir=self.s.state_dir / "catalog")  # fmt: skip
+        try:
+            await load_pipeline(clients, self.s.model, specs, stage_options)
+            client = PipelineClient([a for _, a, _, _ in stages], credentials=self.credentials)
+            await client.open()
+        except BaseException:
+            for c in clients:
+                await c.close()
+            raise
+        old, old_clients = self.client, self._clients
+        self.client, self._clients, self.plan, self.stage_nodes = client, clients, chosen, stages
+        for c in old_clients:
+            await c.close()
+        if old is not None:
+            await old.close()
+        self.state = "ready"
+        self.ready.set()
+        log.info("ready: %d stage(s) loaded; node list: %s", len(stages), self.registry.describe())
+
+    def snapshot(self) -> cpb.ListNodesReply:
+        """The node list with the layers the plan gives each (for ``llama-node status``)."""
+        layers = {n: (b, e) for n, _, b, e in self.stage_nodes}
+        reply = cpb.ListNodesReply(model=self.s.model.name, state=self.state, coordinator_id=self.coordinator_id)
+        for r in self.registry.nodes.values():
+            status = cpb.NodeStatus(node=r.description, address=r.address, source=r.source)
+            if r.node_id in layers:
+                status.has_layers = True
+                status.layer_start, status.layer_end = layers[r.node_id]
+            reply.nodes.append(status)
+        return reply
+
+    async def close(self) -> None:
+        if self._replanner is not None:
+            self._replanner.cancel()
+        if self._advertiser is not None:
+            await self._advertiser.close()
+        if self.discovery is not None:
+            await self.discovery.stop()
+        if self.client is not None:
+            await self.client.close()
+        for c in self._clients:
+            await c.close()
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+
+
+class ClusterRuntime:
+    """A ``Cluster`` on its own event loop thread, usable from synchronous code and from other event loops."""
+
+    def __init__(self, settings: ClusterSettings) -> None:
+        from coordinator.pipeline.engine import LoopThread
+
+        self.runner: LoopThread = LoopThread()
+        self.cluster: Cluster = self.runner.run(self._make(settings))
+        try:
+            self.runner.run(self.cluster.start())
+        except BaseException:
+            self.runner.stop()
+            raise
+
+    @staticmethod
+    async def _make(settings: ClusterSettings) -> Cluster:
+        return Cluster(settings)
+
+    def join_command(self, address: str | None = None) -> str:
+        return self.cluster.join_command(address)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until a plan is loaded. Raises TimeoutError."""
+        self.runner.run(asyncio.wait_for(self.cluster.ready.wait(), timeout))
+
+    def engine(self, params: SamplingParams, max_len: int, slot: int = 0) -> PipelineEngine:
+        from coordinator.pipeline.engine import PipelineEngine
+
+        if self.cluster.client is None:
+            raise RuntimeError("the cluster is not ready")
+        return PipelineEngine(self.cluster.client, self.runner, params, max_len, slot=slot)
+
+    async def forward(self, rows: Sequence[RowInput]) -> list[RowOutput]:
+        """One micro-batch through the current pipeline, awaited from any event loop."""
+
+        async def go() -> list[RowOutput]:
+            await self.cluster.ready.wait()
+            assert self.cluster.client is not None
+            return await self.cluster.client.forward(rows)
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(go(), self.runner.loop))
+
+    def close(self) -> None:
+        try:
+            self.runner.run(self.cluster.close(), timeout=10)
+        finally:
+            self.runner.stop()

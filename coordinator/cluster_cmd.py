@@ -1,0 +1,97 @@
+"""``llama-node cluster``: a coordinator over joined nodes without the HTTP API — discovery, plan, load, and with
+``--prompt`` one answer (then exit). ``llama-node serve`` runs the same ``ClusterRuntime`` behind its API; the
+options here (``--peer``, ``--insecure``, ``--state-dir``, ``--join-port``) are the ones it takes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from coordinator.cluster_defaults import DEFAULT_JOIN_PORT, DEFAULT_STATE_DIR
+
+if TYPE_CHECKING:
+    from coordinator.cluster import ClusterSettings
+
+log = logging.getLogger(__name__)
+
+
+def cluster_settings(model: Path, peer: list[str], insecure: bool, state_dir: Path, join_port: int,
+                     min_nodes: int, context: int, no_mdns: bool = False) -> ClusterSettings:  # fmt: skip
+    """The shared settings from the flags (``serve`` calls this too)."""
+    from coordinator.cluster import ClusterSettings
+
+    return ClusterSettings(model=model, state_dir=state_dir, insecure=insecure, peers=list(peer), port=join_port,
+                           min_nodes=min_nodes, context=context, mdns=not no_mdns)  # fmt: skip
+
+
+def announce(join_line: str, insecure: bool) -> None:
+    """Tell the user how to add machines (stderr, so --json stays one object on stdout)."""
+    typer.echo("\nOn every other machine, run:\n\n    " + join_line + "\n", err=True)
+    if insecure:
+        typer.echo("WARNING: --insecure: no TLS and no token; anyone on this network can join.\n", err=True)
+
+
+def cluster_command(
+    model: str | None = typer.Argument(None, help=".gguf file or HF model directory (default: embedded SmolLM2)"),
+    peer: list[str] = typer.Option(
+        [], "--peer", help="HOST:PORT of a node, for networks without multicast (repeatable)"
+    ),  # fmt: skip
+    insecure: bool = typer.Option(False, "--insecure", help="no TLS, no token: ONLY for trusted test networks"),
+    state_dir: Path = typer.Option(DEFAULT_STATE_DIR, "--state-dir", help="cluster CA, token and caches"),
+    join_port: int = typer.Option(DEFAULT_JOIN_PORT, "--join-port", min=0, max=65535, help="port nodes join at"),
+    min_nodes: int = typer.Option(1, "--min-nodes", min=1, help="plan once this many nodes are known"),
+    context: int = typer.Option(2048, "--context", min=16, help="KV cache length per request"),
+    no_mdns: bool = typer.Option(False, "--no-mdns", help="neither advertise nor browse by mDNS (use --peer)"),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="answer once when ready, then exit"),
+    raw: bool = typer.Option(False, "--raw", help="tokenise the prompt as is, without the chat template"),
+    max_tokens: int = typer.Option(32, "--max-tokens", "-n", min=1),
+    ready_timeout: float = typer.Option(300.0, "--ready-timeout", help="with --prompt: seconds to wait for a plan"),
+    as_json: bool = typer.Option(False, "--json", help="with --prompt: print one JSON object on stdout"),
+) -> None:
+    """Coordinate joined nodes: print the join command, discover, plan, load (and answer --prompt)."""
+    from coordinator.cluster import ClusterRuntime
+    from coordinator.run_cmd import resolve_model
+
+    path = resolve_model(model)
+    settings = cluster_settings(path, peer, insecure, state_dir, join_port, min_nodes, context, no_mdns)
+    runtime = ClusterRuntime(settings)
+    try:
+        announce(runtime.join_command(), insecure)
+        if prompt is None:
+            stop = threading.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+            stop.wait()
+            return
+        runtime.wait_ready(ready_timeout)
+        result = _answer(runtime, path, prompt, raw, max_tokens, context)
+    finally:
+        runtime.close()
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(result["text"])
+
+
+def _answer(runtime: object, path: Path, prompt: str, raw: bool, max_tokens: int, context: int) -> dict[str, object]:
+    from coordinator.cluster import ClusterRuntime
+    from llama_shard.generate import generate
+    from llama_shard.loading import load_tokenizer, open_source
+    from llama_shard.sampling import SamplingParams
+
+    assert isinstance(runtime, ClusterRuntime)
+    tokenizer = load_tokenizer(open_source(path))
+    ids = tokenizer.encode(prompt) if raw else tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    result = generate(runtime.engine(SamplingParams(), context), tokenizer, ids, max_tokens=max_tokens)
+    stages = [{"node": n, "address": a, "start": b, "end": e} for n, a, b, e in runtime.cluster.stage_nodes]
+    return {"prompt_ids": result.prompt_ids, "token_ids": result.token_ids, "text": result.text, "stages": stages,
+            "nodes": {r.node_id: {"address": r.address, "source": r.source, "found_at": r.found_at}
+                      for r in runtime.cluster.registry.nodes.values()},
+            "started_at": runtime.cluster.discovery.started_at if runtime.cluster.discovery else None}  # fmt: skip
