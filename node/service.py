@@ -68,22 +68,17 @@ class NodeService:
     # ---- loading (on the compute thread) ------------------------------------------------------------------
 
     def load(self, req: LoadRequest, progress: Progress) -> LoadOutcome:
-        self.release()
-        self.state, self.spec = NodeState.loading, req.spec
-        self.load_done, self.load_total = 0, req.manifest.nbytes
+        """Hold ``req.spec``. The current shard is kept until the new one's bytes are at hand."""
 
         def on_tensor(nbytes: int) -> None:
             self.load_done += nbytes
             progress("loading", self.load_done, self.load_total)
 
         try:
-            outcome = self._load(req, on_tensor)
+            return self._load(req, on_tensor)
         except BaseException:
             self.state, self.spec = NodeState.idle, None
             raise
-        if not outcome.ready:
-            self.state, self.spec = NodeState.idle, None
-        return outcome
 
     def _load(self, req: LoadRequest, on_tensor: Callable[[int], None]) -> LoadOutcome:
         from_cache = False
@@ -107,6 +102,9 @@ class NodeService:
                 return LoadOutcome(ready=False, have_bytes=min(have, req.manifest.nbytes))
             source = BlobSource(req.config, req.manifest, path)
             from_cache = True
+        self.release()
+        self.state, self.spec = NodeState.loading, req.spec
+        self.load_done, self.load_total = 0, req.manifest.nbytes
         try:
             stage = load_stage(
                 VerifiedSource(source, req.manifest, on_tensor),
@@ -149,7 +147,7 @@ class NodeService:
         if req is None:
             raise WireError(grpc.StatusCode.FAILED_PRECONDITION, f"no LoadShard awaits slice {sha.hex()[:16]}…")
         try:
-            return self.cache.open_partial(sha, req.manifest.nbytes)
+            return self.cache.open_partial(req.manifest)
         except SliceBusyError as e:
             raise WireError(grpc.StatusCode.ABORTED, str(e)) from None
 

@@ -3,7 +3,9 @@
 A slice is the list of source tensors a stage reads (``slice_tensor_names``: a tied head on a later stage reads the
 embedding), each as the weight source decodes it (GGUF is dequantised, q/k un-permuted), so the same manifest
 verifies a node's own copy of the model and bytes streamed by the coordinator. Its blob is those tensors' raw bytes
-concatenated in manifest order; the slice sha256 is over that blob, each tensor has its own sha256 too.
+concatenated in manifest order. Each tensor has its sha256; the slice's sha256 is over the list of (name, dtype,
+shape, tensor sha256) entries, so verifying every tensor's bytes verifies the slice, and a coordinator can
+compose the manifest of any split from per-tensor digests it computed once.
 
 The cache holds complete blobs as ``<sha256>.slice``. A push in progress writes ``<sha256>.part`` under an
 exclusive ``flock`` (a second writer of the same slice is refused, writers of different slices never meet), so a
@@ -17,7 +19,7 @@ import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -54,12 +56,25 @@ class SliceManifest:
     def hex(self) -> str:
         return self.sha256.hex()
 
+    @classmethod
+    def of(cls, tensors: tuple[TensorDigest, ...]) -> SliceManifest:
+        return cls(tensors, sum(t.nbytes for t in tensors), manifest_root(tensors))
+
     def offsets(self) -> dict[str, tuple[int, TensorDigest]]:
         out, offset = {}, 0
         for t in self.tensors:
             out[t.name] = (offset, t)
             offset += t.nbytes
         return out
+
+
+def manifest_root(tensors: tuple[TensorDigest, ...]) -> bytes:
+    """The slice's sha256: over each tensor's name, dtype, shape and sha256, in order."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(f"{t.name}\0{t.dtype}\0{','.join(map(str, t.shape))}\0{t.nbytes}\0".encode())
+        h.update(t.sha256)
+    return h.digest()
 
 
 class SliceMismatchError(ModelFormatError):
@@ -82,32 +97,35 @@ def slice_tensor_names(source: WeightSource, spec: ShardSpec) -> list[str]:
     return names
 
 
-def iter_slice(source: WeightSource, spec: ShardSpec) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in slice_tensor_names(source, spec):
-        yield name, source.get(name)
+def digest_tensor(name: str, t: torch.Tensor) -> tuple[TensorDigest, np.ndarray]:
+    """A tensor's digest and its bytes (float32 unless it is already a float type the wire knows)."""
+    if t.dtype not in _DTYPES.values():
+        t = t.float()
+    raw = _raw(t)
+    dtype = next(k for k, v in _DTYPES.items() if v == t.dtype)
+    return TensorDigest(name, dtype, tuple(t.shape), raw.nbytes, hashlib.sha256(raw.data).digest()), raw
 
 
 def build_manifest(
     source: WeightSource,
     spec: ShardSpec,
     blob: IO[bytes] | None = None,
-    on_tensor: Callable[[int], None] | None = None,
+    known: dict[str, TensorDigest] | None = None,
 ) -> SliceManifest:
-    """Hash the slice of ``spec`` in ``source``; with ``blob``, also write the slice's bytes to it."""
-    whole = hashlib.sha256()
+    """The manifest of the slice of ``spec``; with ``blob``, also write the slice's bytes to it. Tensors in
+    ``known`` are not read again (without ``blob``); new digests are added to it."""
+    known = {} if known is None else known
     digests = []
-    for name, t in iter_slice(source, spec):
-        if t.dtype not in _DTYPES.values():
-            t = t.float()
-        raw = _raw(t)
-        whole.update(raw.data)
+    for name in slice_tensor_names(source, spec):
+        if blob is None and name in known:
+            digests.append(known[name])
+            continue
+        digest, raw = digest_tensor(name, source.get(name))
         if blob is not None:
             blob.write(raw.tobytes())
-        dtype = next(k for k, v in _DTYPES.items() if v == t.dtype)
-        digests.append(TensorDigest(name, dtype, tuple(t.shape), raw.nbytes, hashlib.sha256(raw.data).digest()))
-        if on_tensor is not None:
-            on_tensor(raw.nbytes)
-    return SliceManifest(tuple(digests), sum(d.nbytes for d in digests), whole.digest())
+        known[name] = digest
+        digests.append(digest)
+    return SliceManifest.of(tuple(digests))
 
 
 class VerifiedSource:
@@ -163,8 +181,10 @@ class BlobSource:
 class PartialSlice:
     """A slice being received: appends at the end of ``<sha>.part`` under an exclusive lock."""
 
-    def __init__(self, cache: SliceCache, manifest_sha: bytes, total: int) -> None:
-        self.cache, self.sha, self.total = cache, manifest_sha, total
+    def __init__(self, cache: SliceCache, manifest: SliceManifest) -> None:
+        self.cache, self.manifest = cache, manifest
+        self.sha, self.total = manifest.sha256, manifest.nbytes
+        manifest_sha = manifest.sha256
         self.path = cache.root / f"{manifest_sha.hex()}.part"
         self._file = open(self.path, "ab")  # noqa: SIM115 - held until close(), the lock with it
         try:
@@ -183,19 +203,19 @@ class PartialSlice:
         self._file.write(data)
 
     def finish(self) -> Path:
-        """Check the whole slice's sha256 and move it into the cache; a mismatch deletes the part."""
+        """Check every tensor's sha256 (hence the slice's) and move it into the cache; a mismatch deletes the part."""
         self._file.flush()
         os.fsync(self._file.fileno())
-        digest = hashlib.sha256()
+        if manifest_root(self.manifest.tensors) != self.sha:
+            raise SliceMismatchError("the manifest's sha256 does not match its tensors")
         with open(self.path, "rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
-        if digest.digest() != self.sha:
-            self.path.unlink(missing_ok=True)
-            self.close()
-            raise SliceMismatchError(
-                f"received slice has sha256 {digest.hexdigest()[:16]}…, expected {self.sha.hex()[:16]}…"
-            )
+            for t in self.manifest.tensors:
+                if hashlib.sha256(f.read(t.nbytes)).digest() != t.sha256:
+                    self.path.unlink(missing_ok=True)
+                    self.close()
+                    raise SliceMismatchError(
+                        f"received slice {self.sha.hex()[:16]}…: tensor {t.name!r} does not match its sha256"
+                    )
         final = self.cache.path_for(self.sha)
         os.replace(self.path, final)  # atomic: readers see the whole blob or none
         self.close()
@@ -231,8 +251,8 @@ class SliceCache:
             return None
         return path
 
-    def open_partial(self, sha: bytes, total: int) -> PartialSlice:
-        return PartialSlice(self, sha, total)
+    def open_partial(self, manifest: SliceManifest) -> PartialSlice:
+        return PartialSlice(self, manifest)
 
     def discard(self, sha: bytes) -> None:
         self.path_for(sha).unlink(missing_ok=True)

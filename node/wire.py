@@ -196,9 +196,10 @@ def manifest_from_pb(m: pb.SliceManifest) -> SliceManifest:
     )
     if len(m.sha256) != 32 or any(len(t.sha256) != 32 for t in tensors):
         raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "manifest digests must be 32-byte sha256 values")
-    if sum(t.nbytes for t in tensors) != m.nbytes:
-        raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "manifest nbytes is not the sum of its tensors")
-    return SliceManifest(tensors, m.nbytes, bytes(m.sha256))
+    manifest = SliceManifest.of(tensors)
+    if manifest.nbytes != m.nbytes or manifest.sha256 != m.sha256:
+        raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "the manifest's size or sha256 does not match its tensors")
+    return manifest
 
 
 def chunk_crc(data: bytes) -> int:

@@ -1,7 +1,8 @@
 """What the coordinator knows about slices: their manifests (tensor sha256s), and their blobs to push.
 
-Hashing a slice means decoding its tensors (GGUF dequantisation), so manifests are cached on disk as msgpack, keyed
-by the model file's path, size and mtime and the shard; blobs are cached by their content hash. A push resumes
+Hashing a tensor means decoding it (GGUF dequantisation), so each tensor's digest is computed once and cached on
+disk as msgpack, keyed by the model file's path, size and mtime; the manifest of any split is composed from them.
+Blobs are cached by their content hash. A push resumes
 where the node's partial copy ends after a broken stream.
 """
 
@@ -11,6 +12,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from grpc import aio
 from coordinator.pipeline.client import NodeClient
 from llama_shard.loading import WeightSource
 from llama_shard.shard import ShardSpec
-from node.slices import SliceManifest, TensorDigest, build_manifest
+from node.slices import SliceManifest, TensorDigest, build_manifest, slice_tensor_names
 from node.wire import LoadRequest
 from protos.llama_node.v1 import node_pb2 as pb
 
@@ -30,47 +32,58 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 
-def _model_key(model: Path, spec: ShardSpec) -> str:
+def _model_key(model: Path) -> str:
     paths = sorted(model.rglob("*")) if model.is_dir() else [model]
     parts = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths if p.is_file()]
-    parts.append(f"{spec.start}:{spec.end}:{spec.n_layers}:{sorted(spec.experts or ())}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
-def _pack(m: SliceManifest) -> bytes:
-    tensors = [[t.name, t.dtype, list(t.shape), t.nbytes, t.sha256] for t in m.tensors]
-    return msgpack.packb({"tensors": tensors, "nbytes": m.nbytes, "sha256": m.sha256})
+def _pack(digests: dict[str, TensorDigest]) -> bytes:
+    rows = [[t.name, t.dtype, list(t.shape), t.nbytes, t.sha256] for t in digests.values()]
+    return bytes(msgpack.packb({"version": 1, "tensors": rows}))
 
 
-def _unpack(data: bytes) -> SliceManifest:
+def _unpack(data: bytes) -> dict[str, TensorDigest]:
     d = msgpack.unpackb(data)
-    tensors = tuple(TensorDigest(n, dt, tuple(s), nb, bytes(h)) for n, dt, s, nb, h in d["tensors"])
-    return SliceManifest(tensors, d["nbytes"], bytes(d["sha256"]))
+    return {n: TensorDigest(n, dt, tuple(s), nb, bytes(h)) for n, dt, s, nb, h in d["tensors"]}
 
 
 class SliceCatalog:
-    """Manifests and blobs of the slices of local model files, cached under ``root``."""
+    """Tensor digests of local model files (decoded and hashed once, kept as msgpack) and slice blobs."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        (root / "manifests").mkdir(parents=True, exist_ok=True)
+        (root / "digests").mkdir(parents=True, exist_ok=True)
         (root / "blobs").mkdir(parents=True, exist_ok=True)
+        self._known: dict[str, dict[str, TensorDigest]] = {}
+        self._lock = threading.Lock()
+
+    def _digests(self, key: str) -> dict[str, TensorDigest]:
+        if key not in self._known:
+            path = self.root / "digests" / f"{key}.msgpack"
+            self._known[key] = _unpack(path.read_bytes()) if path.exists() else {}
+        return self._known[key]
 
     def manifest(self, model: Path, source: WeightSource, spec: ShardSpec, *, blob: bool = False) -> SliceManifest:
-        """The slice's manifest (computed once); with ``blob``, its blob is made sure to exist too."""
-        key_path = self.root / "manifests" / f"{_model_key(model, spec)}.msgpack"
-        if key_path.exists():
-            manifest = _unpack(key_path.read_bytes())
-            if not blob or self.blob_path(manifest).exists():
-                return manifest
-        with tempfile.NamedTemporaryFile(dir=self.root / "blobs", suffix=".tmp", delete=False) as f:
-            tmp = Path(f.name)
-            manifest = build_manifest(source, spec, f if blob else None)
-        if blob:
-            os.replace(tmp, self.blob_path(manifest))
-        else:
-            tmp.unlink()
-        self._write(key_path, _pack(manifest))
+        """The slice's manifest, from cached digests where it can; with ``blob``, its blob exists afterwards."""
+        key = _model_key(model)
+        with self._lock:
+            known = self._digests(key)
+            before = len(known)
+            names = slice_tensor_names(source, spec)
+            manifest = None
+            if all(n in known for n in names):
+                manifest = SliceManifest.of(tuple(known[n] for n in names))
+            if manifest is None or (blob and not self.blob_path(manifest).exists()):
+                if blob:
+                    with tempfile.NamedTemporaryFile(dir=self.root / "blobs", suffix=".tmp", delete=False) as f:
+                        tmp = Path(f.name)
+                        manifest = build_manifest(source, spec, f, known)
+                    os.replace(tmp, self.blob_path(manifest))
+                else:
+                    manifest = build_manifest(source, spec, None, known)
+            if len(known) != before:
+                self._write(self.root / "digests" / f"{key}.msgpack", _pack(known))
         log.info("slice %s: %d tensors, %.1f MB, sha256 %s…", spec, len(manifest.tensors), manifest.nbytes / 1e6,
                  manifest.hex[:16])  # fmt: skip
         return manifest

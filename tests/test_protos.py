@@ -1,0 +1,96 @@
+"""The wire format: committed stubs match the .proto, and conversions round-trip exactly."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from llama_shard.config import ModelConfig, RopeScaling
+from llama_shard.sampling import SamplingParams
+from llama_shard.shard import ShardSpec
+from node.slices import SliceManifest, TensorDigest
+from node.wire import (
+    Frame,
+    FrameAssembler,
+    FrameResult,
+    RowInput,
+    RowOutput,
+    WireError,
+    config_from_pb,
+    config_to_pb,
+    frame_to_messages,
+    manifest_from_pb,
+    manifest_to_pb,
+    result_from_pb,
+    result_to_pb,
+    spec_from_pb,
+    spec_to_pb,
+)
+from protos.llama_node.v1 import node_pb2 as pb
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("grpc_tools") is None or importlib.util.find_spec("mypy_protobuf") is None,
+    reason="needs grpcio-tools and mypy-protobuf (the test extra)",
+)
+def test_committed_stubs_match_the_proto() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_frames_round_trip_through_parts() -> None:
+    rows = (
+        RowInput(1, 0, 0, (5, 6, 7), SamplingParams(temperature=0.7, top_p=0.9, seed=2**62 + 3), True),
+        RowInput(2, 3, 10, (8,), SamplingParams(top_k=5, repetition_penalty=1.3, min_p=0.05)),
+    )
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        hidden = torch.randn(4, 48).to(dtype)
+        parts = list(frame_to_messages(Frame(9, 12, rows, hidden), part_bytes=100))
+        assert len(parts) == -(-hidden.numel() * hidden.element_size() // 100)
+        assembler = FrameAssembler()
+        frames = [assembler.push(m.part) for m in parts]
+        assert frames[:-1] == [None] * (len(parts) - 1)
+        frame = frames[-1]
+        assert frame is not None and frame.rows == rows and frame.layer == 12 and frame.frame_id == 9
+        assert frame.hidden is not None and frame.hidden.dtype == dtype and torch.equal(frame.hidden, hidden)
+
+
+def test_a_frame_claiming_more_bytes_than_allowed_is_refused_before_allocation() -> None:
+    part = pb.FramePart(frame_id=1, layer=1, hidden=pb.TensorHeader(dtype=pb.DTYPE_FLOAT32, shape=[1 << 30, 1 << 10],
+                        nbytes=1 << 42), rows=[pb.Row(tokens=[1])])  # fmt: skip
+    with pytest.raises(WireError) as e:
+        FrameAssembler().push(part)
+    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_results_config_spec_and_manifest_round_trip() -> None:
+    result = FrameResult(4, (RowOutput(1, 17, torch.randn(320)), RowOutput(2, 3, None)))
+    back = result_from_pb(pb.ForwardReply.FromString(result_to_pb(result).SerializeToString()))
+    assert back.frame_id == 4 and [r.token for r in back.rows] == [17, 3]
+    assert back.rows[0].logits is not None and result.rows[0].logits is not None
+    assert torch.equal(back.rows[0].logits, result.rows[0].logits) and back.rows[1].logits is None
+
+    config = ModelConfig(vocab_size=320, dim=64, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=160, norm_eps=1e-5,
+                         rope_theta=500000.0, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64),
+                         bos_token_id=1, eos_token_ids=(2, 3), tie_embeddings=True)  # fmt: skip
+    assert config_from_pb(config_to_pb(config)) == config
+    for spec in (ShardSpec(0, 4, 4), ShardSpec(1, 3, 4, frozenset({0, 5}))):
+        assert spec_from_pb(spec_to_pb(spec)) == spec
+
+    tensors = (TensorDigest("a", "float32", (2, 3), 24, b"\1" * 32), TensorDigest("b", "bfloat16", (4,), 8, b"\2" * 32))
+    manifest = SliceManifest.of(tensors)
+    assert manifest_from_pb(manifest_to_pb(manifest)) == manifest
+    tampered = manifest_to_pb(manifest)
+    tampered.tensors[0].sha256 = b"\3" * 32  # the slice hash no longer matches its tensors
+    with pytest.raises(WireError):
+        manifest_from_pb(tampered)
