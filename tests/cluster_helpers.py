@@ -1,0 +1,103 @@
+"""Helpers for the join tests: `llama-node join` processes, free ports, and impostor servers that record what reaches
+them."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import grpc
+from grpc import aio
+
+from coordinator.pki import ClusterCA
+from protos.llama_node.v1 import node_pb2 as pb
+from protos.llama_node.v1 import node_pb2_grpc as pb_grpc
+
+LLAMA_NODE = str(Path(sys.executable).parent / "llama-node")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def start_join(args: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``llama-node join ARGS`` with its output in ``log_path``."""
+    out = open(log_path, "wb")  # noqa: SIM115 - closed with the process by the caller's stop()
+    return subprocess.Popen([LLAMA_NODE, "join", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def stop(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def wait_for_log(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> str:
+    """Wait until ``text`` appears in the log (or the process exits); the log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = path.read_text(errors="replace") if path.exists() else ""
+        if text in log:
+            return log
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} before logging {text!r}:\n{log}")
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} not logged within {timeout:.0f} s:\n{path.read_text(errors='replace')}")
+
+
+class ImpostorNode(pb_grpc.NodeServicer):
+    """A server posing as a node: asks for the slice's bytes and records every call and byte that reaches it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.received = 0
+
+    async def Health(self, request: pb.HealthRequest, context: aio.ServicerContext) -> pb.HealthReply:  # noqa: N802
+        self.calls.append("Health")
+        return pb.HealthReply(protocol_version=1, node_id="impostor", state=pb.HealthReply.IDLE)
+
+    async def LoadShard(  # noqa: N802
+        self, request: pb.LoadShardRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.LoadProgress]:
+        self.calls.append("LoadShard")
+        yield pb.LoadProgress(state=pb.LoadProgress.AWAITING_BYTES, total_bytes=request.manifest.nbytes)
+
+    async def PushSlice(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.SliceChunk], context: aio.ServicerContext
+    ) -> pb.PushSliceReply:
+        self.calls.append("PushSlice")
+        async for chunk in request_iterator:
+            self.received += len(chunk.data)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "impostor hangs up after stealing the bytes")
+        raise AssertionError("unreachable")
+
+
+async def start_impostor(credentials: grpc.ServerCredentials | None) -> tuple[aio.Server, ImpostorNode, str]:
+    """An impostor on loopback, plain text or TLS with ``credentials``; (server, servicer, address)."""
+    servicer = ImpostorNode()
+    server = aio.server()
+    pb_grpc.add_NodeServicer_to_server(servicer, server)
+    port = (
+        server.add_insecure_port("127.0.0.1:0")
+        if credentials is None
+        else server.add_secure_port("127.0.0.1:0", credentials)
+    )
+    await server.start()
+    return server, servicer, f"127.0.0.1:{port}"
+
+
+def foreign_ca() -> ClusterCA:
+    """Another cluster's CA: certificates from it are well-formed and useless here."""
+    return ClusterCA.create("stranger")
