@@ -10,6 +10,7 @@ import contextlib
 import gc
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ import torch
 from llama_shard.errors import LlamaShardError
 from llama_shard.loading import load_stage, open_source
 from llama_shard.shard import ShardSpec
+from node.progress import NodeBars
 from node.slices import BlobSource, PartialSlice, SliceBusyError, SliceCache, SliceMismatchError, VerifiedSource
 from node.stage_host import StageHost
 from node.wire import LoadRequest, WireError
@@ -60,6 +62,7 @@ class NodeService:
         self.load_done = self.load_total = 0
         self._pending: dict[bytes, LoadRequest] = {}  # pushed slices awaited, by manifest sha256
         self._lock = threading.Lock()
+        self.bars = NodeBars()
 
     @property
     def rss_bytes(self) -> int:
@@ -70,12 +73,19 @@ class NodeService:
     def load(self, req: LoadRequest, progress: Progress) -> LoadOutcome:
         """Hold ``req.spec``. The current shard is kept until the new one's bytes are at hand."""
 
+        what = f"load {req.spec}"
+
         def on_tensor(nbytes: int) -> None:
             self.load_done += nbytes
             progress("loading", self.load_done, self.load_total)
+            self.bars.update(what, self.load_done, self.load_total)
 
+        t0 = time.perf_counter()
         try:
-            return self._load(req, on_tensor)
+            outcome = self._load(req, on_tensor)
+            if outcome.ready:
+                self.bars.done(what, req.manifest.nbytes, time.perf_counter() - t0)
+            return outcome
         except BaseException:
             self.state, self.spec = NodeState.idle, None
             raise

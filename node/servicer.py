@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -136,10 +137,12 @@ class NodeServicer(pb_grpc.NodeServicer):
         self, request_iterator: AsyncIterator[pb.SliceChunk], context: aio.ServicerContext
     ) -> pb.PushSliceReply:
         partial: PartialSlice | None = None
+        bars, t0, what = self.service.bars, time.perf_counter(), ""
         try:
             async for chunk in request_iterator:
                 if partial is None:
                     partial = self.service.open_push(bytes(chunk.slice_sha256))
+                    what = f"receive {partial.sha.hex()[:12]}"
                 elif bytes(chunk.slice_sha256) != partial.sha:
                     raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "one PushSlice stream carries one slice")
                 if chunk.offset != partial.have:
@@ -152,8 +155,10 @@ class NodeServicer(pb_grpc.NodeServicer):
                     partial.append(chunk.data)
                 except ValueError as e:
                     raise WireError(grpc.StatusCode.OUT_OF_RANGE, str(e)) from None
+                bars.update(what, partial.have, partial.total)
                 if partial.have == partial.total:
                     await asyncio.to_thread(self.service.finish_push, partial)
+                    bars.done(what, partial.total, time.perf_counter() - t0)
                     return pb.PushSliceReply(received_bytes=partial.total, complete=True)
             return pb.PushSliceReply(received_bytes=partial.have if partial else 0, complete=False)
         except WireError as e:

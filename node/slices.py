@@ -210,7 +210,14 @@ class PartialSlice:
             raise SliceMismatchError("the manifest's sha256 does not match its tensors")
         with open(self.path, "rb") as f:
             for t in self.manifest.tensors:
-                if hashlib.sha256(f.read(t.nbytes)).digest() != t.sha256:
+                h, left = hashlib.sha256(), t.nbytes
+                while left > 0:  # in blocks: a big tensor is never held whole in memory here
+                    block = f.read(min(left, 1 << 22))
+                    if not block:
+                        break
+                    h.update(block)
+                    left -= len(block)
+                if h.digest() != t.sha256:
                     self.path.unlink(missing_ok=True)
                     self.close()
                     raise SliceMismatchError(
