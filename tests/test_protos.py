@@ -94,3 +94,34 @@ def test_results_config_spec_and_manifest_round_trip() -> None:
     tampered.tensors[0].sha256 = b"\3" * 32  # the slice hash no longer matches its tensors
     with pytest.raises(WireError):
         manifest_from_pb(tampered)
+
+
+def test_a_client_refuses_a_node_of_another_protocol_version() -> None:
+    import asyncio
+
+    from grpc import aio
+
+    from coordinator.pipeline.client import NodeClient, ProtocolMismatchError
+    from protos.llama_node.v1 import node_pb2_grpc as pb_grpc
+
+    class FutureNode(pb_grpc.NodeServicer):
+        async def Health(self, request: pb.HealthRequest, context: aio.ServicerContext) -> pb.HealthReply:  # noqa: N802
+            return pb.HealthReply(protocol_version=99)
+
+    async def go() -> str:
+        server = aio.server()
+        pb_grpc.add_NodeServicer_to_server(FutureNode(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        client = NodeClient(f"127.0.0.1:{port}")
+        try:
+            await client.health()
+        except ProtocolMismatchError as e:
+            return str(e)
+        finally:
+            await client.close()
+            await server.stop(None)
+        return "accepted"
+
+    message = asyncio.run(go())
+    assert "speaks llama-node protocol 99" in message and "speaks 1" in message
