@@ -160,3 +160,19 @@ def test_mixed_dtype_chain(cluster: Cluster, tiny: Path) -> None:
         cluster.close_client(client)
     assert tokens == expected_tokens
     assert all(torch.equal(a, b) for a, b in zip(logits, expected_logits, strict=True))
+
+
+@pytest.mark.slow
+def test_run_nodes_cli_gives_the_one_process_answer() -> None:
+    import json
+    import subprocess
+    import sys
+
+    def run(*extra: str) -> dict[str, object]:
+        cmd = [sys.executable, "-c", "from coordinator.cli import main; main()", "run", "-p", "What is 2+2?",
+               "-n", "8", "--json", "--seed", "1", "--threads", "1", *extra]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
+        return dict(json.loads(out.stdout))
+
+    alone, piped = run(), run("--nodes", "2")
+    assert piped["token_ids"] == alone["token_ids"] and piped["text"] == alone["text"]
