@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from coordinator.pipeline.client import NodeClient, PipelineClient
     from coordinator.pipeline.engine import LoopThread, PipelineEngine
-    from coordinator.planner import Plan
+    from coordinator.planner import ModelProfile, Plan, PlanOptions
     from llama_shard.sampling import SamplingParams
     from node.wire import RowInput, RowOutput
 
@@ -63,6 +63,15 @@ class ClusterSettings:
     settle_s: float = 1.0
     push: bool = True  # stream slices from the coordinator (nodes need no copy of the model)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_options(profile: ModelProfile, context: int, slots: int) -> PlanOptions:
+    """What the cluster plans for: the engine computes and caches in fp32 (4-byte KV and activations); weights
+    are sized as stored in a GGUF file, else as bf16 (the engine holds them in fp32 today: see the closing note)."""
+    from coordinator.planner import PlanOptions, WeightFormat
+
+    weights = None if profile.stored is not None else WeightFormat.BF16
+    return PlanOptions(context=context, batch=slots, kv_bytes_per_element=4, activation_bytes=4, weights=weights)
 
 
 class Cluster:
@@ -137,7 +146,7 @@ class Cluster:
         """Plan over the nodes known now, load the stages, and open the pipeline."""
         from coordinator.pipeline.client import NodeClient, PipelineClient
         from coordinator.pipeline.local import StageOptions, load_pipeline
-        from coordinator.planner import DeviceProfile, Memory, PlanOptions, WeightFormat, plan
+        from coordinator.planner import DeviceProfile, Memory, plan
         from coordinator.planner.loaders import load_model_profile
         from llama_shard.shard import ShardSpec
 
@@ -153,11 +162,7 @@ class Cluster:
                 membw_gbs=d.membw_gbs or None, link_gbits=link.bandwidth_gbits or None,
                 latency_ms=link.latency_ms or None,
             ))  # fmt: skip
-        # the engine computes and caches in fp32 (4-byte KV and activations); bf16 sizes the weights it streams
-        weights = None if profile.stored is not None else WeightFormat.BF16
-        options = PlanOptions(context=self.s.context, batch=self.s.slots, kv_bytes_per_element=4,
-                              activation_bytes=4, weights=weights)  # fmt: skip
-        chosen = plan(profile, devices, options, keep=self.plan)
+        chosen = plan(profile, devices, plan_options(profile, self.s.context, self.s.slots), keep=self.plan)
         stages = [(s.node, records[s.node].address, s.start, s.end) for s in chosen.stages]
         where = "; ".join(f"{n} at {a} holds layers [{b}, {e})" for n, a, b, e in stages)
         log.info("plan over %d node(s): %s; predicted %.1f ms/token", len(records), where, chosen.predicted_ms)

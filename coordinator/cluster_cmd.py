@@ -17,7 +17,7 @@ import typer
 from coordinator.cluster_defaults import DEFAULT_JOIN_PORT, DEFAULT_STATE_DIR
 
 if TYPE_CHECKING:
-    from coordinator.cluster import ClusterSettings
+    from coordinator.cluster import ClusterRuntime, ClusterSettings
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,13 @@ def cluster_settings(model: Path, peer: list[str], insecure: bool, state_dir: Pa
                            min_nodes=min_nodes, context=context, mdns=not no_mdns)  # fmt: skip
 
 
-def announce(join_line: str, insecure: bool) -> None:
+def announce(runtime: ClusterRuntime, insecure: bool) -> None:
     """Tell the user how to add machines (stderr, so --json stays one object on stdout)."""
-    typer.echo("\nOn every other machine, run:\n\n    " + join_line + "\n", err=True)
+    from node.probe import lan_addresses
+
+    lines = [runtime.join_command()]
+    lines += [f"{runtime.join_command(a)}    (where multicast is blocked)" for a in lan_addresses()[:1]]
+    typer.echo("\nOn every other machine, run:\n\n    " + "\n    ".join(lines) + "\n", err=True)
     if insecure:
         typer.echo("WARNING: --insecure: no TLS and no token; anyone on this network can join.\n", err=True)
 
@@ -51,6 +55,11 @@ def cluster_command(
     no_mdns: bool = typer.Option(False, "--no-mdns", help="neither advertise nor browse by mDNS (use --peer)"),
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="answer once when ready, then exit"),
     raw: bool = typer.Option(False, "--raw", help="tokenise the prompt as is, without the chat template"),
+    prompt_ids: str | None = typer.Option(
+        None,
+        "--prompt-ids",
+        help="answer these token ids (1,2,3) greedily, ignoring EOS: for tests and models without a tokenizer",
+    ),  # fmt: skip
     max_tokens: int = typer.Option(32, "--max-tokens", "-n", min=1),
     ready_timeout: float = typer.Option(300.0, "--ready-timeout", help="with --prompt: seconds to wait for a plan"),
     as_json: bool = typer.Option(False, "--json", help="with --prompt: print one JSON object on stdout"),
@@ -63,21 +72,52 @@ def cluster_command(
     settings = cluster_settings(path, peer, insecure, state_dir, join_port, min_nodes, context, no_mdns)
     runtime = ClusterRuntime(settings)
     try:
-        announce(runtime.join_command(), insecure)
-        if prompt is None:
+        announce(runtime, insecure)
+        if prompt is None and prompt_ids is None:
             stop = threading.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: stop.set())
             stop.wait()
             return
-        runtime.wait_ready(ready_timeout)
-        result = _answer(runtime, path, prompt, raw, max_tokens, context)
+        try:
+            runtime.wait_ready(ready_timeout)
+        except TimeoutError:
+            typer.echo(f"error: not ready after {ready_timeout:.0f} s ({runtime.cluster.state})", err=True)
+            raise typer.Exit(4) from None
+        if prompt_ids is not None:
+            result = _answer_ids(runtime, [int(t) for t in prompt_ids.split(",")], max_tokens, context)
+        else:
+            assert prompt is not None
+            result = _answer(runtime, path, prompt, raw, max_tokens, context)
     finally:
         runtime.close()
     if as_json:
         typer.echo(json.dumps(result))
     else:
-        typer.echo(result["text"])
+        typer.echo(str(result.get("text", result["token_ids"])))
+
+
+def _cluster_json(runtime: object) -> dict[str, object]:
+    from coordinator.cluster import ClusterRuntime
+
+    assert isinstance(runtime, ClusterRuntime)
+    c = runtime.cluster
+    return {"stages": [{"node": n, "address": a, "start": b, "end": e} for n, a, b, e in c.stage_nodes],
+            "nodes": {r.node_id: {"address": r.address, "source": r.source, "found_at": r.found_at}
+                      for r in c.registry.nodes.values()},
+            "started_at": c.discovery.started_at if c.discovery else None}  # fmt: skip
+
+
+def _answer_ids(runtime: object, ids: list[int], max_tokens: int, context: int) -> dict[str, object]:
+    from coordinator.cluster import ClusterRuntime
+    from llama_shard.sampling import SamplingParams
+
+    assert isinstance(runtime, ClusterRuntime)
+    engine = runtime.engine(SamplingParams(), context)
+    tokens = [engine.step(ids, 0)]
+    while len(tokens) < max_tokens:
+        tokens.append(engine.step([tokens[-1]], len(ids) + len(tokens) - 1))
+    return {"prompt_ids": ids, "token_ids": tokens, **_cluster_json(runtime)}
 
 
 def _answer(runtime: object, path: Path, prompt: str, raw: bool, max_tokens: int, context: int) -> dict[str, object]:
@@ -90,8 +130,5 @@ def _answer(runtime: object, path: Path, prompt: str, raw: bool, max_tokens: int
     tokenizer = load_tokenizer(open_source(path))
     ids = tokenizer.encode(prompt) if raw else tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     result = generate(runtime.engine(SamplingParams(), context), tokenizer, ids, max_tokens=max_tokens)
-    stages = [{"node": n, "address": a, "start": b, "end": e} for n, a, b, e in runtime.cluster.stage_nodes]
-    return {"prompt_ids": result.prompt_ids, "token_ids": result.token_ids, "text": result.text, "stages": stages,
-            "nodes": {r.node_id: {"address": r.address, "source": r.source, "found_at": r.found_at}
-                      for r in runtime.cluster.registry.nodes.values()},
-            "started_at": runtime.cluster.discovery.started_at if runtime.cluster.discovery else None}  # fmt: skip
+    return {"prompt_ids": result.prompt_ids, "token_ids": result.token_ids, "text": result.text,
+            **_cluster_json(runtime)}  # fmt: skip

@@ -77,7 +77,8 @@ class Advertiser:
 
     async def close(self) -> None:
         try:
-            await self.zc.async_unregister_service(self.info)
+            goodbye = await self.zc.async_unregister_service(self.info)
+            await goodbye  # the goodbye packets are really sent before the sockets close
             log.info("said goodbye: %s is no longer advertised", self.info.name)
         finally:
             if self._own_zc:

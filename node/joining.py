@@ -19,7 +19,16 @@ from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from node.advertise import COORDINATOR_SERVICE
-from node.identity import COORDINATOR_TLS_NAME, Identity, JoinToken, fetch_pinned_ca, key_pem, make_csr, new_key
+from node.identity import (
+    COORDINATOR_TLS_NAME,
+    Identity,
+    JoinToken,
+    PinError,
+    fetch_pinned_ca,
+    key_pem,
+    make_csr,
+    new_key,
+)
 from node.probe import DeviceMeasurement, interfaces_summary
 from protos.llama_node.v1 import cluster_pb2 as cpb
 from protos.llama_node.v1 import cluster_pb2_grpc as cpb_grpc
@@ -28,7 +37,11 @@ log = logging.getLogger(__name__)
 
 
 class JoinError(RuntimeError):
-    """The coordinator refused this node, or could not be reached or trusted."""
+    """The coordinator refused this node, or could not be trusted."""
+
+
+class CoordinatorUnreachableError(JoinError):
+    """Nothing answers at the coordinator's address (yet)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,13 +142,17 @@ async def join(
     if token is not None:
         try:
             ca_pem = await asyncio.to_thread(fetch_pinned_ca, where.host, where.port, token.ca_sha256, timeout)
-        except OSError as e:  # PinError is one
+        except PinError as e:
             raise JoinError(f"cannot join {where}: {e}") from None
+        except OSError as e:
+            raise CoordinatorUnreachableError(f"coordinator {where} unreachable: {e}") from None
         creds = grpc.ssl_channel_credentials(ca_pem)
     async with coordinator_channel(where, creds) as channel:
         try:
             reply = await cpb_grpc.CoordinatorStub(channel).Join(request, timeout=timeout)
         except aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE and token is None:
+                raise CoordinatorUnreachableError(f"coordinator {where} unreachable: {e.details()}") from None
             raise JoinError(f"coordinator {where} refused the join: {e.code().name}: {e.details()}") from None
     if token is None:
         log.warning("joined coordinator %s at %s WITHOUT authentication (--insecure)", reply.coordinator_id, where)

@@ -19,7 +19,14 @@ from grpc import aio
 from node.advertise import NODE_SERVICE, Advertiser, package_version
 from node.authz import RoleInterceptor
 from node.identity import Identity, JoinToken
-from node.joining import CoordinatorAddress, device_pb, find_coordinator, join, measure_link
+from node.joining import (
+    CoordinatorAddress,
+    CoordinatorUnreachableError,
+    device_pb,
+    find_coordinator,
+    join,
+    measure_link,
+)
 from node.probe import DeviceMeasurement, measure_device, refresh_memory
 from protos import PROTOCOL_VERSION
 from protos.llama_node.v1 import cluster_pb2 as cpb
@@ -57,6 +64,21 @@ class NodeInfoServicer(cpb_grpc.NodeInfoServicer):
         return self.description
 
 
+async def _join_when_reachable(
+    cfg: MemberConfig, device: DeviceMeasurement
+) -> tuple[Identity | None, CoordinatorAddress]:
+    """Find and join the coordinator, waiting while it is not up yet; a refusal or a failed pin ends the node."""
+    delay = 0.5
+    while True:
+        where = cfg.coordinator or await find_coordinator(cfg.token.ca_sha256.hex()[:16] if cfg.token else None)
+        try:
+            return await join(where, cfg.token, cfg.node_id, cfg.addresses, cfg.port, device), where
+        except CoordinatorUnreachableError as e:
+            log.info("%s; retrying in %.1f s", e, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 def txt_record(cfg: MemberConfig, device: DeviceMeasurement) -> dict[str, str]:
     """What the mDNS TXT record says: nothing secret."""
     return {"id": cfg.node_id, "ver": package_version(), "proto": str(PROTOCOL_VERSION),
@@ -85,8 +107,7 @@ async def run_member(cfg: MemberConfig, stop: asyncio.Event | None = None) -> No
     if cfg.token is None:
         log.warning("INSECURE: --insecure node %s: no TLS, no authentication; anyone on this network can load, "
                     "read and drive it. Use only on a trusted test network.", cfg.node_id)  # fmt: skip
-    where = cfg.coordinator or await find_coordinator(cfg.token.ca_sha256.hex()[:16] if cfg.token else None)
-    identity: Identity | None = await join(where, cfg.token, cfg.node_id, cfg.addresses, cfg.port, device)
+    identity, where = await _join_when_reachable(cfg, device)
     link = await measure_link(where, identity, cfg.token)
 
     configure_torch(cfg.threads)
