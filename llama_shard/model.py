@@ -102,12 +102,21 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        # Set by a quantised load (``llama_shard.quant``): wq, wk, wv as one matmul, and the three are removed.
+        self.wqkv: nn.Module | None = None
 
     def forward(self, x: Tensor, batch: Batch, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split((self.n_heads * self.head_dim, kv_width, kv_width), dim=-1)
+            q = q.view(B, T, self.n_heads, self.head_dim)
+            k = k.view(B, T, self.n_kv_heads, self.head_dim)
+            v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        else:
+            q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+            k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+            v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         cos = batch.cos.unsqueeze(2).to(x.dtype)  # [B, T, 1, E], cast first as the reference does
         sin = batch.sin.unsqueeze(2).to(x.dtype)
         q = q * cos + rotate_half(q) * sin
@@ -129,8 +138,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.dim, config.ffn_dim, bias=False)  # gate
         self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)  # down
         self.w3 = nn.Linear(config.dim, config.ffn_dim, bias=False)  # up
+        self.w13: nn.Module | None = None  # set by a quantised load: [w1; w3] as one matmul, the two removed
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -159,10 +172,11 @@ class Stage(nn.Module):
         if spec.n_layers != config.n_layers:
             raise ValueError(f"shard {spec} does not match a {config.n_layers}-layer model")
         self.config, self.spec = config, spec
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim) if spec.has_embed else None
+        # nn.Embedding / nn.Linear here; a quantised load swaps in modules from ``llama_shard.quant``.
+        self.tok_embeddings: nn.Module | None = nn.Embedding(config.vocab_size, config.dim) if spec.has_embed else None
         self.layers = nn.ModuleDict({str(i): Block(config) for i in spec.layers})
         self.norm = RMSNorm(config.dim, config.norm_eps) if spec.has_head else None
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False) if spec.has_head else None
+        self.output: nn.Module | None = nn.Linear(config.dim, config.vocab_size, bias=False) if spec.has_head else None
         self.inv_freq = torch.empty(0)
 
     def setup_rope(self, freq_factors: Tensor | None = None) -> None:
