@@ -28,7 +28,7 @@ def serve_command(
     model: str | None = typer.Argument(None, help="path, local Ollama/HF name, or nothing for embedded SmolLM2"),
     port: int = typer.Option(11434, "--port", min=0, max=65535),
     host: str = typer.Option("127.0.0.1", "--host", help="bind address; 0.0.0.0 serves the LAN"),
-    nodes: int = typer.Option(0, "--nodes", min=0, help="run the layers on N local node processes"),
+    nodes: int = typer.Option(0, "--nodes", min=0, help="run the layers on N local node processes (0: here)"),
     api_key: str | None = typer.Option(None, "--api-key", help="require 'Authorization: Bearer KEY'"),
     context: int = typer.Option(2048, "--context", min=16, help="tokens per request (prompt + answer)"),
     slots: int = typer.Option(16, "--slots", min=1, help="requests decoded at once (one KV slot each)"),
@@ -55,9 +55,13 @@ def serve_command(
         if n_slots < slots:
             log.warning("--kv-budget-mb %d holds %d slots of %d tokens, not %d", kv_budget_mb, n_slots, max_len, slots)
         info = model_info(source, path, name, model)
+        executor: StepExecutor
         if nodes:
-            raise typer.BadParameter("--nodes needs the pipeline engine, which is not in this build yet")
-        executor = _local_executor(source, n_slots, max_len, threads)
+            from coordinator.pipeline_executor import PipelineExecutor
+
+            executor = PipelineExecutor(path, nodes, n_slots, max_len, threads=threads or 1)
+        else:
+            executor = _local_executor(source, n_slots, max_len, threads)
     except LlamaShardError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=2) from None

@@ -1,5 +1,5 @@
-"""The HTTP API against a real ``llama-node serve`` (embedded SmolLM2) with the official ``openai`` and ``ollama``
-clients, unchanged; greedy answers are compared with ``llama-node run --json``.
+"""The HTTP API against a real ``llama-node serve --nodes 2`` (embedded SmolLM2 on 2 local node processes) with the
+official ``openai`` and ``ollama`` clients, unchanged; greedy answers are compared with ``llama-node run --json``.
 
 One server for the module; the ``run`` references start at the same time, so the model loads overlap.
 """
@@ -80,7 +80,7 @@ def reference_text(references: dict[str, subprocess.Popen[bytes]], key: str) -> 
 def server(references: object) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
-        [*CLI, "serve", "--port", str(port), "--context", "256", "--slots", "8", "--max-queue", "2"],
+        [*CLI, "serve", "--port", str(port), "--nodes", "2", "--context", "256", "--slots", "8", "--max-queue", "2"],
         stdout=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
