@@ -1,0 +1,153 @@
+"""The API's edges in process, with a real tokenizer (embedded SmolLM2) and a fake step executor: bearer keys,
+form-encoded JSON under /api, validation errors as 400s in each dialect, 429 with Retry-After, 503 while waiting
+for nodes; and model discovery in Ollama's store and the Hugging Face cache."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from coordinator.api.app import create_app
+from coordinator.api.backend import Backend, ModelInfo
+from coordinator.models_store import find_model, list_local_models
+from coordinator.scheduler import RowWork, Scheduler
+
+
+class SlowExecutor:
+    n_slots, max_len, depth = 1, 128, 1
+
+    async def run(self, rows: Sequence[RowWork]) -> list[int | None]:
+        import asyncio
+
+        await asyncio.sleep(0.05)
+        return [200 if r.sample else None for r in rows]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> object:
+    from llama_shard.embedded import smollm2_gguf_path
+    from llama_shard.loading import load_tokenizer, open_source
+
+    return load_tokenizer(open_source(smollm2_gguf_path()))
+
+
+INFO = ModelInfo("tiny", frozenset({"tiny-alias"}), "/x/tiny.gguf", "gguf", "llama", 135_000_000, 1, "Q4_1", 128, 0.0)
+
+
+@pytest.fixture()
+def client(tokenizer: object) -> Iterator[TestClient]:
+    backend = Backend(INFO, tokenizer, 128, Scheduler(SlowExecutor(), max_queue=0))  # type: ignore[arg-type]
+    with TestClient(create_app(backend, api_key="sesame")) as c:
+        yield c
+
+
+AUTH = {"Authorization": "Bearer sesame"}
+
+
+def test_api_key_is_required_everywhere_but_root(client: TestClient) -> None:
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    r = client.get("/api/tags")
+    assert r.status_code == 401 and "API key" in r.json()["error"]
+    assert client.get("/v1/models", headers=AUTH).json()["data"][0]["id"] == "tiny"
+    assert client.head("/").status_code == 200
+
+
+def test_form_encoded_json_under_api_is_read_as_json(client: TestClient) -> None:
+    body = json.dumps({"model": "tiny-alias", "prompt": "hi", "stream": False, "options": {"num_predict": 2}})
+    r = client.post(
+        "/api/generate",
+        content=body,
+        headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["done"] is True and r.json()["eval_count"] == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "needle"),
+    [
+        ("/v1/chat/completions", {"model": "tiny", "messages": []}, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_p": 2},
+            "top_p",
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 500}, "at most"),
+        ("/v1/completions", {"model": "tiny", "prompt": [1, 2, 99999999]}, "vocabulary"),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"temperature": -1}}, "temperature"),
+        ("/api/chat", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "role"),
+    ],
+)
+def test_bad_fields_are_400_in_the_callers_dialect(client: TestClient, path: str, body: dict, needle: str) -> None:
+    r = client.post(path, json=body, headers=AUTH)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"] if path.startswith("/api") else r.json()["error"]["message"]
+    assert needle in message
+
+
+def test_prompt_longer_than_context_names_both_numbers(client: TestClient) -> None:
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "word " * 200}, headers=AUTH)
+    assert r.status_code == 400
+    assert "the prompt has 201 tokens but the context holds 128" in r.json()["error"]["message"]
+
+
+def test_busy_server_answers_429_with_retry_after(client: TestClient) -> None:
+    import threading
+
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 40}
+    t = threading.Thread(target=lambda: client.post("/v1/completions", json=body, headers=AUTH))
+    t.start()
+    import time
+
+    deadline = time.monotonic() + 5
+    while client.get("/stats").json().get("active", 0) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    r = client.post("/v1/completions", json=body, headers=AUTH)
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    assert r.json()["error"]["type"] == "rate_limit_exceeded"
+    t.join()
+
+
+def test_waiting_for_nodes_is_503(tokenizer: object) -> None:
+    backend = Backend(INFO, tokenizer, 128, None)  # type: ignore[arg-type]
+    with TestClient(create_app(backend)) as c:
+        r = c.post("/api/generate", json={"model": "tiny", "prompt": "hi"})
+        assert r.status_code == 503 and "no node has joined" in r.json()["error"] and r.headers["Retry-After"]
+
+
+def test_models_found_in_ollama_store_and_hf_cache(tmp_path: Path) -> None:
+    ollama_root = tmp_path / "ollama"
+    blob = ollama_root / "blobs" / ("sha256-" + "ab" * 32)
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"GGUF....")
+    manifest = ollama_root / "manifests" / "registry.ollama.ai" / "library" / "llama3.1" / "70b"
+    manifest.parent.mkdir(parents=True)
+    layers = [
+        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "cd" * 32, "size": 1},
+        {"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:" + "ab" * 32, "size": 8},
+    ]
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": layers}))
+    hf_root = tmp_path / "hf"
+    snap = hf_root / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (snap / "model.safetensors").write_bytes(b"x" * 10)
+    (hf_root / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "refs").mkdir()
+    (hf_root / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "refs" / "main").write_text("abc123")
+
+    models = list_local_models([ollama_root, tmp_path / "missing"], [hf_root])
+    assert sorted(m.name for m in models) == ["HuggingFaceTB/SmolLM2-135M-Instruct", "llama3.1:70b"]
+    found = find_model("llama3.1:70b", models)
+    assert found is not None and found.path == blob and found.source == "ollama"
+    hf = find_model("HuggingFaceTB/SmolLM2-135M-Instruct", models)
+    assert hf is not None and hf.path == snap
+    assert find_model("llama3.1", models) is None  # means llama3.1:latest, which is not there
