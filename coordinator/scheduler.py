@@ -245,16 +245,21 @@ class Scheduler:
                     tuple(r.prompt + r.generated),
                 )
             )
-        prefilling = [r for r in ready if r.fed < len(r.prompt)]
-        if prefilling:
-            r = min(prefilling, key=lambda q: q.id)  # oldest first
+        # prompt chunks: the oldest first, as many as fit in a budget of prefill_chunk tokens (at least one), so a
+        # burst of short prompts starts together while a long prompt never holds a step for more than one chunk.
+        # Chunks start at multiples of prefill_chunk whatever else runs: a prompt is always cut the same way.
+        budget = self.prefill_chunk
+        for r in sorted((r for r in ready if r.fed < len(r.prompt)), key=lambda q: q.id):
             assert r.slot is not None
-            # chunks start at multiples of prefill_chunk, whatever else is running: the same prompt is always cut the
-            # same way (batch invariance does not rest on that, but it makes it cheap to test)
             end = min(len(r.prompt), r.fed + self.prefill_chunk)
+            if end - r.fed > budget and budget < self.prefill_chunk:
+                break
+            budget -= end - r.fed
             chunk = tuple(r.prompt[r.fed : end])
             last = end == len(r.prompt)
             rows.append(RowWork(r.id, r.slot, r.fed, chunk, True, last, r.params, tuple(r.prompt) if last else ()))
+            if budget <= 0:
+                break
         for row in rows:
             self._active[row.request_id].in_flight = True
         return rows

@@ -140,3 +140,15 @@ async def test_a_failing_step_ends_its_requests_with_an_error() -> None:
     assert r.finish is not None and r.finish.reason == "error" and "node lost" in (r.finish.error or "")
     assert s.stats()["free_slots"] == 4
     await s.stop()
+
+
+@run_async
+async def test_short_prompts_start_together_within_the_prefill_budget() -> None:
+    ex = FakeExecutor(n_slots=4)
+    s = Scheduler(ex, prefill_chunk=8)
+    await asyncio.gather(*(collect(s, [i] * 3, 1) for i in range(4)), collect(s, [9] * 20, 1))
+    first = ex.steps[0]
+    assert [len(r.tokens) for r in first] == [3, 3], "two 3-token prompts fit a budget of 8; the third waits"
+    long_chunks = [len(r.tokens) for step in ex.steps for r in step if r.tokens[0] == 9]
+    assert long_chunks == [8, 8, 4]  # never more than one chunk of a long prompt per step
+    await s.stop()

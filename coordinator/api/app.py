@@ -111,7 +111,8 @@ def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
         """The scheduler's counters: active and waiting requests, free KV slots, steps run."""
         return backend.scheduler.stats() if backend.scheduler is not None else {}
 
-    @app.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse)
+    @app.get("/", response_class=PlainTextResponse)
+    @app.head("/", response_class=PlainTextResponse, include_in_schema=False)
     async def root() -> str:
         return "Ollama is running"  # the Ollama CLI checks HEAD / and this exact text
 

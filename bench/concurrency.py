@@ -1,0 +1,170 @@
+"""Concurrent streams through a loopback pipeline: aggregate tokens/s at 1, 2, 4, 8, 16 streams ÷ 1 stream, and
+time to first token p50/p95.
+
+    python bench/concurrency.py                       # starts `llama-node serve --nodes 3` on a free port
+    python bench/concurrency.py --url http://host:11434 --model NAME   # an already running server
+    python bench/concurrency.py --plot bench/concurrency.png
+
+Each stream is a streaming ``/v1/completions`` with its own prompt and ``max_tokens``; the tokens counted are the
+ones the server reports in ``usage``. The goal at 8 streams is at least 6x the single stream's tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt, llama_node_command, print_table, require_matplotlib, setup_logging  # noqa: E402
+
+log = logging.getLogger("bench.concurrency")
+
+TOPICS = ["the sea", "a mountain", "bread", "the moon", "a library", "rain", "trains", "a garden",
+          "winter", "music", "a river", "chess", "bees", "a lighthouse", "coffee", "the desert"]  # fmt: skip
+
+
+@dataclass
+class StreamResult:
+    tokens: int
+    ttft_s: float
+    total_s: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> StreamResult:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    t0 = time.perf_counter()
+    ttft, tokens = float("nan"), 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if obj.get("choices") and obj["choices"][0].get("text") and ttft != ttft:
+                ttft = time.perf_counter() - t0
+            if obj.get("usage"):
+                tokens = int(obj["usage"]["completion_tokens"])
+    return StreamResult(tokens, ttft, time.perf_counter() - t0)
+
+
+async def level(url: str, model: str, n: int, max_tokens: int) -> tuple[float, list[StreamResult]]:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(
+            *(one_stream(client, model, f"Here is a short story about {TOPICS[i % len(TOPICS)]}:", max_tokens)
+              for i in range(n))
+        )  # fmt: skip
+        wall = time.perf_counter() - t0
+    return sum(r.tokens for r in results) / wall, list(results)
+
+
+def percentile(values: list[float], q: float) -> float:
+    data = sorted(v for v in values if v == v)
+    if not data:
+        return float("nan")
+    k = min(len(data) - 1, max(0, round(q / 100 * (len(data) - 1))))
+    return data[k]
+
+
+def start_server(nodes: int, slots: int, context: int, threads: int) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    cmd = [*llama_node_command(), "serve", "--port", str(port), "--nodes", str(nodes), "--slots", str(slots),
+           "--context", str(context), "--threads", str(threads)]  # fmt: skip
+    log.info("starting %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError("the server did not come up in 600 s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="an already running server (default: start one)")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per node process")
+    ap.add_argument("--levels", default="1,2,4,8,16")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--plot", help="write a PNG plot here")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args()
+    setup_logging(args.verbose)
+    levels = [int(x) for x in args.levels.split(",")]
+    if args.plot and not require_matplotlib():
+        sys.exit(2)
+    proc = None
+    url = args.url
+    if url is None:
+        proc, url = start_server(args.nodes, max(levels), 256 + args.max_tokens, args.threads)
+    try:
+        asyncio.run(level(url, args.model, 1, 4))  # warm-up
+        rows, data = [], {}
+        base = None
+        for n in levels:
+            tps, results = asyncio.run(level(url, args.model, n, args.max_tokens))
+            base = base or tps
+            ttfts = [r.ttft_s for r in results]
+            data[n] = {"tokens_per_s": tps, "speedup": tps / base, "ttft_p50_s": percentile(ttfts, 50),
+                       "ttft_p95_s": percentile(ttfts, 95)}  # fmt: skip
+            log.info("%d streams: %.1f tok/s", n, tps)
+            rows.append([n, fmt(tps), fmt(tps / base, 2, "x"), fmt(data[n]["ttft_p50_s"] * 1e3, 0),
+                         fmt(data[n]["ttft_p95_s"] * 1e3, 0)])  # fmt: skip
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    if args.json:
+        print(json.dumps({"nodes": args.nodes, "max_tokens": args.max_tokens, "levels": data}))
+    else:
+        caption = f"{args.nodes}-node loopback pipeline, {args.max_tokens} tokens per stream; goal at 8: >= 6x"
+        print_table("Concurrent streams", ["streams", "tok/s", "÷ 1 stream", "TTFT p50 ms", "TTFT p95 ms"], rows,
+                    caption)  # fmt: skip
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+        a.plot(levels, [data[n]["speedup"] for n in levels], "o-", label="measured")
+        a.plot(levels, levels, "--", color="grey", label="ideal")
+        a.set(xlabel="concurrent streams", ylabel="aggregate tok/s ÷ 1 stream", xscale="log", yscale="log")
+        a.legend()
+        b.plot(levels, [data[n]["ttft_p50_s"] * 1e3 for n in levels], "o-", label="p50")
+        b.plot(levels, [data[n]["ttft_p95_s"] * 1e3 for n in levels], "s-", label="p95")
+        b.set(xlabel="concurrent streams", ylabel="time to first token (ms)", xscale="log")
+        b.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        log.info("plot written to %s", args.plot)
+
+
+if __name__ == "__main__":
+    main()
