@@ -80,11 +80,11 @@ def main() -> int:
         )
 
     runner = LoopThread()
-    results: list[tuple[str, float, float]] = []  # (config, tok/s, ratio to the one-process runs around it)
+    results: list[tuple[str, float, float, float]] = []  # config, tok/s, ratio, ms per step over the baseline
     with LocalNodes(max(counts), threads=args.threads) as nodes, tempfile.TemporaryDirectory() as catalog:
         clients = runner.run(_clients(nodes.addresses))
         before = baseline()
-        results.append(("1 process", before, 1.0))
+        results.append(("1 process", before, 1.0, 0.0))
         for n in counts:
             specs = split_evenly(config.n_layers, n)
             runner.run(
@@ -97,7 +97,8 @@ def main() -> int:
             )
             runner.run(client.close())
             after = baseline()
-            results.append((f"{n} node{'s' if n > 1 else ''}", rate, rate / ((before + after) / 2)))
+            base = (before + after) / 2
+            results.append((f"{n} node{'s' if n > 1 else ''}", rate, rate / base, 1000 / rate - 1000 / base))
             log.info("%d nodes: %.2f tok/s; one process around it: %.2f, %.2f", n, rate, before, after)
             before = after
         runner.run(_close(clients))
@@ -121,13 +122,14 @@ async def _close(clients: list[NodeClient]) -> None:
         await c.close()
 
 
-def _report(model: str, args: argparse.Namespace, rows: list[tuple[str, float, float]]) -> None:
+def _report(model: str, args: argparse.Namespace, rows: list[tuple[str, float, float, float]]) -> None:
     load = os.getloadavg()[0]
     if args.json:
         out = {
             "model": model, "tokens": args.tokens, "threads": args.threads, "reps": args.reps,
             "load_avg_1m": load, "cpus": os.cpu_count(),
-            "results": [{"config": n, "decode_tok_s": round(m, 3), "ratio": round(q, 3)} for n, m, q in rows],
+            "results": [{"config": n, "decode_tok_s": round(m, 3), "ratio": round(q, 3), "overhead_ms": round(o, 2)}
+                        for n, m, q, o in rows],
         }  # fmt: skip
         print(json.dumps(out))
         return
@@ -136,10 +138,10 @@ def _report(model: str, args: argparse.Namespace, rows: list[tuple[str, float, f
 
     table = Table(title=f"decode tok/s, {model}, {args.tokens} tokens, {args.threads} thread(s)/process, "
                         f"median of {args.reps} (load avg {load:.1f} on {os.cpu_count()} CPUs)")  # fmt: skip
-    for col in ("config", "decode tok/s", "÷ 1 process"):
+    for col in ("config", "decode tok/s", "÷ 1 process", "ms/token over 1 process"):
         table.add_column(col, justify="right")
-    for name, median, ratio in rows:
-        table.add_row(name, f"{median:.2f}", f"{ratio:.3f}")
+    for name, median, ratio, overhead in rows:
+        table.add_row(name, f"{median:.2f}", f"{ratio:.3f}", f"{overhead:+.2f}")
     Console().print(table)
 
 

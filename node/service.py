@@ -160,6 +160,8 @@ class NodeService:
             return self.cache.open_partial(req.manifest)
         except SliceBusyError as e:
             raise WireError(grpc.StatusCode.ABORTED, str(e)) from None
+        except SliceMismatchError as e:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
 
     def finish_push(self, partial: PartialSlice) -> Path:
         try:

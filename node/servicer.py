@@ -19,7 +19,7 @@ import grpc
 from grpc import aio
 
 from node.service import NodeService, NodeState
-from node.slices import PartialSlice
+from node.slices import PartialSlice, SliceMismatchError
 from node.wire import (
     MAX_MESSAGE_BYTES,
     Frame,
@@ -155,6 +155,8 @@ class NodeServicer(pb_grpc.NodeServicer):
                     partial.append(chunk.data)
                 except ValueError as e:
                     raise WireError(grpc.StatusCode.OUT_OF_RANGE, str(e)) from None
+                except SliceMismatchError as e:
+                    raise WireError(grpc.StatusCode.DATA_LOSS, str(e)) from None
                 bars.update(what, partial.have, partial.total)
                 if partial.have == partial.total:
                     await asyncio.to_thread(self.service.finish_push, partial)

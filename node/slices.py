@@ -179,52 +179,76 @@ class BlobSource:
 
 
 class PartialSlice:
-    """A slice being received: appends at the end of ``<sha>.part`` under an exclusive lock."""
+    """A slice being received: appends at the end of ``<sha>.part`` under an exclusive lock, hashing as it goes.
+
+    Each tensor's sha256 is checked the moment its last byte arrives; a bad tensor is cut off the part file (so a
+    retry resumes at its start) and raises ``SliceMismatchError``. Opening an existing part re-hashes its prefix.
+    """
 
     def __init__(self, cache: SliceCache, manifest: SliceManifest) -> None:
+        if manifest_root(manifest.tensors) != manifest.sha256:
+            raise SliceMismatchError("the manifest's sha256 does not match its tensors")
         self.cache, self.manifest = cache, manifest
         self.sha, self.total = manifest.sha256, manifest.nbytes
-        manifest_sha = manifest.sha256
-        self.path = cache.root / f"{manifest_sha.hex()}.part"
+        self.path = cache.root / f"{self.sha.hex()}.part"
         self._file = open(self.path, "ab")  # noqa: SIM115 - held until close(), the lock with it
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._file.close()
-            raise SliceBusyError(f"slice {manifest_sha.hex()[:16]}… is being received by another writer") from None
+            raise SliceBusyError(f"slice {self.sha.hex()[:16]}… is being received by another writer") from None
+        self._index, self._start, self._hash = 0, 0, hashlib.sha256()  # current tensor, its offset, its hash
+        have, self._have = self._file.tell(), 0
+        if have > self.total:
+            self._file.truncate(0)
+            have = 0
+        with open(self.path, "rb") as f:  # restore the hashing state over what an earlier stream wrote
+            while self._have < have:
+                block = f.read(min(have - self._have, 1 << 22))
+                if not block:
+                    break
+                try:
+                    self._consume(block, write=False)
+                except SliceMismatchError:  # damaged on disk: cut back to the last good tensor
+                    break
 
     @property
     def have(self) -> int:
-        return self._file.tell()
+        return self._have
 
     def append(self, data: bytes) -> None:
-        if self.have + len(data) > self.total:
-            raise ValueError(f"{self.have + len(data)} bytes exceed the slice's {self.total}")
-        self._file.write(data)
+        if self._have + len(data) > self.total:
+            raise ValueError(f"{self._have + len(data)} bytes exceed the slice's {self.total}")
+        self._consume(data, write=True)
 
-    def finish(self) -> Path:
-        """Check every tensor's sha256 (hence the slice's) and move it into the cache; a mismatch deletes the part."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        if manifest_root(self.manifest.tensors) != self.sha:
-            raise SliceMismatchError("the manifest's sha256 does not match its tensors")
-        with open(self.path, "rb") as f:
-            for t in self.manifest.tensors:
-                h, left = hashlib.sha256(), t.nbytes
-                while left > 0:  # in blocks: a big tensor is never held whole in memory here
-                    block = f.read(min(left, 1 << 22))
-                    if not block:
-                        break
-                    h.update(block)
-                    left -= len(block)
-                if h.digest() != t.sha256:
-                    self.path.unlink(missing_ok=True)
-                    self.close()
+    def _consume(self, data: bytes, *, write: bool) -> None:
+        view = memoryview(data)
+        while view:
+            t = self.manifest.tensors[self._index]
+            take = min(len(view), self._start + t.nbytes - self._have)
+            self._hash.update(view[:take])
+            if write:
+                self._file.write(view[:take])
+            self._have += take
+            view = view[take:]
+            if self._have == self._start + t.nbytes:
+                if self._hash.digest() != t.sha256:
+                    self._file.flush()
+                    self._file.truncate(self._start)
+                    self._have = self._start
+                    self._hash = hashlib.sha256()
                     raise SliceMismatchError(
                         f"received slice {self.sha.hex()[:16]}…: tensor {t.name!r} does not match its sha256"
                     )
+                self._index, self._start, self._hash = self._index + 1, self._have, hashlib.sha256()
+
+    def finish(self) -> Path:
+        """Move the complete, verified slice into the cache (atomically) and evict beyond the cap."""
+        if self._have != self.total:
+            raise ValueError(f"slice has {self._have} of {self.total} bytes")
+        self._file.flush()
         final = self.cache.path_for(self.sha)
-        os.replace(self.path, final)  # atomic: readers see the whole blob or none
+        os.replace(self.path, final)  # readers see the whole blob or none; loading re-verifies every tensor
         self.close()
         self.cache.evict(keep=final)
         return final

@@ -6,7 +6,6 @@ samples); the tests speak to it with raw protobuf messages.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -61,14 +60,15 @@ def _send(
         if send_limit is not None:
             options = [("grpc.max_send_message_length", send_limit)]
             stub = pb_grpc.NodeStub(aio.insecure_channel(cluster.nodes.addresses[0], options=options))
-        call = stub.Forward(metadata=metadata)
-        replies: list[pb.ForwardReply] = []
-        try:
+
+        async def requests() -> AsyncIterator[pb.ForwardMessage]:
             for m in messages:
-                await call.write(m)
-            await call.done_writing()
-        except (asyncio.InvalidStateError, aio.AioRpcError):
-            pass  # the node ended the call while we were writing: its status says why
+                yield m
+
+        # a request iterator, not call.write(): a write racing the node's early abort would turn the node's
+        # status into a local INTERNAL on this side
+        call = stub.Forward(requests(), metadata=metadata)
+        replies: list[pb.ForwardReply] = []
         try:
             async for reply in call:
                 replies.append(reply)
@@ -134,7 +134,9 @@ def test_bad_frames_get_a_status_and_the_node_stays_up(node: Cluster, case: str,
     elif case == "no_open_message":
         messages = _messages(_frame([row], good))[1:]
     elif case == "route_past_the_last_stage":
-        messages = _messages(_frame([row], good), route=["127.0.0.1:1"])
+        # refused at the open message: send nothing after it (a frame racing the node's abort could surface on
+        # this side as a local INTERNAL instead of the node's status)
+        messages = _messages(_frame([row], good), route=["127.0.0.1:1"])[:1]
     else:  # one message of 9 MiB, over the 8 MiB limit
         big = torch.randn(9 * (1 << 20) // (4 * DIM), DIM)
         part = pb.FramePart(frame_id=1, layer=2, data=tensor_bytes(big), last=True)
@@ -160,7 +162,7 @@ def test_a_long_prefill_is_chunked_below_the_message_limit(node: Cluster) -> Non
 def test_a_protocol_mismatch_is_refused_with_a_clear_message(
     node: Cluster, metadata: tuple[tuple[str, str], ...]
 ) -> None:
-    replies, code, details = _send(node, _messages(_frame([RowInput(1, 0, 0, (1,))], torch.randn(1, DIM))), metadata)
+    replies, code, details = _send(node, [pb.ForwardMessage(open=pb.OpenStream())], metadata)
     assert code == grpc.StatusCode.FAILED_PRECONDITION, details
     assert "protocol" in details and "speaks llama-node protocol 1" in details
     _good(node)
