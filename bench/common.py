@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import shutil
 import statistics
 import sys
@@ -61,6 +62,29 @@ def llama_node_command() -> list[str]:
     return [sys.executable, "-c", "from coordinator.cli import main; main()"]
 
 
+def load_average() -> float | None:
+    """1-minute load average (None where the OS has none): benches on a shared machine should record it."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def warn_if_busy(what: str = "the bench") -> float | None:
+    """Log the load and warn when other work already fills the cores: timings taken then are not anchors."""
+    load = load_average()
+    cores = os.cpu_count() or 1
+    if load is not None and load > 0.5 * cores:
+        log.warning(
+            "load average %.1f on %d cores before %s: other processes compete for the CPU, timings will be low "
+            "and noisy (multi-threaded llama.cpp especially)",
+            load,
+            cores,
+            what,
+        )
+    return load
+
+
 def have_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
@@ -104,8 +128,10 @@ def print_table(
     rows: Sequence[Sequence[Any]],
     caption: str | None = None,
     file: Any = None,
+    width: int | None = None,
 ) -> None:
-    """Print a rich table; the first column is left-aligned, the others right-aligned."""
+    """Print a rich table; the first column is left-aligned, the others right-aligned. Off a terminal (piped,
+    logged) the console is 160 columns wide rather than rich's 80, so headers do not wrap."""
     from rich.console import Console
     from rich.table import Table
 
@@ -114,7 +140,10 @@ def print_table(
         table.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in rows:
         table.add_row(*(str(cell) for cell in row))
-    Console(file=file).print(table)
+    console = Console(file=file, width=width)
+    if width is None and not console.is_terminal:
+        console.width = 160
+    console.print(table)
 
 
 def require_matplotlib() -> bool:
