@@ -7,6 +7,7 @@ it, so a stage that asks for its own layers never pages in the rest of the model
 from __future__ import annotations
 
 import logging
+import mmap
 import warnings
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,11 @@ class GGUFFile:
             except (ValueError, IndexError, UnicodeDecodeError) as e:
                 raise ModelFormatError(f"{self.path}: corrupt metadata field {key!r} ({e})") from None
         self._tensors = {t.name: t for t in self._reader.tensors}
+        # The reader's parsed fields (a numpy array per part of every token string: tens of MB of small objects
+        # for a 50k vocabulary) are now copied into ``metadata``; drop them, and the tensor list's field views.
+        self._reader.fields.clear()
+        for t in self._reader.tensors:
+            t.field.parts.clear()
 
     @property
     def tensor_names(self) -> set[str]:
@@ -119,6 +125,13 @@ class GGUFFile:
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.from_numpy(data).view(rows, -1)
         return raw, qtype, cols
+
+    def release_pages(self) -> None:
+        """Drop this process's resident pages of the file mapping (they stay in the page cache and fault back in
+        if read again), so tensors already converted stop counting in RSS."""
+        mapping = getattr(self._reader.data, "_mmap", None)
+        if mapping is not None and hasattr(mapping, "madvise"):
+            mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def gguf_metadata(path: str | Path) -> dict[str, Any]:

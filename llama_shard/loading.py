@@ -29,6 +29,7 @@ from llama_shard.quant import (
     DenseLinear,
     Int4Planes,
     QuantEmbedding,
+    QuantLinear,
     QuantMode,
     gguf_planes,
     linear_from_planes,
@@ -283,21 +284,8 @@ _FUSED = {
 _SINGLE = ("attention.wo", "feed_forward.w2")
 
 
-def _quant_weight(source: WeightSource, name: str, mode: QuantMode) -> Int4Planes | torch.Tensor:
-    """Int4 planes for ``name`` when the mode can pack it, else the float weight (for a bf16 fallback)."""
-    if mode == QuantMode.gguf:
-        if isinstance(source, GGUFSource):
-            raw, qtype, cols = source.blocks(name)
-            if qtype in PACKED_TYPES:
-                order = source.row_order(name)  # permuting whole rows of blocks = permuting weight rows
-                return gguf_planes(raw if order is None else raw[order], qtype, cols)
-            log.debug("%s is %s: no packed kernel, held as bf16", name, qtype.name)
-        return source.get(name)
-    return quantize_planes(source.get(name), 4 if mode == QuantMode.int4 else 8)
-
-
-def _fused_gguf_planes(source: WeightSource, names: list[str]) -> Int4Planes | None:
-    """Row-stacked GGUF weights of one packable type, decoded once from their concatenated blocks."""
+def _gguf_rows(source: WeightSource, names: list[str]) -> tuple[torch.Tensor, GGMLQuantizationType, int] | None:
+    """The raw blocks of ``names`` stacked by rows (Q/K rows un-permuted), if they share one packable type."""
     if not isinstance(source, GGUFSource):
         return None
     blocks = [source.blocks(n) for n in names]
@@ -308,11 +296,31 @@ def _fused_gguf_planes(source: WeightSource, names: list[str]) -> Int4Planes | N
     for name, (raw, _, _) in zip(names, blocks, strict=True):
         order = source.row_order(name)  # permuting whole rows of blocks = permuting weight rows
         rows.append(raw if order is None else raw[order])
-    return gguf_planes(torch.cat(rows), qtypes.pop(), cols.pop())
+    return (rows[0] if len(rows) == 1 else torch.cat(rows)), qtypes.pop(), cols.pop()
 
 
-def _module(w: Int4Planes | torch.Tensor, device: torch.device) -> nn.Module:
-    return linear_from_planes(w, device) if isinstance(w, Int4Planes) else DenseLinear(w).to(device)
+def _linear(source: WeightSource, names: list[str], mode: QuantMode, device: torch.device) -> nn.Module | None:
+    """One module for the row-stack of ``names``; None when several cannot share one packed matmul."""
+    if mode == QuantMode.gguf:
+        found = _gguf_rows(source, names)
+        if found is not None:
+            raw, qtype, cols = found
+            if device.type == "cpu":
+                return QuantLinear.from_gguf(raw, qtype, cols)
+            return linear_from_planes(gguf_planes(raw, qtype, cols), device)
+        if len(names) > 1:
+            return None
+        log.debug("%s: no packed kernel for its type, held as bf16", names[0])
+        return DenseLinear(source.get(names[0])).to(device)
+    bits = 4 if mode == QuantMode.int4 else 8
+    planes = [quantize_planes(source.get(n), bits) for n in names]
+    return linear_from_planes(planes[0] if len(planes) == 1 else Int4Planes.cat(planes), device)
+
+
+def _single(source: WeightSource, name: str, mode: QuantMode, device: torch.device) -> nn.Module:
+    module = _linear(source, [name], mode, device)
+    assert module is not None  # a single weight always has a module
+    return module
 
 
 def load_quantised_stage(
@@ -323,41 +331,34 @@ def load_quantised_stage(
     ``gguf`` keeps a GGUF file's Q4_0/Q4_1/Q4_K/Q8_0 blocks packed (other types, and non-GGUF sources, become
     bf16); ``int4``/``int8`` quantise float weights group-wise. wq/wk/wv and w1/w3 are fused into one matmul
     each. The GGUF token embedding is looked up from the file's own blocks, row by row; no float copy of any
-    quantised matrix is kept.
+    quantised matrix is kept, and the file's pages read while packing are dropped from this process after each
+    layer (they stay in the page cache).
     """
     config, dev = source.config, torch.device(device)
     with torch.device("meta"):
         stage = Stage(config, spec)
-    nbytes = 0
+    release = source.gguf.release_pages if isinstance(source, GGUFSource) else (lambda: None)
     for i in spec.layers:
         prefix = f"layers.{i}."
         block = stage.layers[str(i)]
         for fused, parts in _FUSED.items():
             parent, _, attr = fused.partition(".")
             holder = block.get_submodule(parent)
-            raw_fused = _fused_gguf_planes(source, [f"{prefix}{p}.weight" for p in parts]) if mode == "gguf" else None
-            if raw_fused is not None:
-                setattr(holder, attr, _module(raw_fused, dev))
-                for p in parts:
-                    delattr(holder, p.partition(".")[2])
-                continue
-            weights = [_quant_weight(source, f"{prefix}{p}.weight", mode) for p in parts]
-            if all(isinstance(w, Int4Planes) for w in weights):
-                planes = [w for w in weights if isinstance(w, Int4Planes)]
-                if len({p.planes for p in planes}) == 1:
-                    setattr(holder, attr, _module(Int4Planes.cat(planes), dev))
-                    for p in parts:
-                        delattr(holder, p.partition(".")[2])
-                    continue
-            for p, w in zip(parts, weights, strict=True):
-                setattr(holder, p.partition(".")[2], _module(w, dev))
+            module = _linear(source, [f"{prefix}{p}.weight" for p in parts], mode, dev)
+            for p in parts:
+                name = p.partition(".")[2]
+                if module is None:
+                    setattr(holder, name, _single(source, f"{prefix}{p}.weight", mode, dev))
+                else:
+                    delattr(holder, name)
+            if module is not None:
+                setattr(holder, attr, module)
         for single in _SINGLE:
             parent, _, attr = single.partition(".")
-            setattr(
-                block.get_submodule(parent), attr, _module(_quant_weight(source, f"{prefix}{single}.weight", mode), dev)
-            )
+            setattr(block.get_submodule(parent), attr, _single(source, f"{prefix}{single}.weight", mode, dev))
         for norm in ("attention_norm", "ffn_norm"):
             block.get_submodule(norm).weight = nn.Parameter(source.get(f"{prefix}{norm}.weight").float().to(dev))
+        release()
     if spec.has_embed:
         stage.tok_embeddings = _embedding(source, dev)
     if spec.has_head:
@@ -366,7 +367,8 @@ def load_quantised_stage(
         head = "output.weight" if source.has("output.weight") else "tok_embeddings.weight"
         if head == "tok_embeddings.weight" and not config.tie_embeddings:
             raise ModelFormatError("the checkpoint has no output.weight and does not tie embeddings")
-        stage.output = _module(_quant_weight(source, head, mode), dev)
+        stage.output = _single(source, head, mode, dev)
+        release()
     leftover = [n for n, t in stage.state_dict().items() if t.is_meta]
     if leftover:
         raise ModelFormatError(f"quantised load left {leftover[:3]} unset for stage {spec}")

@@ -28,7 +28,6 @@ GGUF blocks (memory-mapped from the file, so untouched rows cost nothing).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from enum import StrEnum
 
 import numpy as np
@@ -217,16 +216,39 @@ class QuantLinear(nn.Module):
     Takes activations of any float dtype and returns that dtype; the kernel runs in bf16.
     """
 
-    def __init__(self, planes: Int4Planes) -> None:
+    def __init__(self, packed: Tensor, scale_zeros: Tensor, out_features: int, in_features: int, planes: int) -> None:
         super().__init__()
-        n, k = planes.shape
+        self.out_features, self.in_features, self.planes = out_features, in_features, planes
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale_zeros", scale_zeros)
+
+    @staticmethod
+    def _check(n: int, k: int) -> None:
         if n % 16 or k % GROUP:
             raise ValueError(f"int4 packing needs out_features % 16 == 0 and in_features % 32 == 0, got {n}x{k}")
-        self.out_features, self.in_features, self.planes = n, k, planes.planes
-        self.register_buffer("packed", _pack_cpu(planes.q))
+
+    @classmethod
+    def from_planes(cls, planes: Int4Planes) -> QuantLinear:
+        n, k = planes.shape
+        cls._check(n, k)
         # [groups, N, 2]: the kernel's (scale, zero) layout
         sz = torch.stack((planes.scale, planes.zero), dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
-        self.register_buffer("scale_zeros", sz)
+        return cls(_pack_cpu(planes.q), sz, n, k, planes.planes)
+
+    @classmethod
+    def from_gguf(cls, raw: Tensor, qtype: GGMLQuantizationType, cols: int, chunk: int = 2048) -> QuantLinear:
+        """Decode and pack ``chunk`` rows at a time into preallocated buffers, so a big matrix (the head) never
+        has a full-size temporary."""
+        n, planes = raw.shape[0], PACKED_TYPES[qtype]
+        cls._check(n, cols)
+        packed = torch.empty(n, planes * cols // 2, dtype=torch.uint8)
+        sz = torch.empty(planes * cols // GROUP, n, 2, dtype=torch.bfloat16)
+        for i in range(0, n, chunk):
+            p = gguf_planes(raw[i : i + chunk], qtype, cols)
+            packed[i : i + chunk] = _pack_cpu(p.q)
+            sz[:, i : i + chunk, 0] = p.scale.t()
+            sz[:, i : i + chunk, 1] = p.zero.t()
+        return cls(packed, sz, n, cols, planes)
 
     packed: Tensor
     scale_zeros: Tensor
@@ -300,32 +322,8 @@ class QuantEmbedding(nn.Module):
 def linear_from_planes(planes: Int4Planes, device: torch.device) -> nn.Module:
     """A ``QuantLinear`` on CPU; elsewhere (CUDA, MPS) the planes dequantised to a bf16 ``DenseLinear``."""
     if device.type == "cpu":
-        return QuantLinear(planes)
+        return QuantLinear.from_planes(planes)
     return DenseLinear(planes.dequantize()).to(device)
-
-
-def gguf_linear(
-    raw: Tensor,
-    qtype: GGMLQuantizationType,
-    cols: int,
-    device: torch.device,
-    permute: Callable[[Tensor], Tensor] | None = None,
-) -> nn.Module | Int4Planes:
-    """Planes for a packable GGUF type (the caller may fuse them), else a bf16 ``DenseLinear`` fallback.
-
-    ``permute`` reorders whole rows (llama.cpp's Q/K interleave), applied to codes and scales alike.
-    """
-    if qtype in PACKED_TYPES:
-        planes = gguf_planes(raw, qtype, cols)
-        if permute is not None:
-            index = permute(torch.arange(planes.q.shape[0]))
-            planes = planes.rows(index)
-        return planes
-    w = dequantize_rows(raw, qtype, cols)
-    if permute is not None:
-        w = w[permute(torch.arange(w.shape[0]))]
-    log.debug("%s has no packed kernel here; held as bf16", qtype.name)
-    return DenseLinear(w).to(device)
 
 
 class DenseEmbedding(nn.Module):

@@ -80,7 +80,7 @@ def test_quant_linear_is_within_the_bf16_bound_of_the_dequantised_weight(qtype: 
     planes = gguf_planes(torch.from_numpy(raw), qtype, 512)
     w = torch.from_numpy(dequantize(raw, qtype))
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1))
-    y = QuantLinear(planes)(x)
+    y = QuantLinear.from_planes(planes)(x)
     assert y.dtype == torch.float32 and y.shape == (5, 96)
     _assert_within_kernel_bound(y, x, w, _abs_weight(planes))
     # and as a whole: a few bf16 roundings, far below the quantisation error itself (~5% for 4 bits)
@@ -96,8 +96,8 @@ def test_numpy_packing_matches_torch_op_when_used() -> None:
 def test_fused_planes_equal_separate_linears() -> None:
     a, b = (gguf_planes(torch.from_numpy(_blocks(Q.Q4_1, rows=r, seed=r)), Q.Q4_1, 512) for r in (64, 32))
     x = torch.randn(3, 512)
-    fused = QuantLinear(Int4Planes.cat([a, b]))(x)
-    assert torch.equal(fused, torch.cat([QuantLinear(a)(x), QuantLinear(b)(x)], dim=-1))
+    fused = QuantLinear.from_planes(Int4Planes.cat([a, b]))(x)
+    assert torch.equal(fused, torch.cat([QuantLinear.from_planes(a)(x), QuantLinear.from_planes(b)(x)], dim=-1))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -110,7 +110,7 @@ def test_load_time_quantisation_error_is_half_a_step(bits: int) -> None:
     err = (w_hat - w).abs().view(64, -1, 32).amax(-1)
     assert (err <= step / 2 * (1 + 1e-5) + 1e-7).all()
     x = torch.randn(4, 256)
-    _assert_within_kernel_bound(QuantLinear(planes)(x), x, w_hat, _abs_weight(planes))
+    _assert_within_kernel_bound(QuantLinear.from_planes(planes)(x), x, w_hat, _abs_weight(planes))
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1, Q.Q6_K], ids=lambda q: q.name)

@@ -1,0 +1,87 @@
+"""Peak RSS of a one-node ``llama-node run`` ÷ (quantised weights + KV cache + runtime).
+
+- peak RSS: ``ru_maxrss`` of the ``llama-node run --prompt ... --dtype auto`` child process;
+- quantised weights: the bytes of the GGUF's tensors (what llama.cpp would hold);
+- KV cache: ``2 · layers · context · kv_heads · head_dim · 4`` bytes (fp32, as the stage allocates it);
+- runtime: ``ru_maxrss`` of a child that does everything ``run`` does but hold weights and KV: imports torch and
+  llama-node, opens the GGUF, builds the tokenizer, runs one attention op.
+
+    python bench/rss_ratio.py --context 512 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import llama_node_command, packaged_gguf, print_table, setup_logging  # noqa: E402
+
+log = logging.getLogger("bench.rss_ratio")
+
+RUNTIME_PROBE = """
+import sys, torch
+from llama_shard.loading import load_tokenizer, open_source
+import coordinator.run_cmd, llama_shard.generate, llama_shard.quant
+torch.set_num_threads(int(sys.argv[2]))
+tokenizer = load_tokenizer(open_source(sys.argv[1]))
+q = torch.randn(1, 9, 4, 64)
+torch.nn.functional.scaled_dot_product_attention(q, q, q)
+"""
+
+
+def child_peak_mb(argv: list[str]) -> float:
+    """Run ``argv`` to completion and return its peak RSS (the only child of this process at a time)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[:3]} exited {proc.returncode}: {proc.stderr[-800:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak <= before:
+        log.warning("ru_maxrss did not grow (%d KB): this child peaked below an earlier one", peak)
+    return peak / 1024
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("model", nargs="?", default=None, help=".gguf (default: the packaged SmolLM2 Q4_1)")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=32)
+    args = p.parse_args(argv)
+    setup_logging()
+    from gguf import GGUFReader
+
+    model = Path(args.model) if args.model else packaged_gguf()
+    reader = GGUFReader(str(model))
+    weights_mb = sum(int(t.n_bytes) for t in reader.tensors) / 2**20
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("llama.")}
+    layers, heads = int(meta["llama.block_count"]), int(meta["llama.attention.head_count"])
+    kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
+    head_dim = int(meta["llama.embedding_length"]) // heads
+    kv_mb = 2 * layers * args.context * kv_heads * head_dim * 4 / 2**20
+    del reader
+    # the runtime probe first: ru_maxrss of children is a running max, so the smaller child must go first
+    runtime_mb = child_peak_mb([sys.executable, "-c", RUNTIME_PROBE, str(model), str(args.threads)])
+    run = [*llama_node_command(), "run", str(model), "--prompt", "Tell me a story.", "--max-tokens", str(args.tokens)]
+    run += ["--threads", str(args.threads), "--context", str(args.context), "--ignore-eos", "--json", "--dtype", "auto"]
+    peak_mb = child_peak_mb(run)
+    ratio = peak_mb / (weights_mb + kv_mb + runtime_mb)
+    rows = [[f"{weights_mb:.1f}", f"{kv_mb:.1f}", f"{runtime_mb:.1f}", f"{peak_mb:.1f}", f"{ratio:.3f}"]]
+    print_table(
+        f"{model.name}: one-node run, --dtype auto, context {args.context}",
+        ["weights MiB", "KV MiB", "runtime MiB", "peak RSS MiB", "peak ÷ (w + KV + runtime)"],
+        rows,
+    )
+    print(json.dumps({"weights_mib": weights_mb, "kv_mib": kv_mb, "runtime_mib": runtime_mb, "peak_mib": peak_mb,
+                      "ratio": ratio}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
