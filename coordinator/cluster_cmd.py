@@ -1,6 +1,8 @@
 """``llama-node cluster``: a coordinator over joined nodes without the HTTP API — discovery, plan, load, and with
-``--prompt`` one answer (then exit). ``llama-node serve`` runs the same ``ClusterRuntime`` behind its API; the
-options here (``--peer``, ``--insecure``, ``--state-dir``, ``--join-port``) are the ones it takes.
+``--prompt`` one answer (then exit): for scripts and tests that want tokens without a server.
+
+``llama-node serve`` runs the same ``ClusterRuntime`` behind its API (``serve_cluster_backend``) and takes the same
+options (``--peer``, ``--insecure``, ``--state-dir``, ``--join-port``, ``--min-nodes``, ``--no-mdns``).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import json
 import logging
 import signal
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,29 +20,65 @@ import typer
 from coordinator.cluster_defaults import DEFAULT_JOIN_PORT, DEFAULT_STATE_DIR
 
 if TYPE_CHECKING:
+    from coordinator.api.backend import Backend, ModelInfo
     from coordinator.cluster import ClusterRuntime, ClusterSettings
+    from llama_shard.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
 def cluster_settings(model: Path, peer: list[str], insecure: bool, state_dir: Path, join_port: int,
-                     min_nodes: int, context: int, no_mdns: bool = False) -> ClusterSettings:  # fmt: skip
+                     min_nodes: int, context: int, no_mdns: bool = False, *, slots: int = 1,
+                     join_host: str = "0.0.0.0") -> ClusterSettings:  # fmt: skip
     """The shared settings from the flags (``serve`` calls this too)."""
     from coordinator.cluster import ClusterSettings
 
     return ClusterSettings(model=model, state_dir=state_dir, insecure=insecure, peers=list(peer), port=join_port,
-                           min_nodes=min_nodes, context=context, mdns=not no_mdns)  # fmt: skip
+                           min_nodes=min_nodes, context=context, mdns=not no_mdns, slots=slots,
+                           host=join_host)  # fmt: skip
 
 
-def announce(runtime: ClusterRuntime, insecure: bool) -> None:
+def announce(runtime: ClusterRuntime, insecure: bool, join_host: str = "0.0.0.0") -> None:
     """Tell the user how to add machines (stderr, so --json stays one object on stdout)."""
     from node.probe import lan_addresses
 
+    where = lan_addresses()[:1] if join_host in ("0.0.0.0", "::", "") else [join_host]
     lines = [runtime.join_command()]
-    lines += [f"{runtime.join_command(a)}    (where multicast is blocked)" for a in lan_addresses()[:1]]
+    lines += [f"{runtime.join_command(a)}    (where multicast is blocked)" for a in where]
     typer.echo("\nOn every other machine, run:\n\n    " + "\n    ".join(lines) + "\n", err=True)
     if insecure:
         typer.echo("WARNING: --insecure: no TLS and no token; anyone on this network can join.\n", err=True)
+
+
+@dataclass(frozen=True)
+class ClusterFlags:
+    """``serve``'s options for serving over joined nodes."""
+
+    peer: list[str] = field(default_factory=list)
+    insecure: bool = False
+    state_dir: Path = DEFAULT_STATE_DIR
+    join_port: int = DEFAULT_JOIN_PORT
+    join_host: str = "0.0.0.0"
+    min_nodes: int = 1
+    no_mdns: bool = False
+
+
+def serve_cluster_backend(model: Path, info: ModelInfo, tokenizer: Tokenizer, flags: ClusterFlags, n_slots: int,
+                          max_len: int, max_queue: int | None, prefill_chunk: int) -> Backend:  # fmt: skip
+    """Start the cluster (CA, join endpoint, mDNS, discovery) and the backend ``serve`` runs on it: 503 until a
+    pipeline is loaded, then the scheduler's steps on it (``ClusterExecutor``)."""
+    from coordinator.cluster import ClusterRuntime
+    from coordinator.cluster_executor import ClusterBackend, ClusterExecutor
+    from coordinator.scheduler import Scheduler
+
+    settings = cluster_settings(model, flags.peer, flags.insecure, flags.state_dir, flags.join_port, flags.min_nodes,
+                                max_len, flags.no_mdns, slots=n_slots, join_host=flags.join_host)  # fmt: skip
+    runtime = ClusterRuntime(settings)
+    announce(runtime, flags.insecure, flags.join_host)
+    log.info("join endpoint on %s:%d; waiting for nodes (the API answers 503 until %d node(s) joined and loaded)",
+             flags.join_host, runtime.cluster.port, flags.min_nodes)  # fmt: skip
+    scheduler = Scheduler(ClusterExecutor(runtime, n_slots, max_len), max_queue=max_queue, prefill_chunk=prefill_chunk)
+    return ClusterBackend(info, tokenizer, max_len, scheduler, runtime=runtime)
 
 
 def cluster_command(

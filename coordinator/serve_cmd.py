@@ -1,8 +1,13 @@
 """``llama-node serve``: the coordinator's HTTP server (OpenAI- and Ollama-compatible), with continuous batching.
 
 ``MODEL`` is a path (``.gguf`` or an HF directory), a name from the local Ollama store or HF cache
-(``llama3.1:70b``, ``HuggingFaceTB/SmolLM2-135M-Instruct``), or nothing for the embedded SmolLM2. Without
-``--nodes`` the model runs in this process, in a worker thread; with ``--nodes N`` it runs on N local node processes.
+(``llama3.1:70b``, ``HuggingFaceTB/SmolLM2-135M-Instruct``), or nothing for the embedded SmolLM2. Where the layers run:
+
+- by default, on the nodes that join this coordinator (``llama-node join``, found by mDNS or ``--peer``): it keeps a
+  cluster CA in ``--state-dir``, advertises itself by mDNS, prints the ``llama-node join --token …`` line, and
+  plans, loads and serves once nodes are there (re-planning when more join). Until then the API answers 503;
+- with ``--nodes N``, on N local node processes (one machine, no set-up);
+- with ``--local``, in this process, in a worker thread.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from coordinator.cluster_defaults import DEFAULT_JOIN_PORT, DEFAULT_STATE_DIR
+
 if TYPE_CHECKING:
-    from coordinator.api.backend import ModelInfo
+    from coordinator.api.backend import Backend, ModelInfo
     from coordinator.scheduler import StepExecutor
     from llama_shard.loading import WeightSource
 
@@ -28,7 +35,17 @@ def serve_command(
     model: str | None = typer.Argument(None, help="path, local Ollama/HF name, or nothing for embedded SmolLM2"),
     port: int = typer.Option(11434, "--port", min=0, max=65535),
     host: str = typer.Option("127.0.0.1", "--host", help="bind address; 0.0.0.0 serves the LAN"),
-    nodes: int = typer.Option(0, "--nodes", min=0, help="run the layers on N local node processes (0: here)"),
+    nodes: int = typer.Option(0, "--nodes", min=0, help="run the layers on N local node processes"),
+    local: bool = typer.Option(False, "--local", help="run the model in this process (no nodes)"),
+    peer: list[str] = typer.Option(
+        [], "--peer", help="HOST:PORT of a node, for networks without multicast (repeatable)"
+    ),  # fmt: skip
+    insecure: bool = typer.Option(False, "--insecure", help="no TLS, no token: ONLY for trusted test networks"),
+    state_dir: Path = typer.Option(DEFAULT_STATE_DIR, "--state-dir", help="cluster CA, token and caches"),
+    join_port: int = typer.Option(DEFAULT_JOIN_PORT, "--join-port", min=0, max=65535, help="port nodes join at"),
+    join_host: str = typer.Option("0.0.0.0", "--join-host", help="address the join endpoint listens on"),
+    min_nodes: int = typer.Option(1, "--min-nodes", min=1, help="plan once this many nodes are known"),
+    no_mdns: bool = typer.Option(False, "--no-mdns", help="neither advertise nor browse by mDNS (use --peer)"),
     api_key: str | None = typer.Option(None, "--api-key", help="require 'Authorization: Bearer KEY'"),
     context: int = typer.Option(2048, "--context", min=16, help="tokens per request (prompt + answer)"),
     slots: int = typer.Option(16, "--slots", min=1, help="requests decoded at once (one KV slot each)"),
@@ -37,7 +54,11 @@ def serve_command(
     prefill_chunk: int = typer.Option(32, "--prefill-chunk", min=1, help="prompt tokens per step"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: all cores)"),
 ) -> None:
-    """Serve a model over HTTP: OpenAI /v1 and Ollama /api, many requests batched together."""
+    """Serve a model over HTTP: OpenAI /v1 and Ollama /api, many requests batched together.
+
+    By default the layers run on the nodes that join (`llama-node join`, the line it prints); --nodes N runs N local
+    node processes instead, --local runs the model in this process.
+    """
     import uvicorn
 
     from coordinator.api.app import create_app
@@ -46,6 +67,11 @@ def serve_command(
     from llama_shard.errors import LlamaShardError
     from llama_shard.loading import load_tokenizer, open_source
 
+    if nodes and local:
+        raise typer.BadParameter("--nodes and --local exclude each other")
+    if (nodes or local) and (peer or insecure or no_mdns or min_nodes != 1):
+        raise typer.BadParameter("--peer, --insecure, --no-mdns and --min-nodes are for serving over joined nodes, "
+                                 "not with --nodes or --local")  # fmt: skip
     try:
         path, name = resolve_served_model(model)
         source = open_source(path)
@@ -55,18 +81,25 @@ def serve_command(
         if n_slots < slots:
             log.warning("--kv-budget-mb %d holds %d slots of %d tokens, not %d", kv_budget_mb, n_slots, max_len, slots)
         info = model_info(source, path, name, model)
-        executor: StepExecutor
-        if nodes:
-            from coordinator.pipeline_executor import PipelineExecutor
+        backend: Backend
+        if nodes or local:
+            executor: StepExecutor
+            if nodes:
+                from coordinator.pipeline_executor import PipelineExecutor
 
-            executor = PipelineExecutor(path, nodes, n_slots, max_len, threads=threads or 1)
+                executor = PipelineExecutor(path, nodes, n_slots, max_len, threads=threads or 1)
+            else:
+                executor = _local_executor(source, n_slots, max_len, threads)
+            scheduler = Scheduler(executor, max_queue=max_queue, prefill_chunk=prefill_chunk)
+            backend = Backend(info, tokenizer, max_len, scheduler)
         else:
-            executor = _local_executor(source, n_slots, max_len, threads)
+            from coordinator.cluster_cmd import ClusterFlags, serve_cluster_backend
+
+            flags = ClusterFlags(peer, insecure, state_dir, join_port, join_host, min_nodes, no_mdns)
+            backend = serve_cluster_backend(path, info, tokenizer, flags, n_slots, max_len, max_queue, prefill_chunk)
     except LlamaShardError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=2) from None
-    scheduler = Scheduler(executor, max_queue=max_queue, prefill_chunk=prefill_chunk)
-    backend = Backend(info, tokenizer, max_len, scheduler)
     app = create_app(backend, api_key=api_key)
     log.info("serving %s on http://%s:%d (%d slots x %d tokens)", info.name, host, port, n_slots, max_len)
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5)

@@ -1,0 +1,177 @@
+"""The scheduler's steps on the cluster's current pipeline (``llama-node serve`` over joined nodes).
+
+Like ``PipelineExecutor``, a step is handed to the pipeline client's event loop (the ``ClusterRuntime``'s) with
+``run_coroutine_threadsafe`` and awaited from the HTTP server's loop. What differs is that the pipeline changes:
+when a node joins (or a peer stops answering) the runtime re-plans, loads the new stages and opens a new
+``PipelineClient``. The executor picks the new client up between steps. The new stages' KV caches are empty, so
+before a request's next row goes there, the rows it already fed are *replayed* into it, cut exactly as they were
+first fed (batch-invariant numerics: the cache is rebuilt bit for bit, and greedy or seeded output is unchanged).
+A step that fails on a pipeline that has since been replaced is retried on the new one, the same way.
+
+``ClusterBackend`` answers 503 with ``Retry-After`` and the cluster's state while no pipeline is loaded (no node
+has joined yet, or too few are left), so clients know to come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from coordinator.api.backend import Backend
+from coordinator.api.errors import ApiError
+from coordinator.scheduler import RowWork
+
+if TYPE_CHECKING:
+    from coordinator.cluster import ClusterRuntime
+    from coordinator.pipeline.client import PipelineClient
+    from coordinator.scheduler import Scheduler
+    from llama_shard.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+Segment = tuple[int, tuple[int, ...]]  # (start position, tokens) of one row as it was fed
+
+
+@dataclass(slots=True)
+class _SlotLog:
+    """What one request has fed into its KV slot, and on which pipeline client that cache lives."""
+
+    request_id: int
+    slot: int
+    params: SamplingParams
+    segments: list[Segment]
+    client: PipelineClient | None
+
+    @property
+    def fed(self) -> int:
+        return self.segments[-1][0] + len(self.segments[-1][1]) if self.segments else 0
+
+
+class ClusterExecutor:
+    """Steps on ``runtime``'s current pipeline; waits for one, replays requests into a new one.
+
+    ``wait_s``: how long a step waits for a pipeline to be loaded before failing its requests. ``failover_s``: after
+    a failed step, how long to wait for a re-plan to replace the failed pipeline before giving up.
+    """
+
+    def __init__(
+        self,
+        runtime: ClusterRuntime,
+        n_slots: int,
+        max_len: int,
+        *,
+        wait_s: float = 300.0,
+        failover_s: float = 30.0,
+    ) -> None:
+        self.runtime, self.n_slots, self.max_len = runtime, n_slots, max_len
+        self.wait_s, self.failover_s = wait_s, failover_s
+        self.depth = max(1, len(runtime.cluster.stage_nodes))
+        self.replayed_rows = 0  # rows fed again into a new pipeline (visible to tests and logs)
+        self._current: PipelineClient | None = None
+        self._slots: dict[int, _SlotLog] = {}
+
+    async def run(self, rows: Sequence[RowWork]) -> list[int | None]:
+        future = asyncio.run_coroutine_threadsafe(self._run(list(rows)), self.runtime.runner.loop)
+        return await asyncio.wrap_future(future)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.runtime.close)
+
+    # ------------------------------------------------------------------------ on the runtime's event loop
+    async def _run(self, rows: list[RowWork]) -> list[int | None]:
+        from node.wire import RowInput
+
+        while True:
+            client = await self._client()
+            logs = [self._log_for(r, client) for r in rows]
+            try:
+                await self._replay(client, logs)
+                outputs = await client.forward(
+                    [RowInput(r.request_id, r.slot, r.start, r.tokens, r.params) for r in rows]
+                )
+            except Exception as e:
+                if await self._replaced(client):
+                    log.warning("a step of %d rows failed on the old pipeline (%s); retrying on the new one", len(rows),
+                                e)  # fmt: skip
+                    continue
+                raise
+            for r, slot_log in zip(rows, logs, strict=True):
+                slot_log.segments.append((r.start, r.tokens))
+                slot_log.client = client
+            tokens = {o.request_id: o.token for o in outputs}
+            return [tokens.get(r.request_id) if r.sample else None for r in rows]
+
+    async def _client(self) -> PipelineClient:
+        """The pipeline to use now, once one is loaded (waits while the cluster plans or loads)."""
+        cluster = self.runtime.cluster
+        try:
+            await asyncio.wait_for(cluster.ready.wait(), self.wait_s)
+        except TimeoutError:
+            raise RuntimeError(f"no pipeline within {self.wait_s:.0f} s: {cluster.state}") from None
+        client = cluster.client
+        assert client is not None
+        if client is not self._current:
+            if self._current is not None:
+                log.info("switching to the new pipeline (%d stages); requests in progress are replayed into it",
+                         len(cluster.stage_nodes))  # fmt: skip
+            self._current = client
+            self.depth = max(1, len(cluster.stage_nodes))
+        return client
+
+    def _log_for(self, row: RowWork, client: PipelineClient) -> _SlotLog:
+        slot_log = self._slots.get(row.slot)
+        if slot_log is None or slot_log.request_id != row.request_id:
+            if row.start != 0:
+                raise RuntimeError(f"request {row.request_id} continues at {row.start} in a slot it never fed")
+            slot_log = _SlotLog(row.request_id, row.slot, row.params, [], client)  # a new request: nothing to replay
+            self._slots[row.slot] = slot_log
+        elif slot_log.fed != row.start:
+            raise RuntimeError(f"request {row.request_id} continues at {row.start} but fed {slot_log.fed} tokens")
+        return slot_log
+
+    async def _replay(self, client: PipelineClient, logs: Sequence[_SlotLog]) -> None:
+        """Feed ``client`` the rows each request fed into an older pipeline: a frame per round, a row per request."""
+        from node.wire import RowInput
+
+        stale = [s for s in logs if s.client is not client and s.segments]
+        if not stale:
+            return
+        t0 = time.perf_counter()
+        rounds = max(len(s.segments) for s in stale)
+        for i in range(rounds):
+            rows = [RowInput(s.request_id, s.slot, *s.segments[i], s.params) for s in stale if i < len(s.segments)]
+            await client.forward(rows)
+            self.replayed_rows += len(rows)
+        for s in stale:
+            s.client = client
+        log.info("replayed %d request(s) into the new pipeline (%d frames, %.2f s)", len(stale), rounds,
+                 time.perf_counter() - t0)  # fmt: skip
+
+    async def _replaced(self, failed: PipelineClient) -> bool:
+        """Whether the cluster replaces ``failed`` with another pipeline within ``failover_s``."""
+        deadline = time.monotonic() + self.failover_s
+        cluster = self.runtime.cluster
+        while time.monotonic() < deadline:
+            if cluster.client is not failed and cluster.client is not None:
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
+
+@dataclass
+class ClusterBackend(Backend):
+    """A ``Backend`` that answers 503 (with the cluster's state) while the cluster has no pipeline to run on."""
+
+    runtime: ClusterRuntime | None = None
+
+    def ready_scheduler(self) -> Scheduler:
+        if self.runtime is not None:
+            c = self.runtime.cluster
+            if c.client is None or c.state.startswith(("waiting", "not ready")):
+                hint = "; run `llama-node join` on the machines that should serve it" if c.client is None else ""
+                raise ApiError(503, f"the model is not ready: {c.state}{hint}", retry_after_s=5)
+        return super().ready_scheduler()

@@ -1,0 +1,115 @@
+"""``ClusterExecutor`` when the cluster re-plans under running requests: the new pipeline's KV caches are empty, so
+each request's rows are replayed into it, and a step that failed on the replaced pipeline is retried there.
+
+The pipelines are fakes with a real KV discipline: a row must start where its slot's cache ends (else the fake
+raises, as a real stage would compute garbage), and the sampled token is a hash of the whole cached sequence, so a
+lost or misplaced token changes every later answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from coordinator.cluster_executor import ClusterExecutor
+from coordinator.pipeline.engine import LoopThread
+from coordinator.scheduler import Scheduler
+from llama_shard.sampling import SamplingParams
+from node.wire import RowInput, RowOutput
+
+
+class FakePipeline:
+    """A pipeline whose per-slot cache is the list of tokens fed; ``on_forward`` may re-plan (or fail) mid-run."""
+
+    def __init__(self, cluster: FakeCluster | None = None, *, replan_after: int = -1, fail: bool = False) -> None:
+        self.kv: dict[int, list[int]] = {}
+        self.frames = 0
+        self.cluster, self.replan_after, self.fail = cluster, replan_after, fail
+        self.next: FakePipeline | None = None
+
+    async def forward(self, rows: Sequence[RowInput]) -> list[RowOutput]:
+        await asyncio.sleep(0)
+        self.frames += 1
+        if self.frames == self.replan_after:
+            assert self.cluster is not None and self.next is not None
+            self.cluster.client = self.next  # a node joined: the runtime loaded a new pipeline
+            if self.fail:
+                raise ConnectionError("the pipeline client was closed")
+        out = []
+        for r in rows:
+            cache = self.kv.setdefault(r.slot, [])
+            if r.start == 0:
+                cache.clear()
+            if r.start != len(cache):
+                raise AssertionError(f"slot {r.slot}: row at {r.start} but {len(cache)} cached")
+            cache.extend(r.tokens)
+            digest = hashlib.sha256(repr(cache).encode()).digest()
+            out.append(RowOutput(r.request_id, 3 + int.from_bytes(digest[:4]) % 500))
+        return out
+
+
+@dataclass
+class FakeCluster:
+    client: FakePipeline | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    state: str = "ready"
+    stage_nodes: list[tuple[str, str, int, int]] = field(default_factory=lambda: [("a", "x:1", 0, 1)])
+
+
+@dataclass
+class FakeRuntime:
+    runner: LoopThread
+    cluster: FakeCluster
+
+    def close(self) -> None:
+        pass
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]]
+
+
+def _answers(first: FakePipeline, cluster: FakeCluster, runner: LoopThread) -> tuple[list[list[int]], ClusterExecutor]:
+    cluster.client = first
+    runner.run(_set(cluster.ready))
+    executor = ClusterExecutor(FakeRuntime(runner, cluster), n_slots=4, max_len=64, failover_s=5)  # type: ignore[arg-type]
+
+    async def go() -> list[list[int]]:
+        scheduler = Scheduler(executor, prefill_chunk=4)
+        requests = [scheduler.submit(p, SamplingParams(), 12, frozenset()) for p in PROMPTS]
+        answers = [[t async for t in r.tokens()] for r in requests]
+        await scheduler.stop()
+        assert all(r.finish_reason == "length" for r in requests), [r.finish for r in requests]
+        return answers
+
+    return asyncio.run(go()), executor
+
+
+async def _set(event: asyncio.Event) -> None:
+    event.set()
+
+
+@pytest.fixture()
+def runner() -> Any:
+    r = LoopThread()
+    yield r
+    r.stop()
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["switch-between-steps", "step-fails-on-old-pipeline"])
+def test_requests_survive_a_replan(runner: LoopThread, fail: bool) -> None:
+    # arrange: the answers on one pipeline throughout
+    expected, _ = _answers(FakePipeline(), FakeCluster(), runner)
+    cluster = FakeCluster()
+    old = FakePipeline(cluster, replan_after=6, fail=fail)
+    old.next = new = FakePipeline()
+    # act: a new pipeline (empty caches) replaces the old one after 6 frames, mid-prefill and mid-decode
+    got, executor = _answers(old, cluster, runner)
+    # assert: same tokens; the new pipeline was really used and the requests' rows were replayed into it
+    assert got == expected
+    assert new.frames > 0 and executor.replayed_rows > 0
+    assert all(len(new.kv[s]) >= 1 for s in new.kv)
