@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from coordinator.api.backend import Backend
 from coordinator.api.errors import ApiError
@@ -30,10 +30,21 @@ if TYPE_CHECKING:
     from coordinator.pipeline.client import PipelineClient
     from coordinator.scheduler import Scheduler
     from llama_shard.sampling import SamplingParams
+    from node.wire import RowInput
 
 log = logging.getLogger(__name__)
 
-Segment = tuple[int, tuple[int, ...]]  # (start position, tokens) of one row as it was fed
+Segment = tuple[int, tuple[int, ...], bool]  # (start position, tokens, prefill) of one row as it was fed
+
+
+def _row_input(request_id: int, slot: int, segment: Segment, params: SamplingParams) -> RowInput:
+    """A ``RowInput`` for a segment; ``prefill`` is passed where the wire format carries it (it decides how a
+    one-token prompt chunk is computed, so a replay must keep it)."""
+    from node.wire import RowInput
+
+    start, tokens, prefill = segment
+    extra: dict[str, Any] = {"prefill": prefill} if "prefill" in RowInput.__dataclass_fields__ else {}
+    return RowInput(request_id, slot, start, tokens, params, **extra)
 
 
 @dataclass(slots=True)
@@ -83,15 +94,13 @@ class ClusterExecutor:
 
     # ------------------------------------------------------------------------ on the runtime's event loop
     async def _run(self, rows: list[RowWork]) -> list[int | None]:
-        from node.wire import RowInput
-
         while True:
             client = await self._client()
             logs = [self._log_for(r, client) for r in rows]
             try:
                 await self._replay(client, logs)
                 outputs = await client.forward(
-                    [RowInput(r.request_id, r.slot, r.start, r.tokens, r.params) for r in rows]
+                    [_row_input(r.request_id, r.slot, (r.start, r.tokens, r.prefill), r.params) for r in rows]
                 )
             except Exception as e:
                 if await self._replaced(client):
@@ -100,7 +109,7 @@ class ClusterExecutor:
                     continue
                 raise
             for r, slot_log in zip(rows, logs, strict=True):
-                slot_log.segments.append((r.start, r.tokens))
+                slot_log.segments.append((r.start, r.tokens, r.prefill))
                 slot_log.client = client
             tokens = {o.request_id: o.token for o in outputs}
             return [tokens.get(r.request_id) if r.sample else None for r in rows]
@@ -135,15 +144,13 @@ class ClusterExecutor:
 
     async def _replay(self, client: PipelineClient, logs: Sequence[_SlotLog]) -> None:
         """Feed ``client`` the rows each request fed into an older pipeline: a frame per round, a row per request."""
-        from node.wire import RowInput
-
         stale = [s for s in logs if s.client is not client and s.segments]
         if not stale:
             return
         t0 = time.perf_counter()
         rounds = max(len(s.segments) for s in stale)
         for i in range(rounds):
-            rows = [RowInput(s.request_id, s.slot, *s.segments[i], s.params) for s in stale if i < len(s.segments)]
+            rows = [_row_input(s.request_id, s.slot, s.segments[i], s.params) for s in stale if i < len(s.segments)]
             await client.forward(rows)
             self.replayed_rows += len(rows)
         for s in stale:

@@ -2,8 +2,9 @@
 each request's rows are replayed into it, and a step that failed on the replaced pipeline is retried there.
 
 The pipelines are fakes with a real KV discipline: a row must start where its slot's cache ends (else the fake
-raises, as a real stage would compute garbage), and the sampled token is a hash of the whole cached sequence, so a
-lost or misplaced token changes every later answer.
+raises, as a real stage would compute garbage), and the sampled token is a hash of the whole cached sequence (with
+each row's ``prefill`` flag, where the wire carries it), so a lost, misplaced or differently fed token changes every
+later answer.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class FakePipeline:
     """A pipeline whose per-slot cache is the list of tokens fed; ``on_forward`` may re-plan (or fail) mid-run."""
 
     def __init__(self, cluster: FakeCluster | None = None, *, replan_after: int = -1, fail: bool = False) -> None:
-        self.kv: dict[int, list[int]] = {}
+        self.kv: dict[int, list[tuple[int, bool]]] = {}  # (token, fed as prefill) per position
         self.frames = 0
         self.cluster, self.replan_after, self.fail = cluster, replan_after, fail
         self.next: FakePipeline | None = None
@@ -47,7 +48,7 @@ class FakePipeline:
                 cache.clear()
             if r.start != len(cache):
                 raise AssertionError(f"slot {r.slot}: row at {r.start} but {len(cache)} cached")
-            cache.extend(r.tokens)
+            cache.extend((t, bool(getattr(r, "prefill", False))) for t in r.tokens)
             digest = hashlib.sha256(repr(cache).encode()).digest()
             out.append(RowOutput(r.request_id, 3 + int.from_bytes(digest[:4]) % 500))
         return out
