@@ -30,7 +30,7 @@ class PipelineExecutor:
     async def run(self, rows: Sequence[RowWork]) -> list[int | None]:
         from node.wire import RowInput
 
-        inputs = [RowInput(r.request_id, r.slot, r.start, r.tokens, r.params) for r in rows]
+        inputs = [RowInput(r.request_id, r.slot, r.start, r.tokens, r.params, prefill=r.prefill) for r in rows]
         future = asyncio.run_coroutine_threadsafe(self.pipeline.client.forward(inputs), self.pipeline.runner.loop)
         outputs = await asyncio.wrap_future(future)
         tokens = {o.request_id: o.token for o in outputs}

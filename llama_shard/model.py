@@ -195,14 +195,20 @@ class Stage(nn.Module):
     def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         return KVCache(self.config, self.spec.layers, slots, max_len, dtype or self.dtype, self.device)
 
-    def batch(self, slots: Tensor, start: Tensor, n_tokens: int) -> Batch:
-        """Positions, RoPE tables and mask for B rows that each add ``n_tokens`` at their own ``start``."""
+    def batch(
+        self, slots: Tensor, start: Tensor, n_tokens: int, *, min_length: int = 0, always_mask: bool = False
+    ) -> Batch:
+        """Positions, RoPE tables and mask for B rows that each add ``n_tokens`` at their own ``start``.
+
+        ``min_length`` reads at least that many keys (the mask hides those past each position); ``always_mask``
+        passes a mask even where every row sees all keys. Both fix kernel shapes (``llama_shard.batching``).
+        """
         positions = start[:, None] + torch.arange(n_tokens, device=start.device)  # [B, T]
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, E/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        length = int(positions.max()) + 1
+        length = max(int(positions.max()) + 1, min_length)
         mask = None
-        if not (n_tokens == 1 and bool((start == length - 1).all())):
+        if always_mask or not (n_tokens == 1 and bool((start == length - 1).all())):
             keys = torch.arange(length, device=start.device)
             mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, L]
         return Batch(slots, positions, emb.cos(), emb.sin(), length, mask)

@@ -4,6 +4,11 @@ Each KV slot belongs to one request at a time. A row with ``start == 0`` (re)sta
 name the slot's request and continue at or before its length (a row before the end rewinds, which is how a stage
 replays inputs it received). Only the last stage samples, from the request's own parameters; it keeps each slot's
 token history for the repetition penalty, from the token ids that travel with every row.
+
+Every stage computes with the shapes of ``llama_shard.batching`` (decode rows padded to a fixed row multiple, each
+prompt chunk alone and padded, keys read in blocks, a mask always), so a row's logits do not depend on what else
+shares its frame or how its prompt was chunked. The padding rows write to one scratch KV slot past the ``slots``
+that LoadShard asked for, so every node has one whatever the coordinator numbers its slots.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from llama_shard import batching
+from llama_shard.batching import StepRow
 from llama_shard.model import KVCache, Stage
 from llama_shard.sampling import sample
 from node.wire import Frame, FrameResult, RowInput, RowOutput, WireError, dtype_name
@@ -43,7 +50,8 @@ class StageHost:
         self.stage, self.spec, self.config = stage, stage.spec, stage.config
         self.slots, self.max_len = slots, max_len
         self.input_dtype, self.output_dtype = input_dtype, output_dtype
-        self.cache: KVCache = stage.new_cache(slots, max_len)
+        self.scratch = slots  # written by padding rows only, never read by a real one
+        self.cache: KVCache = stage.new_cache(slots + 1, batching.cache_len(max_len))
         self._slots = [_Slot() for _ in range(slots)]
 
     # ---- validation ---------------------------------------------------------------------------------------
@@ -100,43 +108,27 @@ class StageHost:
     def run(self, frame: Frame) -> Frame | FrameResult:
         """The frame for the next stage, or the sampled tokens on the last stage."""
         self._check(frame)
-        offsets, at = [], 0
+        rows: list[StepRow] = []
+        at = 0
         for r in frame.rows:
-            offsets.append(at)
-            at += len(r.tokens)
-        # rows with the same token count run together (Stage.batch takes one T per batch)
-        groups: dict[int, list[int]] = {}
-        for i, r in enumerate(frame.rows):
-            groups.setdefault(len(r.tokens), []).append(i)
-        packed = None
-        outputs: list[RowOutput | None] = [None] * len(frame.rows)
-        for n, members in groups.items():
-            rows = [frame.rows[i] for i in members]
-            x = self._input(frame, rows, [offsets[i] for i in members], n)
-            slots = torch.tensor([r.slot for r in rows], dtype=torch.long)
-            batch = self.stage.batch(slots, torch.tensor([r.start for r in rows], dtype=torch.long), n)
-            out = self.stage(x, batch, self.cache, last_only=self.spec.has_head)
-            if self.spec.has_head:
-                for j, i in enumerate(members):
-                    outputs[i] = self._sample(frame.rows[i], out[j, -1])
+            n = len(r.tokens)
+            if self.spec.has_embed:
+                x = torch.tensor(r.tokens, dtype=torch.long)  # [n]
             else:
-                if packed is None:
-                    packed = torch.empty(frame.n_tokens, self.config.dim, dtype=self.output_dtype)
-                for j, i in enumerate(members):
-                    packed[offsets[i] : offsets[i] + n] = out[j].to(self.output_dtype)
+                assert frame.hidden is not None
+                x = frame.hidden[at : at + n]  # [n, D]
+            rows.append(StepRow(r.slot, r.start, x, prefill=r.prefill or n > 1))
+            at += n
+        out = batching.run_step(self.stage, self.cache, rows, self.scratch)
         for r in frame.rows:
             slot = self._slots[r.slot]
             slot.request_id, slot.length = r.request_id, r.start + len(r.tokens)
         if self.spec.has_head:
-            return FrameResult(frame.frame_id, tuple(o for o in outputs if o is not None))
+            return FrameResult(
+                frame.frame_id, tuple(self._sample(r, o) for r, o in zip(frame.rows, out, strict=True) if o is not None)
+            )
+        packed = torch.cat([o for o in out if o is not None]).to("cpu", self.output_dtype)  # [sum of token counts, D]
         return Frame(frame.frame_id, self.spec.end, frame.rows, packed)
-
-    def _input(self, frame: Frame, rows: list[RowInput], offsets: list[int], n: int) -> torch.Tensor:
-        if self.spec.has_embed:
-            return torch.tensor([list(r.tokens) for r in rows], dtype=torch.long)  # [b, n]
-        assert frame.hidden is not None
-        h = torch.stack([frame.hidden[o : o + n] for o in offsets])  # [b, n, D]
-        return h.to(self.stage.dtype)
 
     def _sample(self, row: RowInput, logits: torch.Tensor) -> RowOutput:
         slot = self._slots[row.slot]

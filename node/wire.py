@@ -211,7 +211,11 @@ def chunk_crc(data: bytes) -> int:
 
 @dataclass(frozen=True, slots=True)
 class RowInput:
-    """One request's share of a frame: ``tokens`` enter KV slot ``slot`` at positions ``start..``."""
+    """One request's share of a frame: ``tokens`` enter KV slot ``slot`` at positions ``start..``.
+
+    ``prefill`` marks a prompt chunk; it matters for a chunk of one token, which is computed as prefill rather than
+    as a decode row (``llama_shard.batching``), so the logits do not depend on how the prompt was chunked.
+    """
 
     request_id: int
     slot: int
@@ -219,6 +223,7 @@ class RowInput:
     tokens: tuple[int, ...]
     sampling: SamplingParams = SamplingParams()
     return_logits: bool = False
+    prefill: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,14 +257,16 @@ class FrameResult:
 def _row_to_pb(r: RowInput) -> pb.Row:
     return pb.Row(
         request_id=r.request_id, slot=r.slot, start=r.start, tokens=list(r.tokens),
-        sampling=sampling_to_pb(r.sampling), return_logits=r.return_logits,
+        sampling=sampling_to_pb(r.sampling), return_logits=r.return_logits, prefill=r.prefill,
     )  # fmt: skip
 
 
 def _row_from_pb(m: pb.Row) -> RowInput:
     if not m.tokens:
         raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"row of request {m.request_id} has no tokens")
-    return RowInput(m.request_id, m.slot, m.start, tuple(m.tokens), sampling_from_pb(m.sampling), m.return_logits)
+    return RowInput(
+        m.request_id, m.slot, m.start, tuple(m.tokens), sampling_from_pb(m.sampling), m.return_logits, m.prefill
+    )
 
 
 def frame_to_messages(frame: Frame, part_bytes: int = DEFAULT_PART_BYTES) -> Iterator[pb.ForwardMessage]:

@@ -11,6 +11,7 @@ import torch
 from coordinator.pipeline.client import NodeClient, PipelineClient
 from coordinator.pipeline.engine import LoopThread, PipelineEngine
 from coordinator.pipeline.local import LocalNodes, StageOptions, load_pipeline
+from llama_shard.batching import StepRow, cache_len, run_step
 from llama_shard.loading import load_stage, open_source
 from llama_shard.model import Stage
 from llama_shard.sampling import SamplingParams
@@ -69,24 +70,25 @@ def pipeline_greedy(
 @torch.inference_mode()
 def local_greedy(stages: Sequence[Stage], prompt: Sequence[int], steps: int,
                  link_dtypes: Sequence[torch.dtype] = ()) -> tuple[list[int], list[torch.Tensor]]:  # fmt: skip
-    """The same in this process through ``stages`` in a chain (one stage: the whole model), activations cast to
-    ``link_dtypes[i]`` between stage i and i+1 as the wire does."""
-    caches = [s.new_cache(1, 128) for s in stages]
-    slot = torch.tensor([0])
+    """The same in this process through ``stages`` in a chain (one stage: the whole model), with the padded shapes
+    of ``llama_shard.batching`` as every node uses, activations cast to ``link_dtypes[i]`` between stage i and i+1
+    as the wire does."""
+    caches = [s.new_cache(2, cache_len(128)) for s in stages]  # slot 0, and slot 1 for padding rows
     tokens: list[int] = []
     logits: list[torch.Tensor] = []
-    x, start = torch.tensor([list(prompt)]), 0
+    x, start = torch.tensor(list(prompt)), 0
     for _ in range(steps):
         h = x
         for i, (stage, cache) in enumerate(zip(stages, caches, strict=True)):
             if i > 0:
                 h = h.to(link_dtypes[i - 1] if link_dtypes else torch.float32).to(stage.dtype)
-            h = stage(h, stage.batch(slot, torch.tensor([start]), x.shape[1]), cache, last_only=True)
-        row = h[0, -1]
-        logits.append(row)
-        tokens.append(int(row.argmax()))
-        start += x.shape[1]
-        x = torch.tensor([[tokens[-1]]])
+            (out,) = run_step(stage, cache, [StepRow(0, start, h, prefill=start == 0)], scratch=1)
+            assert out is not None
+            h = out
+        logits.append(h)
+        tokens.append(int(h.argmax()))
+        start += x.shape[0]
+        x = torch.tensor([tokens[-1]])
     return tokens, logits
 
 

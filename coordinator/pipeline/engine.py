@@ -59,7 +59,8 @@ class PipelineEngine:
         self.logits: list[torch.Tensor] = []  # with return_logits: the fp32 logits each step sampled from
 
     def step(self, tokens: Sequence[int], start: int) -> int:
-        row = RowInput(self.request_id, self.slot, start, tuple(tokens), self.params, self.return_logits)
+        # generate() feeds the whole prompt at 0, then one token per step: only the first step is a prompt chunk
+        row = RowInput(self.request_id, self.slot, start, tuple(tokens), self.params, self.return_logits, start == 0)
         (out,) = self.runner.run(self.client.forward([row]))
         if out.logits is not None:
             self.logits.append(out.logits)

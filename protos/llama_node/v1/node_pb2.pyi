@@ -602,11 +602,14 @@ class Row(_message.Message):
     TOKENS_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     RETURN_LOGITS_FIELD_NUMBER: _builtins.int
+    PREFILL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     slot: _builtins.int
     start: _builtins.int
     return_logits: _builtins.bool
     """the last stage returns the fp32 logits it sampled from"""
+    prefill: _builtins.bool
+    """a prompt chunk (even of one token): computed as prefill, see llama_shard.batching"""
     @_builtins.property
     def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """travel with every hop: the first stage embeds them, the last keeps the history"""
@@ -622,10 +625,11 @@ class Row(_message.Message):
         tokens: _abc.Iterable[_builtins.int] | None = ...,
         sampling: Global___SamplingParams | None = ...,
         return_logits: _builtins.bool = ...,
+        prefill: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "return_logits", b"return_logits", "sampling", b"sampling", "slot", b"slot", "start", b"start", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prefill", b"prefill", "request_id", b"request_id", "return_logits", b"return_logits", "sampling", b"sampling", "slot", b"slot", "start", b"start", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

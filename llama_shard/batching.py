@@ -1,0 +1,128 @@
+"""Batch-invariant steps: a row's outputs do not depend on what shares its step or how its prompt was chunked.
+
+Plain batched calls do not give that on CPU. Measured with torch 2.13 (MKL/oneDNN), a linear's row differs in the
+last bits between M = 1, 2, 3 and M >= 4 flattened rows (GEMV vs GEMM kernels, and tail rows of small M), and
+``scaled_dot_product_attention`` takes another path for one batch row or one query than for several, and its key
+length changes its blocking. So every call made here has a shape drawn from a few fixed families, whatever the load:
+
+* decode (one new token per row): the rows are padded to a multiple of ``ROW_MULTIPLE`` (at least
+  ``ROW_MULTIPLE``) with scratch rows that write to a scratch KV slot, which no real row ever reads;
+* prefill (a prompt chunk, of any length including 1): one row per call, its chunk padded with dummy inputs to a
+  multiple of ``ROW_MULTIPLE`` tokens. The padding writes KV past the chunk, which the next real token overwrites
+  before anyone can read it (the mask hides keys past each query's position);
+* the attention key length is rounded up to a multiple of ``KEY_MULTIPLE`` and a mask is always passed.
+
+A token fed as a decode row and the same token fed as a one-token prompt chunk go through different families and
+may differ in the last bits, so callers say which a row is (``StepRow.prefill``); a chunk of several tokens is
+always prefill. Every stage of a pipeline applies the same convention, so a middle or last stage pads its
+``[rows, tokens, D]`` activations exactly as the first stage padded the token ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llama_shard.model import Batch, KVCache, Stage
+
+ROW_MULTIPLE = 16
+KEY_MULTIPLE = 64
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def cache_len(max_len: int) -> int:
+    """Positions a KV slot needs for a context of ``max_len``: padding writes past it, keys are read in blocks."""
+    return round_up(max_len + ROW_MULTIPLE, KEY_MULTIPLE)
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    """One row of a step: ``x`` enters KV slot ``slot`` at positions ``start..start+T-1``.
+
+    ``x`` is ``[T]`` token ids on a first stage, ``[T, D]`` activations elsewhere. ``logits``: on a last stage,
+    whether the caller wants the logits after the row's last token (a prompt chunk that does not sample need not).
+    """
+
+    slot: int
+    start: int
+    x: Tensor
+    prefill: bool
+    logits: bool = True
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.x.shape[0])
+
+
+def _batch(stage: Stage, slots: Sequence[int], starts: Sequence[int], n_tokens: int) -> Batch:
+    device = stage.device
+    start = torch.tensor(starts, dtype=torch.long, device=device)
+    length = round_up(max(starts) + n_tokens, KEY_MULTIPLE)
+    slot_ids = torch.tensor(slots, dtype=torch.long, device=device)
+    return stage.batch(slot_ids, start, n_tokens, min_length=length, always_mask=True)
+
+
+def _pad(stage: Stage, xs: Sequence[Tensor], rows: int, tokens: int) -> Tensor:
+    """Stack ``xs`` (each ``[t]`` or ``[t, D]``, t <= tokens) into ``[rows, tokens(, D)]``, zero-padded."""
+    if stage.spec.has_embed:
+        out = torch.zeros(rows, tokens, dtype=torch.long, device=stage.device)
+    else:
+        out = torch.zeros(rows, tokens, stage.config.dim, dtype=stage.dtype, device=stage.device)
+    for i, x in enumerate(xs):
+        out[i, : x.shape[0]] = x
+    return out
+
+
+def decode(stage: Stage, cache: KVCache, rows: Sequence[StepRow], scratch: int) -> list[Tensor | None]:
+    """One token per row in one call padded to ``ROW_MULTIPLE`` rows. Per row: the logits ``[V]`` on a last stage
+    (``None`` where not wanted), the activations ``[1, D]`` elsewhere."""
+    for r in rows:
+        if r.n_tokens != 1:
+            raise ValueError(f"a decode row feeds one token, got {r.n_tokens} at {r.start}")
+    n = len(rows)
+    padded = max(ROW_MULTIPLE, round_up(n, ROW_MULTIPLE))
+    pad = padded - n
+    x = _pad(stage, [r.x for r in rows], padded, 1)
+    batch = _batch(stage, [r.slot for r in rows] + [scratch] * pad, [r.start for r in rows] + [0] * pad, 1)
+    out = stage(x, batch, cache, last_only=True)  # [B', 1, V or D]
+    if stage.spec.has_head:
+        return [out[j, -1] if r.logits else None for j, r in enumerate(rows)]
+    return [out[j] for j in range(n)]
+
+
+def prefill(stage: Stage, cache: KVCache, row: StepRow) -> Tensor | None:
+    """One prompt chunk, padded to a multiple of ``ROW_MULTIPLE`` tokens: the logits ``[V]`` after its last token on
+    a last stage (``None`` where not wanted), the activations ``[T, D]`` elsewhere."""
+    n = row.n_tokens
+    if n == 0:
+        raise ValueError(f"empty prompt chunk at {row.start}")
+    padded = round_up(n, ROW_MULTIPLE)
+    x = _pad(stage, [row.x], 1, padded)
+    batch = _batch(stage, [row.slot], [row.start], padded)
+    if not stage.spec.has_head:
+        return stage(x, batch, cache)[0, :n]
+    if not row.logits:
+        stage(x, batch, cache, last_only=True)
+        return None
+    return stage(x, batch, cache, last_only=False)[0, n - 1]
+
+
+@torch.inference_mode()
+def run_step(stage: Stage, cache: KVCache, rows: Sequence[StepRow], scratch: int) -> list[Tensor | None]:
+    """Run a step's rows: the decode rows together, each prompt chunk alone. ``scratch`` is a KV slot of ``cache``
+    that no real row uses. Per row, in order: see ``decode`` and ``prefill``."""
+    out: list[Tensor | None] = [None] * len(rows)
+    singles = [i for i, r in enumerate(rows) if not r.prefill]
+    if singles:
+        for i, o in zip(singles, decode(stage, cache, [rows[i] for i in singles], scratch), strict=True):
+            out[i] = o
+    for i, r in enumerate(rows):
+        if r.prefill:
+            out[i] = prefill(stage, cache, r)
+    return out

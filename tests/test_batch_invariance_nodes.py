@@ -1,0 +1,128 @@
+"""Batch-invariant numerics over real node processes: a row's logits, returned by the last of 2 nodes, are bitwise the
+same whatever shares its frame and however its prompt was chunked (``llama_shard.batching`` on every stage).
+
+The tiny untied model is one where plain batching is *not* invariant on this CPU (the control test), so these
+tests can fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from pipeline_helpers import Cluster, local_greedy, split, whole_stage
+
+from coordinator.pipeline.client import PipelineClient
+from coordinator.pipeline.local import StageOptions
+from node.wire import RowInput
+
+SLOTS = 9  # slots 0..7 decode, slot 8 reads prompts
+LENGTHS = [10, 3, 17, 25, 8, 12, 30, 5]  # prompt lengths of slots 0..7: several positions, one 64-key block
+PROMPT = [(i * 37) % 300 + 5 for i in range(37)]  # 37 = 2*16 + 5 = 9*4 + 1: chunks of 4 end with one token
+
+
+@pytest.fixture(scope="module")
+def model(make_hf_llama: Callable[..., Path]) -> Path:
+    return make_hf_llama(num_hidden_layers=4, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory: pytest.TempPathFactory, model: Path) -> Iterator[tuple[Cluster, PipelineClient]]:
+    cluster = Cluster(2, tmp_path_factory.mktemp("catalog"))
+    client = cluster.load(model, split(model, 2), StageOptions(slots=SLOTS, max_len=128))
+    yield cluster, client
+    cluster.close_client(client)
+    cluster.stop()
+
+
+def _forward(pipe: tuple[Cluster, PipelineClient], rows: Sequence[RowInput]) -> list[torch.Tensor]:
+    cluster, client = pipe
+    out = cluster.runner.run(client.forward(rows))
+    assert [o.request_id for o in out] == [r.request_id for r in rows]
+    logits = [o.logits for o in out]
+    assert all(x is not None for x in logits)
+    return [x for x in logits if x is not None]
+
+
+def _prompt(slot: int) -> list[int]:
+    g = torch.Generator().manual_seed(slot)
+    return torch.randint(3, 320, (LENGTHS[slot],), generator=g).tolist()
+
+
+def _decode_row(slot: int) -> RowInput:
+    return RowInput(100 + slot, slot, LENGTHS[slot], (7 + slot,), return_logits=True)
+
+
+def _chunks(prompt: Sequence[int], chunk: int, request_id: int = 200, slot: int = 8) -> list[RowInput]:
+    return [
+        RowInput(request_id, slot, s, tuple(prompt[s : s + chunk]), return_logits=True, prefill=True)
+        for s in range(0, len(prompt), chunk)
+    ]
+
+
+@torch.inference_mode()
+def test_control_plain_batching_is_not_invariant_for_this_model(model: Path) -> None:
+    """Unpadded batched rows of this model differ from the same rows alone, and a chunked prompt from a whole one."""
+    stage = whole_stage(model)
+    cache = stage.new_cache(8, 128)
+    for slot in range(8):
+        ids = torch.tensor([_prompt(slot)])
+        stage(ids, stage.batch(torch.tensor([slot]), torch.tensor([0]), ids.shape[1]), cache)
+    tokens = torch.tensor([[7 + s] for s in range(8)])
+
+    def decode(slots: list[int]) -> torch.Tensor:
+        batch = stage.batch(torch.tensor(slots), torch.tensor([LENGTHS[s] for s in slots]), 1)
+        return stage(tokens[slots], batch, cache, last_only=True)[:, -1]
+
+    alone = decode([0])[0]
+    assert not all(torch.equal(decode(list(range(n)))[0], alone) for n in (2, 4, 8))
+
+    def prompt_logits(chunk: int) -> torch.Tensor:
+        out = torch.empty(0)
+        for s in range(0, len(PROMPT), chunk):
+            x = torch.tensor([PROMPT[s : s + chunk]])
+            out = stage(x, stage.batch(torch.tensor([0]), torch.tensor([s]), x.shape[1]), cache, last_only=True)
+        return out[0, -1]
+
+    whole = prompt_logits(len(PROMPT))
+    assert not all(torch.equal(prompt_logits(c), whole) for c in (4, 7, 16))
+
+
+def test_decode_rows_do_not_depend_on_their_frame(pipe: tuple[Cluster, PipelineClient]) -> None:
+    for slot in range(8):
+        _forward(pipe, [RowInput(100 + slot, slot, 0, tuple(_prompt(slot)), return_logits=True, prefill=True)])
+    # each decode row alone; sending it again rewinds its slot to the same position
+    alone = [_forward(pipe, [_decode_row(s)])[0] for s in range(8)]
+    for n in (2, 4, 8):  # with 1, 3 and 7 others
+        together = _forward(pipe, [_decode_row(s) for s in range(n)])
+        for s in range(n):
+            assert torch.equal(together[s], alone[s]), f"slot {s} in a frame of {n}"
+    # any order, and next to a prompt chunk in the same frame
+    order = [5, 0, 7, 2]
+    mixed = _forward(pipe, [_decode_row(s) for s in order] + _chunks(PROMPT, 16)[:1])
+    for j, s in enumerate(order):
+        assert torch.equal(mixed[j], alone[s]), f"slot {s} at {j} in a mixed frame"
+
+
+def test_prompt_logits_do_not_depend_on_chunking(pipe: tuple[Cluster, PipelineClient], model: Path) -> None:
+    def run(chunk: int, load: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        last = torch.empty(0)
+        for row in _chunks(PROMPT, chunk):
+            # under load: each chunk shares its frame with decode rows of the other slots
+            others = [_decode_row(s) for s in range(len(row.tokens) % 8)] if load else []
+            last = _forward(pipe, [*others, row])[-1]
+        token = int(last.argmax())
+        (after,) = _forward(pipe, [RowInput(200, 8, len(PROMPT), (token,), return_logits=True)])
+        return last, after  # the prompt's logits, and the next step's (which read the KV the chunks wrote)
+
+    whole, whole_next = run(len(PROMPT), load=False)
+    for chunk, load in ((16, False), (7, True), (4, False), (4, True), (1, False)):
+        last, after = run(chunk, load)
+        assert torch.equal(last, whole), f"chunks of {chunk}, under load: {load}"
+        assert torch.equal(after, whole_next), f"the step after chunks of {chunk}, under load: {load}"
+
+    # the same convention in this process on the whole model gives the same bits as the two nodes
+    _, expected = local_greedy([whole_stage(model)], PROMPT, 2)
+    assert torch.equal(expected[0], whole) and torch.equal(expected[1], whole_next)
