@@ -92,6 +92,9 @@ class Batch:
     sin: Tensor  # [B, T, E]
     length: int  # L: keys 0..L-1 are read from the cache
     mask: Tensor | None  # [B, 1, T, L] bool, None when every row sees all L keys
+    # when set, attention runs row by row (B = 1 each), row i over KV slot rows[i][0] with its own mask
+    # rows[i][1] [1, 1, T, L_i] of its own key count L_i: a row's shapes then never depend on its batch-mates
+    rows: tuple[tuple[int, Tensor], ...] | None = None
 
 
 class Attention(nn.Module):
@@ -123,13 +126,27 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         k_cache[batch.slots[:, None], batch.positions] = k.to(k_cache.dtype)
         v_cache[batch.slots[:, None], batch.positions] = v.to(v_cache.dtype)
-        # slice before gathering the rows, so only L positions are copied, not the whole cache
-        keys = k_cache[:, : batch.length].index_select(0, batch.slots).to(x.dtype)  # [B, L, K, E]
-        values = v_cache[:, : batch.length].index_select(0, batch.slots).to(x.dtype)
+        if batch.rows is not None:
+            rows = [self._attend_row(q[i : i + 1], k_cache, v_cache, s, m) for i, (s, m) in enumerate(batch.rows)]
+            out = torch.cat(rows)  # [B, H, T, E]
+            return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        if k_cache.shape[0] == 1:  # one slot (a local engine): read the cache in place, the only row there is
+            keys, values = k_cache[:, : batch.length].to(x.dtype), v_cache[:, : batch.length].to(x.dtype)
+        else:  # slice before gathering the rows, so only L positions are copied, not the whole cache
+            keys = k_cache[:, : batch.length].index_select(0, batch.slots).to(x.dtype)  # [B, L, K, E]
+            values = v_cache[:, : batch.length].index_select(0, batch.slots).to(x.dtype)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=batch.mask, enable_gqa=True
         )  # [B, H, T, E]
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    @staticmethod
+    def _attend_row(q: Tensor, k_cache: Tensor, v_cache: Tensor, slot: int, mask: Tensor) -> Tensor:
+        """One row's attention ``[1, H, T, E]``: its query ``[1, T, H, E]`` over its slot's first L keys (mask's)."""
+        length = mask.shape[-1]
+        keys = k_cache[slot : slot + 1, :length].to(q.dtype).transpose(1, 2)  # [1, K, L, E], read in place
+        values = v_cache[slot : slot + 1, :length].to(q.dtype).transpose(1, 2)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
 
 
 class FeedForward(nn.Module):
@@ -196,17 +213,33 @@ class Stage(nn.Module):
         return KVCache(self.config, self.spec.layers, slots, max_len, dtype or self.dtype, self.device)
 
     def batch(
-        self, slots: Tensor, start: Tensor, n_tokens: int, *, min_length: int = 0, always_mask: bool = False
+        self,
+        slots: Tensor,
+        start: Tensor,
+        n_tokens: int,
+        *,
+        min_length: int = 0,
+        always_mask: bool = False,
+        row_key_multiple: int = 0,
     ) -> Batch:
         """Positions, RoPE tables and mask for B rows that each add ``n_tokens`` at their own ``start``.
 
         ``min_length`` reads at least that many keys (the mask hides those past each position); ``always_mask``
-        passes a mask even where every row sees all keys. Both fix kernel shapes (``llama_shard.batching``).
+        passes a mask even where every row sees all keys. ``row_key_multiple`` > 0: attention runs row by row,
+        each row reading its own key count rounded up to that multiple, always masked (``Batch.rows``). All three
+        fix kernel shapes (``llama_shard.batching``).
         """
         positions = start[:, None] + torch.arange(n_tokens, device=start.device)  # [B, T]
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, E/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         length = max(int(positions.max()) + 1, min_length)
+        if row_key_multiple > 0:
+            rows: list[tuple[int, Tensor]] = []
+            for slot, pos in zip(slots.tolist(), positions, strict=True):
+                n = -(-(int(pos[-1]) + 1) // row_key_multiple) * row_key_multiple
+                keys = torch.arange(n, device=start.device)
+                rows.append((slot, (keys[None, :] <= pos[:, None])[None, None]))  # [1, 1, T, L_i]
+            return Batch(slots, positions, emb.cos(), emb.sin(), length, None, tuple(rows))
         mask = None
         if always_mask or not (n_tokens == 1 and bool((start == length - 1).all())):
             keys = torch.arange(length, device=start.device)
