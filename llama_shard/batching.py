@@ -20,13 +20,15 @@ always prefill. Every stage of a pipeline applies the same convention, so a midd
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from llama_shard.model import Batch, KVCache, Stage
+from llama_shard.model import Batch, KVCache, RMSNorm, Stage
+from llama_shard.quant import DenseEmbedding, QuantEmbedding
 
 ROW_MULTIPLE = 16
 KEY_MULTIPLE = 64
@@ -34,6 +36,23 @@ KEY_MULTIPLE = 64
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+#: leaf modules that work row by row whatever their type says (a gather, a per-row norm)
+_ROW_WISE: tuple[type[nn.Module], ...] = (nn.Embedding, QuantEmbedding, DenseEmbedding, RMSNorm)
+_row_invariant: weakref.WeakKeyDictionary[Stage, bool] = weakref.WeakKeyDictionary()
+
+
+def row_invariant(stage: Stage) -> bool:
+    """Whether every leaf module of ``stage`` gives a row's output bitwise the same whatever the other rows: its type
+    is row-wise by nature (``_ROW_WISE``, an embedding) or says so (``row_invariant = True``, as ``QuantLinear``).
+    ``nn.Linear`` does not (MKL's kernels depend on M), nor does any module type that does not declare it."""
+    known = _row_invariant.get(stage)
+    if known is None:
+        leaves = [m for m in stage.modules() if next(m.children(), None) is None]
+        known = all(isinstance(m, _ROW_WISE) or getattr(type(m), "row_invariant", False) for m in leaves)
+        _row_invariant[stage] = known
+    return known
 
 
 def cache_len(max_len: int) -> int:
@@ -60,12 +79,13 @@ class StepRow:
         return int(self.x.shape[0])
 
 
-def _batch(stage: Stage, slots: Sequence[int], starts: Sequence[int], n_tokens: int) -> Batch:
+def _batch(stage: Stage, slots: Sequence[int], starts: Sequence[int], n_tokens: int, per_row: bool) -> Batch:
     device = stage.device
     start = torch.tensor(starts, dtype=torch.long, device=device)
     length = round_up(max(starts) + n_tokens, KEY_MULTIPLE)
     slot_ids = torch.tensor(slots, dtype=torch.long, device=device)
-    return stage.batch(slot_ids, start, n_tokens, min_length=length, always_mask=True)
+    multiple = KEY_MULTIPLE if per_row else 0
+    return stage.batch(slot_ids, start, n_tokens, min_length=length, always_mask=True, row_key_multiple=multiple)
 
 
 def _pad(stage: Stage, xs: Sequence[Tensor], rows: int, tokens: int) -> Tensor:
@@ -80,16 +100,18 @@ def _pad(stage: Stage, xs: Sequence[Tensor], rows: int, tokens: int) -> Tensor:
 
 
 def decode(stage: Stage, cache: KVCache, rows: Sequence[StepRow], scratch: int) -> list[Tensor | None]:
-    """One token per row in one call padded to ``ROW_MULTIPLE`` rows. Per row: the logits ``[V]`` on a last stage
-    (``None`` where not wanted), the activations ``[1, D]`` elsewhere."""
+    """One token per row in one call: padded to ``ROW_MULTIPLE`` rows, or on a ``row_invariant`` stage unpadded with
+    attention row by row. Per row: the logits ``[V]`` on a last stage (``None`` where not wanted), the activations
+    ``[1, D]`` elsewhere."""
     for r in rows:
         if r.n_tokens != 1:
             raise ValueError(f"a decode row feeds one token, got {r.n_tokens} at {r.start}")
     n = len(rows)
-    padded = max(ROW_MULTIPLE, round_up(n, ROW_MULTIPLE))
+    per_row = row_invariant(stage)
+    padded = n if per_row else max(ROW_MULTIPLE, round_up(n, ROW_MULTIPLE))
     pad = padded - n
     x = _pad(stage, [r.x for r in rows], padded, 1)
-    batch = _batch(stage, [r.slot for r in rows] + [scratch] * pad, [r.start for r in rows] + [0] * pad, 1)
+    batch = _batch(stage, [r.slot for r in rows] + [scratch] * pad, [r.start for r in rows] + [0] * pad, 1, per_row)
     out = stage(x, batch, cache, last_only=True)  # [B', 1, V or D]
     if stage.spec.has_head:
         return [out[j, -1] if r.logits else None for j, r in enumerate(rows)]
@@ -104,7 +126,7 @@ def prefill(stage: Stage, cache: KVCache, row: StepRow) -> Tensor | None:
         raise ValueError(f"empty prompt chunk at {row.start}")
     padded = round_up(n, ROW_MULTIPLE)
     x = _pad(stage, [row.x], 1, padded)
-    batch = _batch(stage, [row.slot], [row.start], padded)
+    batch = _batch(stage, [row.slot], [row.start], padded, row_invariant(stage))
     if not stage.spec.has_head:
         return stage(x, batch, cache)[0, :n]
     if not row.logits:

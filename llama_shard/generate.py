@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+from torch import Tensor
 
+from llama_shard import batching
+from llama_shard.batching import StepRow
 from llama_shard.errors import ContextLengthError
 from llama_shard.model import KVCache, Stage
 from llama_shard.sampling import SamplingParams, sample
@@ -31,21 +34,27 @@ class TokenEngine(Protocol):
 
 
 class LocalEngine:
-    """The whole model in this process, one request at a time."""
+    """The whole model in this process, one request at a time in KV slot 0.
+
+    It computes with the shapes of ``llama_shard.batching``, as every node and ``serve`` do, so ``llama-node run``
+    gives the same bits with or without ``--nodes``: the prompt is a prefill chunk, each later token a decode row
+    (as ``PipelineEngine`` marks them). A stage that pads decode rows gets slot 1 as their scratch slot.
+    """
 
     def __init__(self, stage: Stage, params: SamplingParams, max_len: int) -> None:
         if not (stage.spec.has_embed and stage.spec.has_head):
             raise ValueError(f"LocalEngine needs the whole model, got stage {stage.spec}")
         self.stage, self.params, self.max_len = stage, params, max_len
-        self.cache: KVCache = stage.new_cache(1, max_len)
+        scratch_slots = 0 if batching.row_invariant(stage) else 1  # a row-invariant stage never pads decode rows
+        self.cache: KVCache = stage.new_cache(1 + scratch_slots, batching.cache_len(max_len))
         self.history: list[int] = []
-        self._slot = torch.zeros(1, dtype=torch.long)
+        self.logits: Tensor | None = None  # the logits ``[V]`` of the last step
 
-    @torch.inference_mode()
     def step(self, tokens: Sequence[int], start: int) -> int:
-        x = torch.tensor([list(tokens)], dtype=torch.long)
-        batch = self.stage.batch(self._slot, torch.tensor([start]), len(tokens))
-        logits = self.stage(x, batch, self.cache, last_only=True)[0, -1]
+        row = StepRow(0, start, torch.tensor(list(tokens), dtype=torch.long), prefill=start == 0)
+        (logits,) = batching.run_step(self.stage, self.cache, [row], scratch=1)
+        assert logits is not None  # a last stage returns the logits a row asks for
+        self.logits = logits
         self.history.extend(tokens)
         return sample(logits, self.params, start + len(tokens), self.history)
 
