@@ -137,6 +137,8 @@ def prefill(stage: Stage, cache: KVCache, row: StepRow) -> Tensor | None:
     if not row.logits:
         stage(x, batch, cache, last_only=True)
         return None
+    if row_invariant(stage):  # the head's row is the same for any M: compute it for the one row wanted
+        return stage(x, batch, cache, last_only=True, last=n - 1)[0, -1]
     return stage(x, batch, cache, last_only=False)[0, n - 1]
 
 

@@ -246,14 +246,15 @@ class Stage(nn.Module):
             mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, L]
         return Batch(slots, positions, emb.cos(), emb.sin(), length, mask)
 
-    def forward(self, x: Tensor, batch: Batch, cache: KVCache, *, last_only: bool = False) -> Tensor:
+    def forward(self, x: Tensor, batch: Batch, cache: KVCache, *, last_only: bool = False, last: int = -1) -> Tensor:
         """Run this stage.
 
         Args:
             x: token ids ``[B, T]`` on the first stage, hidden states ``[B, T, D]`` elsewhere.
             batch: from ``Stage.batch``.
             cache: this stage's KV cache.
-            last_only: on the last stage, compute logits for the last position of each row only.
+            last_only: on the last stage, compute logits for one position of each row only: ``last`` (by default
+                the last one; a padded prompt chunk names its last real token).
 
         Returns:
             Logits ``[B, T or 1, V]`` (fp32) on the last stage, hidden states ``[B, T, D]`` elsewhere.
@@ -264,5 +265,5 @@ class Stage(nn.Module):
         if self.norm is None or self.output is None:
             return h
         if last_only:
-            h = h[:, -1:]
+            h = h[:, -1:] if last == -1 else h[:, last : last + 1]
         return self.output(self.norm(h)).float()
