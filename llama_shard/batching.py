@@ -6,10 +6,15 @@ last bits between M = 1, 2, 3 and M >= 4 flattened rows (GEMV vs GEMM kernels, a
 length changes its blocking. So every call made here has a shape drawn from a few fixed families, whatever the load:
 
 * decode (one new token per row): the rows are padded to a multiple of ``ROW_MULTIPLE`` (at least
-  ``ROW_MULTIPLE``) with scratch rows that write to a scratch KV slot, which no real row ever reads;
+  ``ROW_MULTIPLE``) with scratch rows that write to a scratch KV slot, which no real row ever reads. Except on a
+  ``row_invariant`` stage, whose every module gives a row the same bits for any number of rows (the packed int4
+  kernel of ``QuantLinear`` does; MKL's fp32 GEMM does not): there the rows go unpadded, and attention runs row by
+  row (B = 1, one query, the row's own key count), so no shape a row meets depends on its batch-mates;
 * prefill (a prompt chunk, of any length including 1): one row per call, its chunk padded with dummy inputs to a
   multiple of ``ROW_MULTIPLE`` tokens. The padding writes KV past the chunk, which the next real token overwrites
-  before anyone can read it (the mask hides keys past each query's position);
+  before anyone can read it (the mask hides keys past each query's position). A row-invariant stage needs it too:
+  attention over T queries is not the same per query for every T (measured on SmolLM2 Q4_1: chunks of 1, 4, 7
+  tokens unpadded change the prompt's logits);
 * the attention key length is rounded up to a multiple of ``KEY_MULTIPLE`` and a mask is always passed.
 
 A token fed as a decode row and the same token fed as a one-token prompt chunk go through different families and

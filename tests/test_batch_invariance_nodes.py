@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_helpers import Cluster, local_greedy, split, whole_stage
+from pipeline_helpers import Cluster, local_greedy, pipeline_greedy, split, whole_stage
 
 from coordinator.pipeline.client import PipelineClient
 from coordinator.pipeline.local import StageOptions
+from llama_shard.generate import LocalEngine
+from llama_shard.sampling import SamplingParams
 from node.wire import RowInput
 
 SLOTS = 9  # slots 0..7 decode, slot 8 reads prompts
@@ -126,3 +128,16 @@ def test_prompt_logits_do_not_depend_on_chunking(pipe: tuple[Cluster, PipelineCl
     # the same convention in this process on the whole model gives the same bits as the two nodes
     _, expected = local_greedy([whole_stage(model)], PROMPT, 2)
     assert torch.equal(expected[0], whole) and torch.equal(expected[1], whole_next)
+
+
+def test_run_in_one_process_equals_run_over_the_nodes(pipe: tuple[Cluster, PipelineClient], model: Path) -> None:
+    """``llama-node run`` (``LocalEngine``) and ``run --nodes 2`` (``PipelineEngine``): the same tokens and logits."""
+    tokens, logits = pipeline_greedy(*pipe, PROMPT, 6)
+    engine = LocalEngine(whole_stage(model), SamplingParams(), 128)
+    local = [engine.step(PROMPT, 0)]
+    local_logits = [engine.logits]
+    for i in range(5):
+        local.append(engine.step([local[-1]], len(PROMPT) + i))
+        local_logits.append(engine.logits)
+    assert local == tokens
+    assert all(a is not None and torch.equal(a, b) for a, b in zip(local_logits, logits, strict=True))

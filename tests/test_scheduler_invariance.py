@@ -1,5 +1,7 @@
 """Batch-invariant numerics, at the level of logits, on the real SmolLM2 weights and kernels: a request's logits row
-is bitwise the same whatever shares its step and however its prompt was chunked (see coordinator/local_executor)."""
+is bitwise the same whatever shares its step and however its prompt was chunked (see coordinator/local_executor), on
+the exact fp32 path (decode rows padded to 16) and the packed ``--dtype auto`` path (rows unpadded, attention row by
+row)."""
 
 from __future__ import annotations
 
@@ -10,19 +12,21 @@ import torch
 
 from coordinator.local_executor import LocalExecutor
 from coordinator.scheduler import RowWork
+from llama_shard.quant import QuantMode
 from llama_shard.sampling import SamplingParams
 
 P = SamplingParams()
 
 
-@pytest.fixture(scope="module")
-def executor() -> LocalExecutor:
+@pytest.fixture(scope="module", params=[None, QuantMode.gguf], ids=["float32", "packed"])
+def executor(request: pytest.FixtureRequest) -> LocalExecutor:
     from llama_shard.embedded import smollm2_gguf_path
     from llama_shard.loading import load_stage, open_source
     from llama_shard.shard import ShardSpec
 
     source = open_source(smollm2_gguf_path())
-    return LocalExecutor(load_stage(source, ShardSpec.whole(source.config.n_layers)), n_slots=12, max_len=384)
+    stage = load_stage(source, ShardSpec.whole(source.config.n_layers), quantize=request.param)
+    return LocalExecutor(stage, n_slots=12, max_len=384)
 
 
 def prefill(ex: LocalExecutor, slot: int, prompt: Sequence[int], chunk: int) -> torch.Tensor:
@@ -53,10 +57,11 @@ def test_decode_logits_do_not_depend_on_the_batch(executor: LocalExecutor) -> No
     def row(slot: int) -> RowWork:
         return RowWork(slot, slot, lengths[slot], (1234 + slot,), False, True, P)
 
-    alone = executor.decode_logits([row(0)])[0]
-    for size in (2, 3, 4, 7, 12):
+    alone = [executor.decode_logits([row(s)])[0] for s in range(12)]
+    for size in (2, 3, 4, 7, 8, 12):
         together = executor.decode_logits([row(s) for s in range(size)])
-        assert torch.equal(together[0], alone), f"batch of {size}"
+        for s in range(size):
+            assert torch.equal(together[s], alone[s]), f"slot {s} in a batch of {size}"
     # order within the step does not matter either, and every row equals its own single-row result
     rows = [row(s) for s in (5, 0, 9)]
     mixed = executor.decode_logits(rows)
