@@ -59,8 +59,9 @@ def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 24
 
 @pytest.fixture(scope="module")
 def references() -> Iterator[dict[str, subprocess.Popen[bytes]]]:
-    """``llama-node run --json`` for the chat question and the raw prompt, started before the server loads."""
-    common = ["--json", "-n", str(N), "-t", "0", "--threads", "1"]
+    """``llama-node run --json`` for the chat question and the raw prompt, started before the server loads; float32, as
+    ``serve`` computes (``run``'s default ``--dtype auto`` is the packed path, other numerics)."""
+    common = ["--json", "-n", str(N), "-t", "0", "--threads", "1", "--dtype", "float32"]
     procs = {
         "chat": subprocess.Popen([*CLI, "run", "-p", QUESTION, *common], stdout=subprocess.PIPE),
         "raw": subprocess.Popen([*CLI, "run", "--raw", "-p", RAW_PROMPT, *common], stdout=subprocess.PIPE),
