@@ -204,13 +204,21 @@ class LoadReport:
     bytes: int
 
 
-def iter_stage_tensors(source: WeightSource, spec: ShardSpec) -> Iterator[tuple[str, torch.Tensor]]:
-    """The stage's tensors, one at a time, by native name (the tied head falls back to the embedding)."""
+def iter_stage_tensors(
+    source: WeightSource, spec: ShardSpec, *, share_tied: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stage's tensors, one at a time, by native name (the tied head falls back to the embedding).
+
+    ``share_tied``: a stage that holds both the embedding and a tied head skips the head, which the caller shares
+    with the embedding, instead of reading (and dequantising) the same tensor twice.
+    """
     config = source.config
     for name in stage_tensor_names(config, spec):
         if name == "output.weight" and not source.has(name):
             if not config.tie_embeddings:
                 raise ModelFormatError("the checkpoint has no output.weight and does not tie embeddings")
+            if share_tied and spec.has_embed:
+                continue
             name_in_source = "tok_embeddings.weight"
         else:
             name_in_source = name
@@ -238,12 +246,10 @@ def load_stage(
     state: dict[str, torch.Tensor] = {}
     freq_factors = None
     nbytes = 0
-    for name, tensor in iter_stage_tensors(source, spec):
+    for name, tensor in iter_stage_tensors(source, spec, share_tied=True):  # a tied head is shared below
         if name == "rope_freqs":
             freq_factors = tensor
             continue
-        if name == "output.weight" and spec.has_embed and not source.has("output.weight"):
-            continue  # tied: share the embedding's parameter below instead of a second copy
         state[name] = tensor.to(device=device, dtype=dtype)
         nbytes += state[name].numel() * state[name].element_size()
     expected = dict(stage.state_dict(keep_vars=True))
