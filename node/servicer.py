@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from node.authz import with_behaviour
 from node.service import NodeService, NodeState
 from node.slices import PartialSlice, SliceMismatchError
 from node.wire import (
@@ -70,17 +71,7 @@ class ProtocolInterceptor(aio.ServerInterceptor):
         async def refuse(_request: Any, context: aio.ServicerContext) -> None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
 
-        make = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(handler.request_streaming, handler.response_streaming)]
-        return make(
-            refuse,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return with_behaviour(handler, refuse)
 
 
 class NodeServicer(pb_grpc.NodeServicer):
