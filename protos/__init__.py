@@ -5,6 +5,8 @@ committed, so ``pip install .`` and ``pip install -e .`` need no build hook; ``t
 regenerating gives identical files.
 """
 
-#: Sent as metadata on every call and returned by Health; peers refuse any other version.
-PROTOCOL_VERSION = 1
+#: Sent as metadata on every call and returned by Health; peers refuse any other version. Bumped whenever an older
+#: peer would silently misread a message (ignore a field that changes the result): 2 added ``Row.prefill``,
+#: ``LoadShardRequest.quantize`` and ``TensorDigest.gguf_type``. The Cluster service (join, describe) carries it too.
+PROTOCOL_VERSION = 2
 PROTOCOL_METADATA_KEY = "llama-node-protocol"

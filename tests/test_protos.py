@@ -32,6 +32,7 @@ from node.wire import (
     spec_from_pb,
     spec_to_pb,
 )
+from protos import PROTOCOL_VERSION
 from protos.llama_node.v1 import node_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,4 +125,4 @@ def test_a_client_refuses_a_node_of_another_protocol_version() -> None:
         return "accepted"
 
     message = asyncio.run(go())
-    assert "speaks llama-node protocol 99" in message and "speaks 1" in message
+    assert "speaks llama-node protocol 99" in message and f"speaks {PROTOCOL_VERSION}" in message
