@@ -13,7 +13,10 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
+from coordinator.cluster import plan_options
 from coordinator.pki import ClusterCA
+from coordinator.planner import DeviceProfile, Memory, PlanError, plan
+from coordinator.planner.loaders import load_model_profile
 from protos.llama_node.v1 import node_pb2 as pb
 from protos.llama_node.v1 import node_pb2_grpc as pb_grpc
 
@@ -101,3 +104,24 @@ async def start_impostor(credentials: grpc.ServerCredentials | None) -> tuple[ai
 def foreign_ca() -> ClusterCA:
     """Another cluster's CA: certificates from it are well-formed and useless here."""
     return ClusterCA.create("stranger")
+
+
+def memory_cap_for(model: Path, nodes: int, context: int, slots: int, upper: int = 8 * 10**9) -> int:
+    """A per-node memory cap at which ``nodes`` equal nodes hold the model and ``nodes - 1`` cannot (bisection over
+    the planner, whatever the nodes' speeds)."""
+    profile = load_model_profile(str(model))
+    options = plan_options(profile, context, slots)
+
+    def fits(cap: int, n: int) -> bool:
+        try:
+            plan(profile, [DeviceProfile.declare(f"n{i}", Memory(cap)) for i in range(n)], options)
+        except PlanError:
+            return False
+        return True
+
+    lo, hi = 0, upper
+    while hi - lo > 1000:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid, nodes) else (mid, hi)
+    assert not fits(hi, nodes - 1), f"the model is too small to need {nodes} nodes at any cap"
+    return hi

@@ -17,15 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.cluster import plan_options
 from coordinator.pki import ClusterCA
-from coordinator.planner import DeviceProfile, Memory, PlanError, plan
-from coordinator.planner.loaders import load_model_profile
 from llama_shard.generate import LocalEngine
 from llama_shard.loading import load_stage, open_source
 from llama_shard.sampling import SamplingParams
 from llama_shard.shard import ShardSpec
-from tests.cluster_helpers import LLAMA_NODE, stop, wait_for_log
+from tests.cluster_helpers import LLAMA_NODE, memory_cap_for, stop, wait_for_log
 from tests.netns_lan import NetnsLan, why_not_available
 
 REASON = why_not_available()
@@ -54,29 +51,9 @@ def expected(model: Path) -> list[int]:
     return tokens
 
 
-def memory_cap_for_three(model: Path) -> int:
-    """A per-node memory cap at which three nodes hold the model and two cannot (whatever their speeds)."""
-    profile = load_model_profile(str(model))
-    options = plan_options(profile, CONTEXT, 1)
-
-    def fits(cap: int, n: int) -> bool:
-        try:
-            plan(profile, [DeviceProfile.declare(f"n{i}", Memory(cap)) for i in range(n)], options)
-        except PlanError:
-            return False
-        return True
-
-    lo, hi = 0, 2 * 10**9
-    while hi - lo > 1000:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fits(mid, 3) else (mid, hi)
-    assert not fits(hi, 2), "the model is too small to need three nodes at any cap"
-    return hi
-
-
 def run_lan(tmp: Path, model: Path, *, multicast: bool) -> tuple[dict[str, object], list[str], str, NetnsLan]:
     """Three joins and a coordinator on a fresh LAN; (coordinator's JSON, node logs, coordinator log, lan)."""
-    cap = memory_cap_for_three(model)
+    cap = memory_cap_for(model, 3, CONTEXT, 1, upper=2 * 10**9)
     ca = ClusterCA.load_or_create(tmp / "state")
     lan = NetnsLan(4)
     procs: list[subprocess.Popen[bytes]] = []

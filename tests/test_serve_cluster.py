@@ -17,35 +17,13 @@ from pathlib import Path
 import httpx
 import openai
 
-from coordinator.cluster import plan_options
-from coordinator.planner import DeviceProfile, Memory, PlanError, plan
 from coordinator.planner.loaders import load_model_profile
 from llama_shard.embedded import smollm2_gguf_path
-from tests.cluster_helpers import LLAMA_NODE, free_port, start_join, stop, wait_for_log
+from tests.cluster_helpers import LLAMA_NODE, free_port, memory_cap_for, start_join, stop, wait_for_log
 
 QUESTION = "What is the capital of France?"
 N = 12
 CONTEXT, SLOTS = 256, 4
-
-
-def memory_cap_for_two(model: Path) -> int:
-    """A per-node memory cap at which the model fits on two nodes but not on one (bisection over the planner)."""
-    profile = load_model_profile(str(model))
-    options = plan_options(profile, CONTEXT, SLOTS)
-
-    def fits(cap: int, n: int) -> bool:
-        try:
-            plan(profile, [DeviceProfile.declare(f"n{i}", Memory(cap)) for i in range(n)], options)
-        except PlanError:
-            return False
-        return True
-
-    lo, hi = 0, 8 * 10**9
-    while hi - lo > 1000:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fits(mid, 2) else (mid, hi)
-    assert not fits(hi, 1), "the model is too small to need two nodes at any cap"
-    return hi
 
 
 def wait_up(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
@@ -67,7 +45,7 @@ def test_serve_over_joined_nodes(tmp_path: Path) -> None:
     model = smollm2_gguf_path()
     reference = subprocess.Popen([LLAMA_NODE, "run", "-p", QUESTION, "--json", "-n", str(N), "-t", "0", "--threads",
                                   "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
-    cap = memory_cap_for_two(model)
+    cap = memory_cap_for(model, 2, CONTEXT, SLOTS, upper=8 * 10**9)
     http_port, join_port, ports = free_port(), free_port(), [free_port(), free_port()]
     state, serve_log = tmp_path / "state", tmp_path / "serve.log"
     url = f"http://127.0.0.1:{http_port}"
