@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from coordinator.pipeline.client import NodeClient, PipelineClient
     from coordinator.pipeline.engine import LoopThread, PipelineEngine
     from coordinator.planner import ModelProfile, Plan, PlanOptions
+    from llama_shard.quant import QuantMode
     from llama_shard.sampling import SamplingParams
     from node.wire import RowInput, RowOutput
 
@@ -62,16 +63,35 @@ class ClusterSettings:
     min_nodes: int = 1
     settle_s: float = 1.0
     push: bool = True  # stream slices from the coordinator (nodes need no copy of the model)
+    quantize: QuantMode | None = None  # gguf: the nodes hold the file's blocks packed; None: dense float32
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_options(profile: ModelProfile, context: int, slots: int) -> PlanOptions:
-    """What the cluster plans for: the engine computes and caches in fp32 (4-byte KV and activations); weights
-    are sized as stored in a GGUF file, else as bf16 (the engine holds them in fp32 today: see the closing note)."""
+    """What the cluster plans for: the engine computes and caches in fp32 (4-byte KV and activations); weights are
+    sized as ``profile`` stores them (a GGUF header, or ``node_profile``'s), else as bf16 (an HF checkpoint, held
+    in fp32 by dense stages: undercounted by half)."""
     from coordinator.planner import PlanOptions, WeightFormat
 
     weights = None if profile.stored is not None else WeightFormat.BF16
     return PlanOptions(context=context, batch=slots, kv_bytes_per_element=4, activation_bytes=4, weights=weights)
+
+
+def node_profile(profile: ModelProfile, packed: bool) -> ModelProfile:
+    """``profile`` with the bytes the nodes will hold. Packed stages keep a GGUF's blocks at about their stored size
+    (Q4_x/Q8_0; other types, Q6_K or Q5_x, become bf16 at load, which the stored sizes undercount). Dense stages of
+    a GGUF hold 4 bytes a weight, not its stored size."""
+    import dataclasses
+
+    from coordinator.planner.profiles import StoredWeights
+
+    if packed or profile.stored is None:
+        return profile
+    layers = tuple(4 * profile.layer_params(i) for i in range(profile.n_layers))
+    experts = tuple(4 * 3 * profile.dim * profile.expert_ffn_dim if i in profile.moe_layers else 0
+                    for i in range(profile.n_layers))  # fmt: skip
+    stored = StoredWeights("F32", layers, experts, 4 * profile.embed_params(), 4 * profile.head_params())
+    return dataclasses.replace(profile, stored=stored)
 
 
 class Cluster:
@@ -153,7 +173,10 @@ class Cluster:
         self.ready.clear()
         records = dict(self.registry.nodes)
         self.state = f"planning over {len(records)} node(s)"
-        profile = load_model_profile(str(self.s.model))
+        from llama_shard.quant import QuantMode
+
+        packed = self.s.quantize == QuantMode.gguf
+        profile = node_profile(load_model_profile(str(self.s.model)), packed)
         devices = []
         for r in records.values():
             d, link = r.description.device, r.description.link
@@ -170,7 +193,7 @@ class Cluster:
         specs = [ShardSpec(b, e, profile.n_layers) for _, _, b, e in stages]
         clients = [NodeClient(a, self.credentials) for _, a, _, _ in stages]
         stage_options = StageOptions(slots=self.s.slots, max_len=self.s.context, push=self.s.push,
-                                     catalog_dir=self.s.state_dir / "catalog")  # fmt: skip
+                                     catalog_dir=self.s.state_dir / "catalog", quantize=self.s.quantize)  # fmt: skip
         try:
             await load_pipeline(clients, self.s.model, specs, stage_options)
             client = PipelineClient([a for _, a, _, _ in stages], credentials=self.credentials)

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING
 import typer
 
 from coordinator.cluster_defaults import DEFAULT_JOIN_PORT, DEFAULT_STATE_DIR
+from coordinator.run_cmd import DType
 
 if TYPE_CHECKING:
     from coordinator.api.backend import Backend, ModelInfo
     from coordinator.cluster import ClusterRuntime, ClusterSettings
+    from llama_shard.quant import QuantMode
     from llama_shard.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -29,13 +31,13 @@ log = logging.getLogger(__name__)
 
 def cluster_settings(model: Path, peer: list[str], insecure: bool, state_dir: Path, join_port: int,
                      min_nodes: int, context: int, no_mdns: bool = False, *, slots: int = 1,
-                     join_host: str = "0.0.0.0") -> ClusterSettings:  # fmt: skip
+                     join_host: str = "0.0.0.0", quantize: QuantMode | None = None) -> ClusterSettings:  # fmt: skip
     """The shared settings from the flags (``serve`` calls this too)."""
     from coordinator.cluster import ClusterSettings
 
     return ClusterSettings(model=model, state_dir=state_dir, insecure=insecure, peers=list(peer), port=join_port,
                            min_nodes=min_nodes, context=context, mdns=not no_mdns, slots=slots,
-                           host=join_host)  # fmt: skip
+                           host=join_host, quantize=quantize)  # fmt: skip
 
 
 def announce(runtime: ClusterRuntime, insecure: bool, join_host: str = "0.0.0.0") -> None:
@@ -61,6 +63,7 @@ class ClusterFlags:
     join_host: str = "0.0.0.0"
     min_nodes: int = 1
     no_mdns: bool = False
+    quantize: QuantMode | None = None  # how the nodes hold the weights (``weight_mode``)
 
 
 def serve_cluster_backend(model: Path, info: ModelInfo, tokenizer: Tokenizer, flags: ClusterFlags, n_slots: int,
@@ -72,7 +75,8 @@ def serve_cluster_backend(model: Path, info: ModelInfo, tokenizer: Tokenizer, fl
     from coordinator.scheduler import Scheduler
 
     settings = cluster_settings(model, flags.peer, flags.insecure, flags.state_dir, flags.join_port, flags.min_nodes,
-                                max_len, flags.no_mdns, slots=n_slots, join_host=flags.join_host)  # fmt: skip
+                                max_len, flags.no_mdns, slots=n_slots, join_host=flags.join_host,
+                                quantize=flags.quantize)  # fmt: skip
     runtime = ClusterRuntime(settings)
     announce(runtime, flags.insecure, flags.join_host)
     log.info("join endpoint on %s:%d; waiting for nodes (the API answers 503 until %d node(s) joined and loaded)",
@@ -102,13 +106,16 @@ def cluster_command(
     max_tokens: int = typer.Option(32, "--max-tokens", "-n", min=1),
     ready_timeout: float = typer.Option(300.0, "--ready-timeout", help="with --prompt: seconds to wait for a plan"),
     as_json: bool = typer.Option(False, "--json", help="with --prompt: print one JSON object on stdout"),
+    dtype: DType = typer.Option(DType.auto, "--dtype", help="auto: a GGUF's blocks stay packed; float32: exact"),
 ) -> None:
     """Coordinate joined nodes: print the join command, discover, plan, load (and answer --prompt)."""
     from coordinator.cluster import ClusterRuntime
+    from coordinator.pipeline.local import weight_mode
     from coordinator.run_cmd import resolve_model
 
     path = resolve_model(model)
-    settings = cluster_settings(path, peer, insecure, state_dir, join_port, min_nodes, context, no_mdns)
+    settings = cluster_settings(path, peer, insecure, state_dir, join_port, min_nodes, context, no_mdns,
+                                quantize=weight_mode(path, dtype.value))  # fmt: skip
     runtime = ClusterRuntime(settings)
     try:
         announce(runtime, insecure)

@@ -11,9 +11,15 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coordinator.pipeline.local import LocalPipeline, StageOptions
 from coordinator.scheduler import RowWork
+
+if TYPE_CHECKING:
+    import torch
+
+    from llama_shard.quant import QuantMode
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +27,22 @@ log = logging.getLogger(__name__)
 class PipelineExecutor:
     """``n_nodes`` local node processes holding contiguous slices; one frame per step, one per stage in flight."""
 
-    def __init__(self, model: Path, n_nodes: int, n_slots: int, max_len: int, *, threads: int = 1) -> None:
+    def __init__(
+        self,
+        model: Path,
+        n_nodes: int,
+        n_slots: int,
+        max_len: int,
+        *,
+        threads: int = 1,
+        quantize: QuantMode | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         self.n_slots, self.max_len = n_slots, max_len
         self.depth = max(1, n_nodes)  # one micro-batch per stage keeps every stage busy
-        self.pipeline = LocalPipeline(model, n_nodes, StageOptions(slots=n_slots, max_len=max_len), threads=threads)
+        dtypes = [dtype] * n_nodes if dtype is not None else []
+        options = StageOptions(dtypes, slots=n_slots, max_len=max_len, quantize=quantize)
+        self.pipeline = LocalPipeline(model, n_nodes, options, threads=threads)
         log.info("pipeline of %d node processes: %s", n_nodes, ", ".join(self.pipeline.nodes.addresses))
 
     async def run(self, rows: Sequence[RowWork]) -> list[int | None]:

@@ -135,11 +135,15 @@ class _Session:
         self.name = path.name
         self.tokenizer = load_tokenizer(source)
         torch_dtype = {
-            DType.auto: torch.float32,  # for a GGUF in this process, auto is the quantised path (below)
+            DType.auto: torch.float32,  # dense float32 where auto does not mean packed (see weight_mode)
             DType.float32: torch.float32,
             DType.bfloat16: torch.bfloat16,
             DType.float16: torch.float16,
         }[dtype]
+        from coordinator.pipeline.local import weight_mode
+
+        # the same weights in this process and on nodes: GGUF blocks stay packed for auto, float32 is the exact path
+        mode = weight_mode(path, dtype.value, quantize.value if quantize is not None else None)
         self.max_len = min(context, source.config.max_seq_len)
         self.pipeline: LocalPipeline | None = None
         if nodes is not None:
@@ -147,14 +151,10 @@ class _Session:
             from coordinator.pipeline.progress import slice_progress
 
             with slice_progress() as on_progress:
-                options = StageOptions([torch_dtype] * nodes, max_len=self.max_len, push=push, on_progress=on_progress)
+                options = StageOptions([torch_dtype] * nodes, max_len=self.max_len, push=push, quantize=mode,
+                                       on_progress=on_progress)  # fmt: skip
                 self.pipeline = LocalPipeline(path, nodes, options, threads=threads or 1)
         else:
-            from llama_shard.quant import QuantMode
-
-            mode = QuantMode(quantize.value) if quantize is not None else None
-            if mode is None and dtype == DType.auto and path.suffix == ".gguf":
-                mode = QuantMode.gguf  # GGUF blocks stay packed; float32 stays the exact path
             spec = ShardSpec.whole(source.config.n_layers)
             self.stage = load_stage(source, spec, dtype=torch_dtype, quantize=mode)
         self.messages: list[dict[str, str]] = []

@@ -20,11 +20,15 @@ from typing import TYPE_CHECKING
 import typer
 
 from coordinator.cluster_defaults import DEFAULT_JOIN_PORT, DEFAULT_STATE_DIR
+from coordinator.run_cmd import DType
 
 if TYPE_CHECKING:
+    import torch
+
     from coordinator.api.backend import Backend, ModelInfo
     from coordinator.scheduler import StepExecutor
     from llama_shard.loading import WeightSource
+    from llama_shard.quant import QuantMode
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,9 @@ def serve_command(
     max_queue: int | None = typer.Option(None, "--max-queue", min=0, help="waiting requests (default 4 x slots)"),
     prefill_chunk: int = typer.Option(32, "--prefill-chunk", min=1, help="prompt tokens per step"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: all cores)"),
+    dtype: DType = typer.Option(
+        DType.auto, "--dtype", help="auto: a GGUF's blocks stay packed (on the nodes too); float32: the exact path"
+    ),
 ) -> None:
     """Serve a model over HTTP: OpenAI /v1 and Ollama /api, many requests batched together.
 
@@ -63,6 +70,7 @@ def serve_command(
 
     from coordinator.api.app import create_app
     from coordinator.api.backend import Backend
+    from coordinator.pipeline.local import weight_mode
     from coordinator.scheduler import Scheduler
     from llama_shard.errors import LlamaShardError
     from llama_shard.loading import load_tokenizer, open_source
@@ -81,21 +89,24 @@ def serve_command(
         if n_slots < slots:
             log.warning("--kv-budget-mb %d holds %d slots of %d tokens, not %d", kv_budget_mb, n_slots, max_len, slots)
         info = model_info(source, path, name, model)
+        mode = weight_mode(path, dtype.value)
+        log.info("weights: %s", f"{mode} (packed)" if mode else f"dense {dtype.value}")
         backend: Backend
         if nodes or local:
             executor: StepExecutor
             if nodes:
                 from coordinator.pipeline_executor import PipelineExecutor
 
-                executor = PipelineExecutor(path, nodes, n_slots, max_len, threads=threads or 1)
+                executor = PipelineExecutor(path, nodes, n_slots, max_len, threads=threads or 1, quantize=mode,
+                                            dtype=_torch_dtype(dtype))  # fmt: skip
             else:
-                executor = _local_executor(source, n_slots, max_len, threads)
+                executor = _local_executor(source, n_slots, max_len, threads, mode, dtype)
             scheduler = Scheduler(executor, max_queue=max_queue, prefill_chunk=prefill_chunk)
             backend = Backend(info, tokenizer, max_len, scheduler)
         else:
             from coordinator.cluster_cmd import ClusterFlags, serve_cluster_backend
 
-            flags = ClusterFlags(peer, insecure, state_dir, join_port, join_host, min_nodes, no_mdns)
+            flags = ClusterFlags(peer, insecure, state_dir, join_port, join_host, min_nodes, no_mdns, quantize=mode)
             backend = serve_cluster_backend(path, info, tokenizer, flags, n_slots, max_len, max_queue, prefill_chunk)
     except LlamaShardError as e:
         typer.echo(f"error: {e}", err=True)
@@ -182,7 +193,15 @@ def _quantization(source: WeightSource) -> str:
     return "F32"
 
 
-def _local_executor(source: WeightSource, n_slots: int, max_len: int, threads: int | None) -> StepExecutor:
+def _torch_dtype(dtype: DType) -> torch.dtype:
+    import torch
+
+    return {DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}.get(dtype, torch.float32)
+
+
+def _local_executor(
+    source: WeightSource, n_slots: int, max_len: int, threads: int | None, mode: QuantMode | None, dtype: DType
+) -> StepExecutor:
     import torch
 
     from coordinator.local_executor import LocalExecutor
@@ -191,5 +210,6 @@ def _local_executor(source: WeightSource, n_slots: int, max_len: int, threads: i
 
     if threads is not None:
         torch.set_num_threads(threads)
-    stage = load_stage(source, ShardSpec.whole(source.config.n_layers), dtype=torch.float32)
+    spec = ShardSpec.whole(source.config.n_layers)
+    stage = load_stage(source, spec, dtype=_torch_dtype(dtype), quantize=mode)
     return LocalExecutor(stage, n_slots, max_len)

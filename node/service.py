@@ -23,8 +23,10 @@ import psutil
 import torch
 
 from llama_shard.errors import LlamaShardError
-from llama_shard.loading import load_stage, open_source
+from llama_shard.loading import GGUFSource, WeightSource, load_stage, open_source
+from llama_shard.quant import QuantMode
 from llama_shard.shard import ShardSpec
+from node.packed import SliceGGUFSource, is_packed, is_raw, verify_packed, write_slice_gguf
 from node.progress import NodeBars
 from node.slices import BlobSource, PartialSlice, SliceBusyError, SliceCache, SliceMismatchError, VerifiedSource
 from node.stage_host import StageHost
@@ -91,7 +93,9 @@ class NodeService:
             raise
 
     def _load(self, req: LoadRequest, on_tensor: Callable[[int], None]) -> LoadOutcome:
+        packed = _check_mode(req)
         from_cache = False
+        source: WeightSource
         if req.local_path is not None:
             try:
                 source = open_source(req.local_path)
@@ -103,25 +107,32 @@ class NodeService:
                     f"{req.local_path} is a different model than the coordinator's ({source.config} != {req.config})",
                 )
         else:
-            path = self.cache.lookup(req.manifest.sha256, req.manifest.nbytes)
+            sha = req.manifest.sha256
+            path = self.cache.lookup_gguf(sha) if packed else self.cache.lookup(sha, req.manifest.nbytes)
             if path is None:
                 with self._lock:
-                    self._pending[req.manifest.sha256] = req
+                    self._pending[sha] = req
                 part = self.cache.root / f"{req.manifest.hex}.part"
                 have = part.stat().st_size if part.exists() else 0
                 return LoadOutcome(ready=False, have_bytes=min(have, req.manifest.nbytes))
-            source = BlobSource(req.config, req.manifest, path)
+            try:
+                source = SliceGGUFSource(path, req.config) if packed else BlobSource(req.config, req.manifest, path)
+            except LlamaShardError as e:
+                self.cache.discard(sha)
+                raise WireError(grpc.StatusCode.DATA_LOSS, f"cached slice {path.name} is unusable: {e}") from None
             from_cache = True
         self.release()
         self.state, self.spec = NodeState.loading, req.spec
         self.load_done, self.load_total = 0, req.manifest.nbytes
+        device = req.device or self.device
         try:
-            stage = load_stage(
-                VerifiedSource(source, req.manifest, on_tensor),
-                req.spec,
-                dtype=req.compute_dtype,
-                device=req.device or self.device,
-            )
+            if packed:
+                assert isinstance(source, GGUFSource)
+                verify_packed(source, req.spec, req.manifest, on_tensor)
+                stage = load_stage(source, req.spec, device=device, quantize=QuantMode.gguf)
+            else:
+                verified = VerifiedSource(source, req.manifest, on_tensor)
+                stage = load_stage(verified, req.spec, dtype=req.compute_dtype, device=device, quantize=req.quantize)
         except SliceMismatchError as e:
             if req.local_path is None:
                 self.cache.discard(req.manifest.sha256)  # a corrupt cache entry: fetch it again next time
@@ -138,7 +149,7 @@ class NodeService:
         self.state = NodeState.ready
         log.info(
             "holding layers %s (%.1f MB, %s, from %s); RSS %.1f MB",
-            req.spec, req.manifest.nbytes / 1e6, req.compute_dtype,
+            req.spec, req.manifest.nbytes / 1e6, req.quantize or req.compute_dtype,
             req.local_path or ("cache" if from_cache else "push"), self.rss_bytes / 1e6,
         )  # fmt: skip
         return LoadOutcome(ready=True, from_cache=from_cache)
@@ -169,8 +180,36 @@ class NodeService:
         except SliceMismatchError as e:
             raise WireError(grpc.StatusCode.DATA_LOSS, str(e)) from None
         with self._lock:
-            self._pending.pop(partial.sha, None)
+            req = self._pending.pop(partial.sha, None)
+        if is_packed(partial.manifest):
+            # the verified blocks become a slice GGUF, which loads exactly as a node's own copy of the file would
+            config = req.config if req is not None else None
+            if config is None:
+                raise WireError(grpc.StatusCode.FAILED_PRECONDITION, "no LoadShard awaits this packed slice")
+            try:
+                gguf = write_slice_gguf(path, partial.manifest, config, self.cache.gguf_path_for(partial.sha))
+            finally:
+                path.unlink(missing_ok=True)
+            self.cache.evict(keep=gguf)
+            return gguf
         return path
+
+
+def _check_mode(req: LoadRequest) -> bool:
+    """Whether ``req`` loads a packed slice; refuses (INVALID_ARGUMENT) a weight mode its source cannot give."""
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    raw = [is_raw(t) for t in req.manifest.tensors]
+    if req.quantize != QuantMode.gguf:
+        if any(raw):
+            mode = req.quantize or "dense"
+            raise WireError(bad, f"a manifest of raw GGUF blocks needs quantize='gguf', not {mode!r}")
+        return False
+    if req.local_path is not None and (Path(req.local_path).is_dir() or Path(req.local_path).suffix != ".gguf"):
+        raise WireError(bad, f"quantize='gguf' keeps a GGUF file's blocks packed; {req.local_path} is not a .gguf file "
+                             "(use int4/int8 to quantise float weights, or '' for dense)")  # fmt: skip
+    if not all(raw):
+        raise WireError(bad, "quantize='gguf' needs a packed manifest (every tensor's raw GGUF blocks)")
+    return True
 
 
 def configure_torch(threads: int) -> None:

@@ -1,16 +1,17 @@
 """Weight slices: exactly the tensors one stage needs, hashed, written as a blob, and cached on disk by content.
 
 A slice is the list of source tensors a stage reads (``slice_tensor_names``: a tied head on a later stage reads the
-embedding), each as the weight source decodes it (GGUF is dequantised, q/k un-permuted), so the same manifest
-verifies a node's own copy of the model and bytes streamed by the coordinator. Its blob is those tensors' raw bytes
-concatenated in manifest order. Each tensor has its sha256; the slice's sha256 is over the list of (name, dtype,
-shape, tensor sha256) entries, so verifying every tensor's bytes verifies the slice, and a coordinator can
-compose the manifest of any split from per-tensor digests it computed once.
+embedding), each as the weight source decodes it (GGUF is dequantised, q/k un-permuted; a packed slice keeps the
+file's blocks instead, see ``node.packed``), so the same manifest verifies a node's own copy of the model and bytes
+streamed by the coordinator. Its blob is those tensors' raw bytes concatenated in manifest order. Each tensor has
+its sha256; the slice's sha256 is over the list of (name, dtype, shape, tensor sha256) entries, so verifying every
+tensor's bytes verifies the slice, and a coordinator can compose the manifest of any split from per-tensor digests
+it computed once.
 
-The cache holds complete blobs as ``<sha256>.slice``. A push in progress writes ``<sha256>.part`` under an
-exclusive ``flock`` (a second writer of the same slice is refused, writers of different slices never meet), so a
-broken stream resumes from the part's length; completion renames atomically and then evicts the oldest blobs
-beyond the size cap.
+The cache holds complete blobs as ``<sha256>.slice`` (a packed slice as ``<sha256>.gguf``, see ``node.packed``).
+A push in progress writes ``<sha256>.part`` under an exclusive ``flock`` (a second writer of the same slice is
+refused, writers of different slices never meet), so a broken stream resumes from the part's length; completion
+renames atomically and then evicts the oldest blobs beyond the size cap.
 """
 
 from __future__ import annotations
@@ -272,6 +273,10 @@ class SliceCache:
     def path_for(self, sha: bytes) -> Path:
         return self.root / f"{sha.hex()}.slice"
 
+    def gguf_path_for(self, sha: bytes) -> Path:
+        """Where a packed slice lives once received: a slice GGUF (``node.packed``)."""
+        return self.root / f"{sha.hex()}.gguf"
+
     def lookup(self, sha: bytes, nbytes: int) -> Path | None:
         path = self.path_for(sha)
         try:
@@ -282,15 +287,25 @@ class SliceCache:
             return None
         return path
 
+    def lookup_gguf(self, sha: bytes) -> Path | None:
+        """A packed slice's GGUF, if cached (written atomically, so a present file is whole; loading verifies it)."""
+        path = self.gguf_path_for(sha)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return None
+        return path
+
     def open_partial(self, manifest: SliceManifest) -> PartialSlice:
         return PartialSlice(self, manifest)
 
     def discard(self, sha: bytes) -> None:
         self.path_for(sha).unlink(missing_ok=True)
+        self.gguf_path_for(sha).unlink(missing_ok=True)
 
     def evict(self, keep: Path | None = None) -> None:
         blobs = []
-        for p in self.root.glob("*.slice"):
+        for p in [*self.root.glob("*.slice"), *self.root.glob("*.gguf")]:
             try:
                 st = p.stat()
             except FileNotFoundError:

@@ -13,11 +13,14 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+from gguf import GGMLQuantizationType
 
 from llama_shard.config import ModelConfig, RopeScaling
 from llama_shard.errors import LlamaShardError
+from llama_shard.quant import QuantMode
 from llama_shard.sampling import SamplingParams
 from llama_shard.shard import ShardSpec
+from node.packed import RAW_PREFIX
 from node.slices import SliceManifest, TensorDigest
 from protos.llama_node.v1 import node_pb2 as pb
 
@@ -180,20 +183,31 @@ def sampling_from_pb(m: pb.SamplingParams) -> SamplingParams:
         raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"bad sampling parameters: {e}") from None
 
 
+def _digest_to_pb(t: TensorDigest) -> pb.TensorDigest:
+    msg = pb.TensorDigest(name=t.name, shape=list(t.shape), nbytes=t.nbytes, sha256=t.sha256)
+    if t.dtype.startswith(RAW_PREFIX):
+        msg.gguf_type = t.dtype.removeprefix(RAW_PREFIX)
+    else:
+        msg.dtype = dtype_to_pb(dtype_from_name(t.dtype))
+    return msg
+
+
+def _digest_from_pb(t: pb.TensorDigest) -> TensorDigest:
+    if t.gguf_type:
+        if t.gguf_type not in GGMLQuantizationType.__members__:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"tensor {t.name!r}: unknown ggml type {t.gguf_type!r}")
+        dtype = RAW_PREFIX + t.gguf_type
+    else:
+        dtype = dtype_name(dtype_from_pb(t.dtype))
+    return TensorDigest(t.name, dtype, tuple(t.shape), t.nbytes, bytes(t.sha256))
+
+
 def manifest_to_pb(m: SliceManifest) -> pb.SliceManifest:
-    tensors = [
-        pb.TensorDigest(name=t.name, dtype=dtype_to_pb(dtype_from_name(t.dtype)), shape=list(t.shape),
-                        nbytes=t.nbytes, sha256=t.sha256)
-        for t in m.tensors
-    ]  # fmt: skip
-    return pb.SliceManifest(tensors=tensors, nbytes=m.nbytes, sha256=m.sha256)
+    return pb.SliceManifest(tensors=[_digest_to_pb(t) for t in m.tensors], nbytes=m.nbytes, sha256=m.sha256)
 
 
 def manifest_from_pb(m: pb.SliceManifest) -> SliceManifest:
-    tensors = tuple(
-        TensorDigest(t.name, dtype_name(dtype_from_pb(t.dtype)), tuple(t.shape), t.nbytes, bytes(t.sha256))
-        for t in m.tensors
-    )
+    tensors = tuple(_digest_from_pb(t) for t in m.tensors)
     if len(m.sha256) != 32 or any(len(t.sha256) != 32 for t in tensors):
         raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "manifest digests must be 32-byte sha256 values")
     manifest = SliceManifest.of(tensors)
@@ -369,6 +383,7 @@ class LoadRequest:
     slots: int = 1
     max_len: int = 2048
     device: str = ""
+    quantize: QuantMode | None = None  # None: dense in compute_dtype; gguf: the file's blocks packed (node.packed)
 
 
 def load_request_to_pb(r: LoadRequest) -> pb.LoadShardRequest:
@@ -376,7 +391,7 @@ def load_request_to_pb(r: LoadRequest) -> pb.LoadShardRequest:
         model_id=r.model_id, spec=spec_to_pb(r.spec), config=config_to_pb(r.config),
         manifest=manifest_to_pb(r.manifest), compute_dtype=dtype_to_pb(r.compute_dtype),
         input_dtype=dtype_to_pb(r.input_dtype), output_dtype=dtype_to_pb(r.output_dtype),
-        slots=r.slots, max_len=r.max_len, device=r.device,
+        slots=r.slots, max_len=r.max_len, device=r.device, quantize=r.quantize.value if r.quantize else "",
     )  # fmt: skip
     if r.local_path is None:
         msg.pushed = True
@@ -400,9 +415,12 @@ def load_request_from_pb(m: pb.LoadShardRequest) -> LoadRequest:
     dtypes = [dtype_from_pb(v) for v in (m.compute_dtype, m.input_dtype, m.output_dtype)]
     if any(d not in floats for d in dtypes):
         raise WireError(bad, "compute, input and output dtypes must be float32, bfloat16 or float16")
+    if m.quantize and m.quantize not in QuantMode.__members__:
+        known = ", ".join(repr(q.value) for q in QuantMode)
+        raise WireError(bad, f"unknown weight mode quantize={m.quantize!r} (known: '' for dense, {known})")
     return LoadRequest(
         model_id=m.model_id, spec=spec, config=config, manifest=manifest_from_pb(m.manifest),
         local_path=m.local_path if m.WhichOneof("source") == "local_path" else None,
         compute_dtype=dtypes[0], input_dtype=dtypes[1], output_dtype=dtypes[2],
-        slots=m.slots, max_len=m.max_len, device=m.device,
+        slots=m.slots, max_len=m.max_len, device=m.device, quantize=QuantMode(m.quantize) if m.quantize else None,
     )  # fmt: skip

@@ -17,6 +17,7 @@ from coordinator.cluster import plan_options
 from coordinator.pki import ClusterCA
 from coordinator.planner import DeviceProfile, Memory, PlanError, plan
 from coordinator.planner.loaders import load_model_profile
+from protos import PROTOCOL_VERSION
 from protos.llama_node.v1 import node_pb2 as pb
 from protos.llama_node.v1 import node_pb2_grpc as pb_grpc
 
@@ -69,7 +70,7 @@ class ImpostorNode(pb_grpc.NodeServicer):
 
     async def Health(self, request: pb.HealthRequest, context: aio.ServicerContext) -> pb.HealthReply:  # noqa: N802
         self.calls.append("Health")
-        return pb.HealthReply(protocol_version=1, node_id="impostor", state=pb.HealthReply.IDLE)
+        return pb.HealthReply(protocol_version=PROTOCOL_VERSION, node_id="impostor", state=pb.HealthReply.IDLE)
 
     async def LoadShard(  # noqa: N802
         self, request: pb.LoadShardRequest, context: aio.ServicerContext

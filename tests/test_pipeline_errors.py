@@ -20,6 +20,7 @@ from llama_shard.loading import open_source
 from llama_shard.shard import ShardSpec
 from node.servicer import PROTOCOL_METADATA
 from node.wire import DEFAULT_PART_BYTES, Frame, LoadRequest, RowInput, chunk_crc, frame_to_messages, tensor_bytes
+from protos import PROTOCOL_VERSION
 from protos.llama_node.v1 import node_pb2 as pb
 from protos.llama_node.v1 import node_pb2_grpc as pb_grpc
 
@@ -164,7 +165,7 @@ def test_a_protocol_mismatch_is_refused_with_a_clear_message(
 ) -> None:
     replies, code, details = _send(node, [pb.ForwardMessage(open=pb.OpenStream())], metadata)
     assert code == grpc.StatusCode.FAILED_PRECONDITION, details
-    assert "protocol" in details and "speaks llama-node protocol 1" in details
+    assert "protocol" in details and f"speaks llama-node protocol {PROTOCOL_VERSION}" in details
     _good(node)
 
 

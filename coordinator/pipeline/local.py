@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from coordinator.pipeline.client import NodeClient, PipelineClient
     from coordinator.pipeline.engine import LoopThread
+    from llama_shard.quant import QuantMode
     from llama_shard.shard import ShardSpec
 
 log = logging.getLogger(__name__)
@@ -91,14 +92,32 @@ class LocalNodes:
 @dataclass
 class StageOptions:
     """How each stage is held: compute dtype per stage (the link dtype between two stages is the wider need:
-    float32 unless a stage computes in half precision), KV slots and length, and where the bytes come from."""
+    float32 unless a stage computes in half precision), KV slots and length, and where the bytes come from.
+
+    ``quantize``: ``gguf`` keeps a GGUF file's blocks packed on every node (the slices are the file's blocks, pushed
+    or verified in place; the stages compute and exchange float32 activations); ``int4``/``int8`` quantise float
+    weights at load; ``None``: dense in ``compute_dtypes``. See ``weight_mode`` for what ``--dtype`` means."""
 
     compute_dtypes: Sequence[torch.dtype] = ()
     slots: int = 1
     max_len: int = 2048
     push: bool = False  # stream the slices from the coordinator instead of the nodes' own copies
+    quantize: QuantMode | None = None
     catalog_dir: Path | None = None
     on_progress: Callable[[int, str, int, int], None] | None = field(default=None, repr=False)
+
+
+def weight_mode(model: Path, dtype: str, quantize: str | None = None) -> QuantMode | None:
+    """How stages hold their weights for ``--dtype``/``--quantize``, the same in one process and on nodes: an
+    explicit ``--quantize`` wins; ``auto`` keeps a GGUF file's blocks packed; a float dtype is dense (``float32``
+    is the exact path); ``auto`` on a float checkpoint is dense float32."""
+    from llama_shard.quant import QuantMode
+
+    if quantize:
+        return QuantMode(quantize)
+    if dtype == "auto" and model.is_file() and model.suffix == ".gguf":
+        return QuantMode.gguf
+    return None
 
 
 def link_dtypes(compute: Sequence[torch.dtype]) -> list[torch.dtype]:
@@ -121,23 +140,28 @@ async def load_pipeline(
 
     from coordinator.pipeline.weights import SliceCatalog, load_shard
     from llama_shard.loading import open_source
+    from llama_shard.quant import QuantMode
     from node.wire import LoadRequest
 
     for c in clients:
         await c.health()
     source = open_source(model)
     catalog = SliceCatalog(options.catalog_dir or Path.home() / ".cache" / "llama-node" / "coordinator")
-    compute = list(options.compute_dtypes) or [torch.float32] * len(specs)
+    packed = options.quantize == QuantMode.gguf
+    if options.quantize is not None or not options.compute_dtypes:  # quantised stages compute in float32
+        compute = [torch.float32] * len(specs)
+    else:
+        compute = list(options.compute_dtypes)
     links = link_dtypes(compute)
     jobs = []
     for i, (client, spec) in enumerate(zip(clients, specs, strict=True)):
-        manifest = await asyncio.to_thread(catalog.manifest, model, source, spec, blob=options.push)
+        manifest = await asyncio.to_thread(catalog.manifest, model, source, spec, blob=options.push, packed=packed)
         req = LoadRequest(
             model_id=model.name, spec=spec, config=source.config, manifest=manifest,
             local_path=None if options.push else str(model.resolve()), compute_dtype=compute[i],
             input_dtype=links[i - 1] if i > 0 else torch.float32,
             output_dtype=links[i] if i < len(links) else torch.float32,
-            slots=options.slots, max_len=options.max_len,
+            slots=options.slots, max_len=options.max_len, quantize=options.quantize,
         )  # fmt: skip
 
         def progress(phase: str, i: int = i) -> Callable[[int, int], None]:

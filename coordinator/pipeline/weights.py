@@ -1,9 +1,9 @@
 """What the coordinator knows about slices: their manifests (tensor sha256s), and their blobs to push.
 
-Hashing a tensor means decoding it (GGUF dequantisation), so each tensor's digest is computed once and cached on
-disk as msgpack, keyed by the model file's path, size and mtime; the manifest of any split is composed from them.
-Blobs are cached by their content hash. A push resumes
-where the node's partial copy ends after a broken stream.
+Hashing a float tensor means decoding it (GGUF dequantisation), so each tensor's digest is computed once and
+cached on disk as msgpack, keyed by the model file's path, size and mtime; the manifest of any split is composed
+from them. Packed slices (``node.packed``) hash the file's blocks as stored, under their own key. Blobs are cached
+by their content hash. A push resumes where the node's partial copy ends after a broken stream.
 """
 
 from __future__ import annotations
@@ -15,14 +15,17 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import grpc
 import msgpack
 from grpc import aio
 
 from coordinator.pipeline.client import NodeClient
-from llama_shard.loading import WeightSource
+from llama_shard.errors import ModelFormatError
+from llama_shard.loading import GGUFSource, WeightSource
 from llama_shard.shard import ShardSpec
+from node.packed import build_packed_manifest
 from node.slices import SliceManifest, TensorDigest, build_manifest, slice_tensor_names
 from node.wire import LoadRequest
 from protos.llama_node.v1 import node_pb2 as pb
@@ -64,9 +67,21 @@ class SliceCatalog:
             self._known[key] = _unpack(path.read_bytes()) if path.exists() else {}
         return self._known[key]
 
-    def manifest(self, model: Path, source: WeightSource, spec: ShardSpec, *, blob: bool = False) -> SliceManifest:
-        """The slice's manifest, from cached digests where it can; with ``blob``, its blob exists afterwards."""
-        key = _model_key(model)
+    def manifest(
+        self, model: Path, source: WeightSource, spec: ShardSpec, *, blob: bool = False, packed: bool = False
+    ) -> SliceManifest:
+        """The slice's manifest, from cached digests where it can; with ``blob``, its blob exists afterwards.
+        ``packed``: the tensors' raw GGUF blocks (``node.packed``), not their decoded floats."""
+        if packed and not isinstance(source, GGUFSource):
+            raise ModelFormatError(f"{model}: packed slices keep GGUF blocks; this model is not a .gguf file")
+        key = _model_key(model) + ("-packed" if packed else "")
+
+        def build(out: IO[bytes] | None, known: dict[str, TensorDigest]) -> SliceManifest:
+            if packed:
+                assert isinstance(source, GGUFSource)
+                return build_packed_manifest(source, spec, out, known)
+            return build_manifest(source, spec, out, known)
+
         with self._lock:
             known = self._digests(key)
             before = len(known)
@@ -78,14 +93,14 @@ class SliceCatalog:
                 if blob:
                     with tempfile.NamedTemporaryFile(dir=self.root / "blobs", suffix=".tmp", delete=False) as f:
                         tmp = Path(f.name)
-                        manifest = build_manifest(source, spec, f, known)
+                        manifest = build(f, known)
                     os.replace(tmp, self.blob_path(manifest))
                 else:
-                    manifest = build_manifest(source, spec, None, known)
+                    manifest = build(None, known)
             if len(known) != before:
                 self._write(self.root / "digests" / f"{key}.msgpack", _pack(known))
-        log.info("slice %s: %d tensors, %.1f MB, sha256 %s…", spec, len(manifest.tensors), manifest.nbytes / 1e6,
-                 manifest.hex[:16])  # fmt: skip
+        log.info("slice %s%s: %d tensors, %.1f MB, sha256 %s…", spec, " (packed)" if packed else "",
+                 len(manifest.tensors), manifest.nbytes / 1e6, manifest.hex[:16])  # fmt: skip
         return manifest
 
     def blob_path(self, manifest: SliceManifest) -> Path:
