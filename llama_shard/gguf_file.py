@@ -1,23 +1,27 @@
-"""GGUF files through the ``gguf`` package: metadata as a plain dict, tensors read one at a time.
+"""GGUF files: metadata as a plain dict, tensors read one at a time.
 
-The file is memory-mapped by ``gguf.GGUFReader``; a tensor's bytes are touched only when ``tensor()`` is called for
-it, so a stage that asks for its own layers never pages in the rest of the model.
+The header is parsed by ``gguf_meta`` (the project's one GGUF parser) over a read-only memory map; a tensor's
+bytes are touched only when ``tensor()`` or ``blocks()`` is called for it, so a stage that asks for its own
+layers never pages in the rest of the model. Dequantisation is ``gguf.quants``'.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import mmap
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from llama_shard.errors import ModelFormatError
+from llama_shard.gguf_meta import GGUFMetaError, TensorInfo, parse_gguf, read_gguf
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +49,6 @@ GGUF_TO_NATIVE = {
 }
 
 
-def _field_value(field: Any) -> Any:
-    value = field.contents()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return value
-
-
 class GGUFFile:
     """An open GGUF file: ``metadata`` (key -> Python value) and tensors by name."""
 
@@ -60,48 +57,48 @@ class GGUFFile:
         if not self.path.is_file():
             raise ModelFormatError(f"{self.path}: no such file")
         try:
-            self._reader = GGUFReader(str(self.path), "r")
-        except (ValueError, IndexError, OSError, KeyError) as e:
+            with self.path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size == 0:
+                    raise GGUFMetaError("the file is empty")
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            header = parse_gguf(self._map, size)
+        except (GGUFMetaError, OSError) as e:
             raise ModelFormatError(f"{self.path}: not a readable GGUF file ({e})") from None
-        self.metadata: dict[str, Any] = {}
-        for key, field in self._reader.fields.items():
-            try:
-                self.metadata[key] = _field_value(field)
-            except (ValueError, IndexError, UnicodeDecodeError) as e:
-                raise ModelFormatError(f"{self.path}: corrupt metadata field {key!r} ({e})") from None
-        self._tensors = {t.name: t for t in self._reader.tensors}
-        # The reader's parsed fields (a numpy array per part of every token string: tens of MB of small objects
-        # for a 50k vocabulary) are now copied into ``metadata``; drop them, and the tensor list's field views.
-        self._reader.fields.clear()
-        for t in self._reader.tensors:
-            t.field.parts.clear()
+        self.metadata: dict[str, Any] = header.metadata
+        self._tensors = {t.name: t for t in header.tensors}
+        self._data = np.frombuffer(self._map, dtype=np.uint8)  # read-only, like the mapping
 
     @property
     def tensor_names(self) -> set[str]:
         return set(self._tensors)
 
     def tensor_type(self, name: str) -> GGMLQuantizationType:
-        return GGMLQuantizationType(self._tensors[name].tensor_type)
+        return GGMLQuantizationType(self._tensors[name].ggml_type)
 
     def tensor_nbytes(self, name: str) -> int:
-        return int(self._tensors[name].n_bytes)
+        return self._tensors[name].n_bytes
+
+    def _bytes(self, t: TensorInfo) -> np.ndarray:
+        return self._data[t.offset : t.offset + t.n_bytes]
 
     def tensor(self, name: str) -> torch.Tensor:
         """Read one tensor, dequantised to float32, in PyTorch's ``[rows, cols]`` order."""
         t = self._tensors.get(name)
         if t is None:
             raise ModelFormatError(f"{self.path}: tensor {name!r} is missing")
-        qtype = GGMLQuantizationType(t.tensor_type)
+        qtype = GGMLQuantizationType(t.ggml_type)
         if qtype not in SUPPORTED_TYPES:
             raise ModelFormatError(f"{self.path}: tensor {name!r} has unsupported type {qtype.name}")
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists ne0 (the row length) first
         try:
+            data = self._bytes(t)
             if qtype == GGMLQuantizationType.F32:
-                array = np.array(t.data, dtype=np.float32)  # a copy: the mapped file is read-only
+                array = data.view(np.float32).copy()  # a copy: the mapped file is read-only
             elif qtype == GGMLQuantizationType.F16:
-                array = np.asarray(t.data, dtype=np.float16).astype(np.float32)
+                array = data.view(np.float16).astype(np.float32)
             else:
-                array = dequantize(t.data, qtype)
+                array = dequantize(data.reshape(*shape[:-1], -1), qtype)  # [..., bytes per row]
             return torch.from_numpy(np.ascontiguousarray(array.reshape(shape), dtype=np.float32))
         except (ValueError, IndexError) as e:
             raise ModelFormatError(f"{self.path}: tensor {name!r} is truncated or corrupt ({e})") from None
@@ -115,12 +112,12 @@ class GGUFFile:
         t = self._tensors.get(name)
         if t is None:
             raise ModelFormatError(f"{self.path}: tensor {name!r} is missing")
-        qtype = GGMLQuantizationType(t.tensor_type)
-        cols = int(t.shape[0])
-        data = t.data.reshape(-1).view(np.uint8)  # F32/F16 come typed; quantised types as uint8 already
-        rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+        qtype = GGMLQuantizationType(t.ggml_type)
+        cols = t.shape[0]
+        rows = math.prod(t.shape[1:])
+        data = self._bytes(t)
         if fresh_map:
-            data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=int(t.data_offset), shape=(int(t.n_bytes),))
+            data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.n_bytes,))
         with warnings.catch_warnings():  # torch warns that the mapping is read-only; nothing writes to it
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.from_numpy(data).view(rows, -1)
@@ -129,11 +126,17 @@ class GGUFFile:
     def release_pages(self) -> None:
         """Drop this process's resident pages of the file mapping (they stay in the page cache and fault back in
         if read again), so tensors already converted stop counting in RSS."""
-        mapping = getattr(self._reader.data, "_mmap", None)
-        if mapping is not None and hasattr(mapping, "madvise"):
-            mapping.madvise(mmap.MADV_DONTNEED)
+        if hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED)
 
 
 def gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """Only the key/value metadata of a GGUF file (the tensors stay unread)."""
-    return GGUFFile(path).metadata
+    """Only the key/value metadata of a GGUF file (the tensors stay unread).
+
+    Raises:
+        ModelFormatError: the file is missing, not GGUF, or its header is truncated or corrupt.
+    """
+    try:
+        return read_gguf(path).metadata
+    except (GGUFMetaError, OSError) as e:
+        raise ModelFormatError(f"{path}: not a readable GGUF file ({e})") from None
