@@ -1,7 +1,19 @@
-"""Choosing the next token: greedy, temperature, top-k, top-p, min-p and repetition penalty.
+"""Choosing the next token: penalties, then greedy or temperature, top-k, top-p and min-p.
 
 Randomness comes from ``(seed, position)`` alone, never from state carried between steps, so a request that is
-replayed (on another node, after a failure) draws the same tokens.
+replayed (on another node, after a failure) draws the same tokens. The penalties are a function of the token
+history alone (``history[i]`` is the token at position ``i``: prompt, then generated), so they are just as
+reproducible.
+
+Penalties, in llama.cpp's order (``llama_sampler_penalties``), over a window of the history:
+
+- ``repetition_penalty`` (CTRL, as transformers and llama.cpp apply it): a token seen in the window has its logit
+  divided by the penalty when positive, multiplied when negative;
+- ``frequency_penalty`` and ``presence_penalty`` (OpenAI's definition): ``logits[j] -= c[j] * frequency_penalty +
+  (c[j] > 0) * presence_penalty`` where ``c[j]`` counts token ``j`` in the window from ``penalty_start`` on.
+
+The window is the last ``penalty_last_n`` tokens (0: the whole history). ``penalty_start`` lets OpenAI's penalties
+count generated tokens only (it is the prompt's length), while Ollama's, as llama.cpp's, count the prompt too.
 """
 
 from __future__ import annotations
@@ -26,6 +38,10 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int = 0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_last_n: int = 0  # the penalties look at the last n tokens of the history; 0: all of it
+    penalty_start: int = 0  # frequency and presence count history[penalty_start:] only (OpenAI: the prompt's length)
 
     def __post_init__(self) -> None:
         checks = [
@@ -34,6 +50,10 @@ class SamplingParams:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (abs(self.frequency_penalty) <= 100, f"frequency_penalty must be in [-100, 100]: {self.frequency_penalty}"),
+            (abs(self.presence_penalty) <= 100, f"presence_penalty must be in [-100, 100]: {self.presence_penalty}"),
+            (self.penalty_last_n >= 0, f"penalty_last_n must be >= 0, got {self.penalty_last_n}"),
+            (self.penalty_start >= 0, f"penalty_start must be >= 0, got {self.penalty_start}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -42,6 +62,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     @staticmethod
     def random_seed() -> int:
@@ -65,9 +89,25 @@ def apply_repetition_penalty(logits: Tensor, history: Iterable[int], penalty: fl
     return logits
 
 
+def apply_penalties(logits: Tensor, history: Iterable[int], params: SamplingParams) -> Tensor:
+    """``logits [V]`` after the repetition, frequency and presence penalties over ``history`` (see the module doc)."""
+    if not params.penalised:
+        return logits
+    history = list(history)
+    start = max(0, len(history) - params.penalty_last_n) if params.penalty_last_n > 0 else 0
+    logits = apply_repetition_penalty(logits, history[start:], params.repetition_penalty)
+    counted = [t for t in history[max(start, params.penalty_start) :] if 0 <= t < logits.numel()]
+    if not counted or (params.frequency_penalty == 0.0 and params.presence_penalty == 0.0):
+        return logits
+    counts = torch.bincount(torch.tensor(counted, dtype=torch.long), minlength=logits.numel()).to(logits.dtype)
+    return logits - counts * params.frequency_penalty - (counts > 0).to(logits.dtype) * params.presence_penalty
+
+
 def sample(logits: Tensor, params: SamplingParams, position: int, history: Iterable[int] = ()) -> int:
-    """Pick a token from fp32 ``logits [V]`` for the token at ``position``."""
-    logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
+    """Pick a token from fp32 ``logits [V]`` for the token at ``position``; ``history[i]`` is the token at ``i``."""
+    logits = logits.float()
+    if params.penalised:
+        logits = apply_penalties(logits, list(history), params)
     if params.greedy:
         return int(torch.argmax(logits))
     logits = logits / params.temperature

@@ -111,19 +111,36 @@ def sampling_params(
     min_p: float | None,
     repetition_penalty: float | None,
     seed: int | None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    penalty_last_n: int = 0,
+    penalty_start: int = 0,
 ) -> SamplingParams:
+    """The sampler's parameters from a request's; None means the default (off, for the penalties).
+
+    ``penalty_last_n`` is the window of the history the penalties look at (0: all of it) and ``penalty_start`` the
+    first position frequency and presence count (OpenAI: the prompt's length, so only generated tokens count).
+    """
+    from llama_shard.errors import LlamaShardError
     from llama_shard.sampling import SamplingParams
 
     if top_p == 0:  # "only the most likely token", which is greedy
         temperature, top_p = 0.0, 1.0
-    return SamplingParams(
-        temperature=temperature,
-        top_k=top_k or 0,
-        top_p=1.0 if top_p is None else top_p,
-        min_p=min_p or 0.0,
-        repetition_penalty=repetition_penalty or 1.0,
-        seed=SamplingParams.random_seed() if seed is None else seed % 2**63,
-    )
+    try:
+        return SamplingParams(
+            temperature=temperature,
+            top_k=top_k or 0,
+            top_p=1.0 if top_p is None else top_p,
+            min_p=min_p or 0.0,
+            repetition_penalty=repetition_penalty or 1.0,
+            seed=SamplingParams.random_seed() if seed is None else seed % 2**63,
+            frequency_penalty=frequency_penalty or 0.0,
+            presence_penalty=presence_penalty or 0.0,
+            penalty_last_n=penalty_last_n,
+            penalty_start=penalty_start,
+        )
+    except LlamaShardError as e:  # the schemas bound every field; this is the sampler's own last word
+        raise ApiError(400, str(e)) from None
 
 
 class TextRun:

@@ -1,16 +1,22 @@
 """Ollama-compatible routes: ``/api/generate``, ``/api/chat`` (NDJSON streams by default), ``/api/tags``,
 ``/api/show``, ``/api/ps``, ``/api/version``.
 
-Ollama's own defaults apply when ``options`` leave them out (temperature 0.8, top_k 40, top_p 0.9); its repeat
-penalty over the last 64 tokens has no equal here and is off unless ``repeat_penalty`` is given.
+Ollama's own defaults apply when ``options`` leave them out (temperature 0.8, top_k 40, top_p 0.9). The penalties
+(``repeat_penalty``, ``presence_penalty``, ``frequency_penalty``) are llama.cpp's, over the last ``repeat_last_n``
+tokens (default 64, 0 turns them off, -1 means the whole context), prompt included; they are off unless given, as
+in Ollama's own engine (its old llama.cpp runner defaulted ``repeat_penalty`` to 1.1). ``num_ctx`` and
+``keep_alive``, which Ollama clients send routinely, are accepted and ignored with a log line: the context is fixed
+when the server starts and the model stays loaded while it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +26,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from coordinator.api.backend import Backend, ModelInfo, TextRun, sampling_params, until_disconnected
 from coordinator.api.errors import ApiError
 from coordinator.api.schemas import ChatRequest, GenerateRequest, OllamaOptions, ShowRequest
+
+log = logging.getLogger(__name__)
 
 OLLAMA_VERSION = "0.9.0"  # the API level these routes follow; clients check it exists, not its value
 
@@ -43,9 +51,15 @@ def _details(info: ModelInfo) -> dict[str, Any]:
     }
 
 
-def _start(backend: Backend, options: OllamaOptions | None, prompt_ids: list[int]) -> TextRun | None:
+def _start(
+    backend: Backend, options: OllamaOptions | None, prompt_ids: list[int], keep_alive: object = None
+) -> TextRun | None:
     """Submit the run, or None when ``num_predict`` is 0 (nothing to generate)."""
     o = options or OllamaOptions()
+    if o.num_ctx is not None and o.num_ctx != backend.max_len:
+        log.info("options.num_ctx=%d ignored: the context is %d tokens (serve --context)", o.num_ctx, backend.max_len)
+    if keep_alive is not None:
+        log.info("keep_alive=%r ignored: the model stays loaded while the server runs", keep_alive)
     room = backend.room(len(prompt_ids))
     if o.num_predict == 0:
         return None
@@ -57,7 +71,12 @@ def _start(backend: Backend, options: OllamaOptions | None, prompt_ids: list[int
         min_p=o.min_p,
         repetition_penalty=o.repeat_penalty,
         seed=o.seed,
+        frequency_penalty=o.frequency_penalty,
+        presence_penalty=o.presence_penalty,
+        penalty_last_n=64 if o.repeat_last_n is None else max(0, o.repeat_last_n),  # -1: all, as 0 is here
     )
+    if o.repeat_last_n == 0:  # Ollama's "disabled"
+        params = replace(params, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0)
     return TextRun(backend, prompt_ids, params, max_tokens, o.stop or [])
 
 
@@ -138,7 +157,7 @@ def router(backend: Backend) -> APIRouter:
         if body.context and max(body.context) >= vocab:
             raise ApiError(400, f"context holds token id {max(body.context)}, outside the vocabulary of {vocab}")
         ids = list(body.context or []) + ids
-        run = _start(backend, body.options, ids)
+        run = _start(backend, body.options, ids, body.keep_alive)
 
         def piece(delta: str) -> dict[str, Any]:
             return {"model": body.model, "created_at": _now(), "response": delta, "done": False}
@@ -171,7 +190,7 @@ def router(backend: Backend) -> APIRouter:
                 }
             )
         ids = backend.chat_ids([{"role": m.role, "content": m.content} for m in body.messages])
-        run = _start(backend, body.options, ids)
+        run = _start(backend, body.options, ids, body.keep_alive)
 
         def piece(delta: str) -> dict[str, Any]:
             return {

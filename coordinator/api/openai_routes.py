@@ -43,6 +43,9 @@ def _start(backend: Backend, body: _Sampling, prompt_ids: list[int], max_tokens:
         min_p=body.min_p,
         repetition_penalty=body.repetition_penalty,
         seed=body.seed,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        penalty_start=len(prompt_ids),  # OpenAI's penalties count the generated tokens only
     )
     return TextRun(backend, prompt_ids, params, max_tokens or room, body.stop_list())
 

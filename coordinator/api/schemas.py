@@ -59,8 +59,12 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
-    frequency_penalty: Finite | None = Field(default=None, ge=-2, le=2, description="accepted, not applied")
-    presence_penalty: Finite | None = Field(default=None, ge=-2, le=2, description="accepted, not applied")
+    frequency_penalty: Finite | None = Field(
+        default=None, ge=-2, le=2, description="logit -= count in the generated tokens x this"
+    )
+    presence_penalty: Finite | None = Field(
+        default=None, ge=-2, le=2, description="logit -= this, for a token already generated"
+    )
     user: str | None = None
 
     @field_validator("stop")
@@ -95,11 +99,14 @@ class OllamaOptions(_Body):
     top_k: int | None = Field(default=None, ge=0, le=1_000_000)
     top_p: Finite | None = Field(default=None, ge=0, le=1)
     min_p: Finite | None = Field(default=None, ge=0, le=1)
-    repeat_penalty: Finite | None = Field(default=None, gt=0, le=10)
+    repeat_penalty: Finite | None = Field(default=None, gt=0, le=10, description="default 1 (off)")
+    repeat_last_n: int | None = Field(default=None, ge=-1, description="the penalties' window: 64; 0 off, -1 all")
+    presence_penalty: Finite | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Finite | None = Field(default=None, ge=-2, le=2)
     seed: Seed | None = None
     num_predict: int | None = Field(default=None, ge=-2, description="-1 or -2: up to the context")
     stop: list[str] | None = None
-    num_ctx: int | None = Field(default=None, ge=1, description="accepted; the context is fixed when the server starts")
+    num_ctx: int | None = Field(default=None, description="ignored: the context is fixed when the server starts")
 
 
 class OllamaMessage(_Body):
@@ -113,7 +120,7 @@ class _OllamaBody(_Body):
     stream: bool = True
     options: OllamaOptions | None = None
     format: str | dict[str, Any] | None = None
-    keep_alive: str | int | float | None = None
+    keep_alive: str | int | float | None = Field(default=None, description="ignored: the model stays loaded")
 
 
 class GenerateRequest(_OllamaBody):
