@@ -1,12 +1,14 @@
 """Batch-invariant numerics over real node processes: a row's logits, returned by the last of 2 nodes, are bitwise the
 same whatever shares its frame and however its prompt was chunked (``llama_shard.batching`` on every stage).
 
-The tiny untied model is one where plain batching is *not* invariant on this CPU (the control test), so these
-tests can fail.
+Two kinds of stages: dense fp32 on a tiny untied model, where plain batching is *not* invariant on this CPU (the
+control test), so these tests can fail; and SmolLM2's GGUF blocks packed on the nodes (``quantize=gguf``, decode
+rows unpadded: the packed kernel is row-invariant).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -16,8 +18,13 @@ from pipeline_helpers import Cluster, local_greedy, pipeline_greedy, split, whol
 
 from coordinator.pipeline.client import PipelineClient
 from coordinator.pipeline.local import StageOptions
+from llama_shard.embedded import smollm2_gguf_path
 from llama_shard.generate import LocalEngine
+from llama_shard.loading import load_stage, open_source
+from llama_shard.model import Stage
+from llama_shard.quant import QuantMode
 from llama_shard.sampling import SamplingParams
+from llama_shard.shard import ShardSpec
 from node.wire import RowInput
 
 SLOTS = 9  # slots 0..7 decode, slot 8 reads prompts
@@ -30,10 +37,28 @@ def model(make_hf_llama: Callable[..., Path]) -> Path:
     return make_hf_llama(num_hidden_layers=4, tie_word_embeddings=False)
 
 
+@pytest.fixture(scope="module", params=["fp32", "packed"])
+def kind(request: pytest.FixtureRequest, model: Path) -> tuple[Path, QuantMode | None]:
+    """The model and weight mode on the nodes: the tiny model dense, or SmolLM2's GGUF blocks packed."""
+    return (model, None) if request.param == "fp32" else (smollm2_gguf_path(), QuantMode.gguf)
+
+
+@functools.cache
+def reference(model: Path, mode: QuantMode | None) -> Stage:
+    """The whole model in this process, held as the nodes hold their stages."""
+    if mode is None:
+        return whole_stage(model)
+    source = open_source(model)
+    return load_stage(source, ShardSpec.whole(source.config.n_layers), quantize=mode)
+
+
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory: pytest.TempPathFactory, model: Path) -> Iterator[tuple[Cluster, PipelineClient]]:
+def pipe(
+    tmp_path_factory: pytest.TempPathFactory, kind: tuple[Path, QuantMode | None]
+) -> Iterator[tuple[Cluster, PipelineClient]]:
+    model, mode = kind
     cluster = Cluster(2, tmp_path_factory.mktemp("catalog"))
-    client = cluster.load(model, split(model, 2), StageOptions(slots=SLOTS, max_len=128))
+    client = cluster.load(model, split(model, 2), StageOptions(slots=SLOTS, max_len=128, quantize=mode))
     yield cluster, client
     cluster.close_client(client)
     cluster.stop()
@@ -108,7 +133,9 @@ def test_decode_rows_do_not_depend_on_their_frame(pipe: tuple[Cluster, PipelineC
         assert torch.equal(mixed[j], alone[s]), f"slot {s} at {j} in a mixed frame"
 
 
-def test_prompt_logits_do_not_depend_on_chunking(pipe: tuple[Cluster, PipelineClient], model: Path) -> None:
+def test_prompt_logits_do_not_depend_on_chunking(
+    pipe: tuple[Cluster, PipelineClient], kind: tuple[Path, QuantMode | None]
+) -> None:
     def run(chunk: int, load: bool) -> tuple[torch.Tensor, torch.Tensor]:
         last = torch.empty(0)
         for row in _chunks(PROMPT, chunk):
@@ -126,14 +153,16 @@ def test_prompt_logits_do_not_depend_on_chunking(pipe: tuple[Cluster, PipelineCl
         assert torch.equal(after, whole_next), f"the step after chunks of {chunk}, under load: {load}"
 
     # the same convention in this process on the whole model gives the same bits as the two nodes
-    _, expected = local_greedy([whole_stage(model)], PROMPT, 2)
+    _, expected = local_greedy([reference(*kind)], PROMPT, 2)
     assert torch.equal(expected[0], whole) and torch.equal(expected[1], whole_next)
 
 
-def test_run_in_one_process_equals_run_over_the_nodes(pipe: tuple[Cluster, PipelineClient], model: Path) -> None:
+def test_run_in_one_process_equals_run_over_the_nodes(
+    pipe: tuple[Cluster, PipelineClient], kind: tuple[Path, QuantMode | None]
+) -> None:
     """``llama-node run`` (``LocalEngine``) and ``run --nodes 2`` (``PipelineEngine``): the same tokens and logits."""
     tokens, logits = pipeline_greedy(*pipe, PROMPT, 6)
-    engine = LocalEngine(whole_stage(model), SamplingParams(), 128)
+    engine = LocalEngine(reference(*kind), SamplingParams(), 128)
     local = [engine.step(PROMPT, 0)]
     local_logits = [engine.logits]
     for i in range(5):
