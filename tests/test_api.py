@@ -59,9 +59,9 @@ def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 24
 
 @pytest.fixture(scope="module")
 def references() -> Iterator[dict[str, subprocess.Popen[bytes]]]:
-    """``llama-node run --json`` for the chat question and the raw prompt, started before the server loads; float32, as
-    ``serve`` computes (``run``'s default ``--dtype auto`` is the packed path, other numerics)."""
-    common = ["--json", "-n", str(N), "-t", "0", "--threads", "1", "--dtype", "float32"]
+    """``llama-node run --json`` for the chat question and the raw prompt, started before the server loads; both with
+    the default ``--dtype auto``: the GGUF's blocks packed, in that one process as on ``serve``'s nodes."""
+    common = ["--json", "-n", str(N), "-t", "0", "--threads", "1"]
     procs = {
         "chat": subprocess.Popen([*CLI, "run", "-p", QUESTION, *common], stdout=subprocess.PIPE),
         "raw": subprocess.Popen([*CLI, "run", "--raw", "-p", RAW_PROMPT, *common], stdout=subprocess.PIPE),
