@@ -1,7 +1,8 @@
 """Concurrent streams through a loopback pipeline: aggregate tokens/s at 1, 2, 4, 8, 16 streams ÷ 1 stream, and
 time to first token p50/p95.
 
-    python bench/concurrency.py                       # starts `llama-node serve --nodes 3` on a free port
+    python bench/concurrency.py                       # starts `llama-node serve --nodes 3` on a free port (packed)
+    python bench/concurrency.py --dtype float32       # the same with dense fp32 stages
     python bench/concurrency.py --url http://host:11434 --model NAME   # an already running server
     python bench/concurrency.py --plot bench/concurrency.png
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt, llama_node_command, print_table, require_matplotlib, setup_logging  # noqa: E402
+from common import fmt, llama_node_command, load_average, print_table, require_matplotlib, setup_logging  # noqa: E402
 
 log = logging.getLogger("bench.concurrency")
 
@@ -83,10 +84,10 @@ def percentile(values: list[float], q: float) -> float:
     return data[k]
 
 
-def start_server(nodes: int, slots: int, context: int, threads: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(nodes: int, slots: int, context: int, threads: int, dtype: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     cmd = [*llama_node_command(), "serve", "--port", str(port), "--nodes", str(nodes), "--slots", str(slots),
-           "--context", str(context), "--threads", str(threads)]  # fmt: skip
+           "--context", str(context), "--threads", str(threads), "--dtype", dtype]  # fmt: skip
     log.info("starting %s", " ".join(cmd))
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
@@ -111,6 +112,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per node process")
     ap.add_argument("--levels", default="1,2,4,8,16")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--dtype", default="auto", help="serve --dtype: auto (GGUF blocks packed on the nodes), float32")
     ap.add_argument("--plot", help="write a PNG plot here")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -122,7 +124,7 @@ def main() -> None:
     proc = None
     url = args.url
     if url is None:
-        proc, url = start_server(args.nodes, max(levels), 256 + args.max_tokens, args.threads)
+        proc, url = start_server(args.nodes, max(levels), 256 + args.max_tokens, args.threads, args.dtype)
     try:
         asyncio.run(level(url, args.model, 1, 4))  # warm-up
         rows, data = [], {}
@@ -141,9 +143,11 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
     if args.json:
-        print(json.dumps({"nodes": args.nodes, "max_tokens": args.max_tokens, "levels": data}))
+        print(json.dumps({"nodes": args.nodes, "max_tokens": args.max_tokens, "dtype": args.dtype,
+                          "load_avg_1m": load_average(), "levels": data}))  # fmt: skip
     else:
-        caption = f"{args.nodes}-node loopback pipeline, {args.max_tokens} tokens per stream; goal at 8: >= 6x"
+        caption = (f"{args.nodes}-node loopback pipeline, --dtype {args.dtype}, {args.max_tokens} tokens per stream, "
+                   f"load avg {load_average() or 0:.1f}; goal at 8: >= 6x")  # fmt: skip
         print_table("Concurrent streams", ["streams", "tok/s", "÷ 1 stream", "TTFT p50 ms", "TTFT p95 ms"], rows,
                     caption)  # fmt: skip
     if args.plot:

@@ -1,6 +1,7 @@
 """Decode tokens/s in one process and through 1, 2, 3, 4 node processes on loopback, in one run.
 
-Every configuration runs the same greedy decode (fp32, the same torch threads per process) after the same prompt;
+Every configuration runs the same greedy decode (``--dtype auto``: the GGUF's blocks packed, in the one process and on
+every node; ``--dtype float32``: dense fp32; the same torch threads per process) after the same prompt;
 node configurations use the first N of four node processes started once, each holding a contiguous stage. The
 ratio to the one-process run is the pipeline's overhead (goal: >= 0.95; exo lost 40% when a second machine joined,
 llama.cpp RPC 33%). The one-process decode is measured again after each node configuration, and each ratio is to
@@ -8,6 +9,7 @@ the mean of the one-process runs just before and after it, so a drift in machine
 
     python bench/pipeline.py                       # embedded SmolLM2-135M Q4_1, 1..4 nodes, 48 tokens, 3 reps
     python bench/pipeline.py --nodes 1,2 --tokens 16 --reps 1 --json
+    python bench/pipeline.py --dtype float32       # dense fp32 stages
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch  # noqa: E402
 
 from coordinator.pipeline.client import NodeClient, PipelineClient  # noqa: E402
 from coordinator.pipeline.engine import LoopThread, PipelineEngine  # noqa: E402
-from coordinator.pipeline.local import LocalNodes, StageOptions, load_pipeline  # noqa: E402
+from coordinator.pipeline.local import LocalNodes, StageOptions, load_pipeline, weight_mode  # noqa: E402
 from llama_shard.generate import LocalEngine, TokenEngine  # noqa: E402
 from llama_shard.loading import load_stage, open_source  # noqa: E402
 from llama_shard.sampling import SamplingParams  # noqa: E402
@@ -54,6 +56,8 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--reps", type=int, default=3, help="repetitions per configuration (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32"],
+                        help="auto: GGUF blocks packed (one process and nodes alike); float32: dense")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -72,7 +76,8 @@ def main() -> int:
     max_len = args.prompt_tokens + args.tokens + 1
     params = SamplingParams()
 
-    local = load_stage(source, ShardSpec.whole(config.n_layers))
+    mode = weight_mode(model, args.dtype)
+    local = load_stage(source, ShardSpec.whole(config.n_layers), quantize=mode)
 
     def baseline() -> float:
         return statistics.median(
@@ -88,7 +93,8 @@ def main() -> int:
         for n in counts:
             specs = split_evenly(config.n_layers, n)
             runner.run(
-                load_pipeline(clients[:n], model, specs, StageOptions(max_len=max_len, catalog_dir=Path(catalog)))
+                load_pipeline(clients[:n], model, specs,
+                              StageOptions(max_len=max_len, catalog_dir=Path(catalog), quantize=mode))  # fmt: skip
             )
             client = runner.run(_open(nodes.addresses[:n]))
             rate = statistics.median(
@@ -126,7 +132,7 @@ def _report(model: str, args: argparse.Namespace, rows: list[tuple[str, float, f
     load = os.getloadavg()[0]
     if args.json:
         out = {
-            "model": model, "tokens": args.tokens, "threads": args.threads, "reps": args.reps,
+            "model": model, "dtype": args.dtype, "tokens": args.tokens, "threads": args.threads, "reps": args.reps,
             "load_avg_1m": load, "cpus": os.cpu_count(),
             "results": [{"config": n, "decode_tok_s": round(m, 3), "ratio": round(q, 3), "overhead_ms": round(o, 2)}
                         for n, m, q, o in rows],
@@ -136,7 +142,8 @@ def _report(model: str, args: argparse.Namespace, rows: list[tuple[str, float, f
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"decode tok/s, {model}, {args.tokens} tokens, {args.threads} thread(s)/process, "
+    table = Table(title=f"decode tok/s, {model} --dtype {args.dtype}, {args.tokens} tokens, "
+                        f"{args.threads} thread(s)/process, "
                         f"median of {args.reps} (load avg {load:.1f} on {os.cpu_count()} CPUs)")  # fmt: skip
     for col in ("config", "decode tok/s", "÷ 1 process", "ms/token over 1 process"):
         table.add_column(col, justify="right")
