@@ -240,19 +240,20 @@ class Tokenizer:
             raise ModelFormatError(f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
 
         alphabet = _byte_alphabet()
-        spelled = set(alphabet.values())
+        spelled = frozenset(alphabet.values())
         # Every real token is written in the byte alphabet. One that is not (a space, say) is a special
         # token the BPE can never produce; respell it so it keeps its id (as transformers does).
+        # (The loops below run over ~50-130K entries on every start: one pass each, in C where possible.)
+        misspelled = set() if spelled.issuperset("".join(tokens)) else {t for t in tokens if not spelled.issuperset(t)}
         vocab: dict[str, int] = {}
         for i, tok in enumerate(tokens):
-            key = tok if set(tok) <= spelled else "".join(alphabet[b] for b in tok.encode("utf-8"))
-            vocab.setdefault(key, i)
-        bpe_merges: list[tuple[str, str]] = []
-        for n, merge in enumerate(merges):
-            left, sep, right = merge.partition(" ")
-            if not sep:
-                raise ModelFormatError(f"tokenizer.ggml.merges[{n}] = {merge!r} has no space between its two parts")
-            bpe_merges.append((left, right))
+            if tok in misspelled:
+                tok = "".join(alphabet[b] for b in tok.encode("utf-8"))
+            vocab.setdefault(tok, i)
+        bpe_merges = [tuple(merge.split(" ", 1)) for merge in merges]
+        for n, pair in enumerate(bpe_merges):
+            if len(pair) != 2:
+                raise ModelFormatError(f"tokenizer.ggml.merges[{n}] = {merges[n]!r} has no space between its two parts")
 
         pre_tok, ignore_merges = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
         backend = _HFTokenizer(models.BPE(vocab=vocab, merges=bpe_merges, ignore_merges=ignore_merges))
@@ -262,18 +263,16 @@ class Tokenizer:
         # CONTROL tokens are special (skipped by decode); USER_DEFINED ones are matched whole but are
         # kept in decoded text.
         # A CONTROL token outside the byte alphabet is a llama.cpp mislabel: adding it would mint a new id.
+        typed = [(i, ty) for i, ty in enumerate(types) if ty != TOKEN_NORMAL]  # a few hundred of ~50K
+        control = [tokens[i] for i, ty in typed if ty == TOKEN_CONTROL]
         backend.add_special_tokens(
-            [
-                AddedToken(t, normalized=False, special=True)
-                for t, ty in zip(tokens, types, strict=True)
-                if ty == TOKEN_CONTROL and set(t) <= spelled
-            ]
+            [AddedToken(t, normalized=False, special=True) for t in control if t not in misspelled]
         )
         backend.add_tokens(
             [
-                AddedToken(t, normalized=False, special=False)
-                for t, ty in zip(tokens, types, strict=True)
-                if ty == TOKEN_USER_DEFINED and set(t) <= spelled
+                AddedToken(tokens[i], normalized=False, special=False)
+                for i, ty in typed
+                if ty == TOKEN_USER_DEFINED and tokens[i] not in misspelled
             ]
         )
         if len(vocab) != len(tokens):
@@ -293,11 +292,7 @@ class Tokenizer:
 
         bos_id, eos_id = token_id("bos_token_id"), token_id("eos_token_id")
         ends = {i for i in (eos_id, token_id("eot_token_id"), token_id("eom_token_id")) if i is not None}
-        ends |= {
-            i
-            for i, (t, ty) in enumerate(zip(tokens, types, strict=True))
-            if ty == TOKEN_CONTROL and t in END_OF_TURN_TEXTS
-        }
+        ends |= {i for i, ty in typed if ty == TOKEN_CONTROL and tokens[i] in END_OF_TURN_TEXTS}
         add_bos = meta.get("tokenizer.ggml.add_bos_token")
         if add_bos is None:  # llama.cpp's default when the key is absent: on for Llama 3, off for other BPE
             add_bos = PRE_TOKENIZERS.get(str(meta.get("tokenizer.ggml.pre")), "") == "llama3"
