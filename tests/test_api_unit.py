@@ -5,6 +5,7 @@ for nodes; and model discovery in Ollama's store and the Hugging Face cache."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -85,19 +86,46 @@ def test_form_encoded_json_under_api_is_read_as_json(client: TestClient) -> None
         ("/v1/completions", {"model": "tiny", "prompt": [1, 2, 99999999]}, "vocabulary"),
         ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"temperature": -1}}, "temperature"),
         ("/api/chat", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "role"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x\ud800"}, "prompt: text with a lone UTF-16 surrogate"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "\udfff"}]}, "surrogate"),
+        ("/api/generate", {"model": "tiny", "prompt": "hi", "system": "\ud800"}, "system: text with a lone"),
+        ("/api/show", {"model": "\ud800"}, "model: text with a lone UTF-16 surrogate"),
+        ("/api/show", {}, "model is required"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "needs a 'text' string",
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "frequency_penalty": 2.5}, "frequency_penalty"),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"repeat_last_n": -3}}, "repeat_last_n"),
     ],
 )
 def test_bad_fields_are_400_in_the_callers_dialect(client: TestClient, path: str, body: dict, needle: str) -> None:
-    r = client.post(path, json=body, headers=AUTH)
+    # json.dumps escapes lone surrogates as JSON allows ("\ud800"); httpx's own encoder cannot send them
+    r = client.post(path, content=json.dumps(body), headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     message = r.json()["error"] if path.startswith("/api") else r.json()["error"]["message"]
     assert needle in message
+
+
+def test_body_that_is_not_json_is_400(client: TestClient) -> None:
+    for path in ("/api/generate", "/v1/completions"):
+        r = client.post(path, content=b"{nope", headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 400 and "not JSON" in str(r.json()["error"]), r.text
 
 
 def test_prompt_longer_than_context_names_both_numbers(client: TestClient) -> None:
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": "word " * 200}, headers=AUTH)
     assert r.status_code == 400
     assert "the prompt has 201 tokens but the context holds 128" in r.json()["error"]["message"]
+    for path, body in [
+        ("/api/generate", {"model": "tiny", "prompt": "word " * 200, "raw": True}),
+        ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "word " * 200}]}),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "word " * 200}]}),
+    ]:
+        r = client.post(path, json=body, headers=AUTH)
+        message = str(r.json()["error"] if path.startswith("/api") else r.json()["error"]["message"])
+        assert r.status_code == 400 and re.search(r"the prompt has \d+ tokens but the context holds 128", message)
 
 
 def test_busy_server_answers_429_with_retry_after(client: TestClient) -> None:

@@ -36,6 +36,8 @@ class ApiError(Exception):
         type_: str | None = None,
         retry_after_s: int | None = None,
     ) -> None:
+        # messages quote the request; anything UTF-8 cannot carry is escaped so that the answer can be sent
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.type = type_ or _TYPES.get(status, "invalid_request_error")
@@ -61,9 +63,11 @@ def _describe(errors: list[Any]) -> tuple[str, str | None]:
     parts, param = [], None
     for e in errors[:3]:
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        where = ".".join(loc) or "body"
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        if e.get("type") == "json_invalid":  # loc is the byte offset
+            loc, msg = [], f"not JSON ({(e.get('ctx') or {}).get('error', 'invalid')} at byte {loc[0] if loc else 0})"
         param = param or (loc[0] if loc else None)
-        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg if e.get("type") == "value_error" else f"body: {msg}")
     return "; ".join(parts) or "invalid request body", param
 
 

@@ -231,6 +231,8 @@ def router(backend: Backend) -> APIRouter:
 
     @r.post("/show")
     async def show(body: ShowRequest) -> dict[str, Any]:
+        if not body.model_name():
+            raise ApiError(400, "model is required", param="model")
         backend.check_model(body.model_name(), ollama=True)
         return {
             "license": "",

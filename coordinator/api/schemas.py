@@ -1,22 +1,47 @@
 """Request bodies of the OpenAI- and Ollama-compatible routes, validated by pydantic.
 
 Unknown fields are accepted and ignored (clients send fields of newer API versions); a known field with a bad value
-is a 400 naming the field. Floats must be finite.
+is a 400 naming the field. Floats must be finite. Text must be Unicode that UTF-8 can carry: JSON's ``"\\ud800"``
+escapes decode to lone surrogates, which the tokenizer (and any UTF-8 encoder) refuses, so they are a 400 here.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 # seeds beyond 64 bits mean nothing to the sampler; bounding them keeps the arithmetic cheap
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 
+def _lone_surrogate(value: object, where: str) -> str | None:
+    """The path of the first string holding a lone surrogate in ``value`` (a decoded JSON document), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(key, where) or _lone_surrogate(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8(cls, data: Any) -> Any:
+        where = _lone_surrogate(data, "")
+        if where is not None:
+            raise ValueError(f"{where or 'a field name'}: text with a lone UTF-16 surrogate is not valid Unicode")
+        return data
 
 
 # ---------------------------------------------------------------------------------------------------- OpenAI
@@ -36,8 +61,10 @@ class ChatMessage(_Body):
             return self.content or ""
         texts = []
         for part in self.content:
-            if part.type != "text" or part.text is None:
+            if part.type != "text":
                 raise ValueError(f"content parts of type {part.type!r} are not supported (text only)")
+            if part.text is None:
+                raise ValueError("a content part of type 'text' needs a 'text' string")
             texts.append(part.text)
         return "".join(texts)
 
