@@ -110,7 +110,12 @@ def sample(logits: Tensor, params: SamplingParams, position: int, history: Itera
         logits = apply_penalties(logits, list(history), params)
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    # finite (a repetition penalty of 1e-300 makes inf), then shifted so that the largest logit is 0: no temperature,
+    # however small, overflows (a float32 logit over 1e-300 is inf, and inf - inf is nan); below float32's smallest
+    # normal the draw is greedy, ties shared
+    big = torch.finfo(torch.float32).max
+    logits = logits.clamp(-big, big)
+    logits = (logits - logits.max()) / max(params.temperature, torch.finfo(torch.float32).tiny)
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -117,6 +117,13 @@ def test_prompt_longer_than_context_names_both_numbers(oai: openai.OpenAI, serve
     assert r.status_code == 400 and f"but the context holds {CONTEXT}" in r.json()["error"]
 
 
+def test_tiny_temperature_is_greedy_on_the_sampling_node(oai: openai.OpenAI) -> None:
+    # 5e-324 is 0 in float32: dividing the logits by it used to give nan and fail the step (a 500)
+    greedy = oai.completions.create(model=MODEL, prompt="snow", temperature=0, max_tokens=8).choices[0].text
+    for t in (5e-324, 1e-300):
+        assert oai.completions.create(model=MODEL, prompt="snow", temperature=t, max_tokens=8).choices[0].text == greedy
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="the wire's SamplingParams (protos/llama_node/v1/node.proto, node/wire.py) carries no frequency/presence "

@@ -47,8 +47,10 @@ def test_seed_and_position_decide_the_draw() -> None:
 
 def test_top_k_top_p_min_p_restrict_the_support() -> None:
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+
     def support(p: SamplingParams) -> set[int]:
         return {sample(logits, p, pos) for pos in range(300)}
+
     assert support(SamplingParams(temperature=1.0, top_k=2)) == {0, 1}
     assert support(SamplingParams(temperature=1.0, top_p=0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.8
     assert support(SamplingParams(temperature=1.0, top_p=0.5)) == {0}
@@ -108,3 +110,20 @@ def test_generate_streams_split_utf8_whole(tokenizer: Tokenizer) -> None:
 def test_prompt_that_fills_the_context_is_refused(tokenizer: Tokenizer) -> None:
     with pytest.raises(ContextLengthError, match="the context holds 8"):
         generate(ScriptedEngine([], max_len=8), tokenizer, list(range(8)), max_tokens=4)
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-45, 1e-38, 1e-30])
+def test_tiny_temperature_draws_the_argmax_not_nan(temperature: float) -> None:
+    # logits / 1e-300 overflow float32 (and 5e-324 is 0 there); the sampler shifts the logits first
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(4)) * 10
+    for kw in ({}, {"top_k": 5}, {"top_p": 0.3}, {"min_p": 0.5}):
+        params = SamplingParams(temperature=temperature, seed=3, **kw)  # type: ignore[arg-type]
+        assert {sample(logits, params, pos) for pos in range(20)} == {int(logits.argmax())}
+
+
+def test_extreme_repetition_penalty_never_makes_nan() -> None:
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(5)) * 10
+    history = [int(i) for i in torch.topk(logits, 3).indices]  # positive logits / 1e-300: inf in float32
+    for temperature in (0.0, 1e-300, 0.7, 2.0):
+        params = SamplingParams(temperature=temperature, repetition_penalty=1e-300, seed=1, top_p=0.9)
+        assert {sample(logits, params, pos, history) for pos in range(10)} <= set(history)
