@@ -60,6 +60,9 @@ def serve_command(
     dtype: DType = typer.Option(
         DType.auto, "--dtype", help="auto: a GGUF's blocks stay packed (on the nodes too); float32: the exact path"
     ),
+    micro_batches: int = typer.Option(
+        0, "--micro-batches", min=0, help="with --nodes: frames in flight (0: one per stage, at most one per core)"
+    ),
 ) -> None:
     """Serve a model over HTTP: OpenAI /v1 and Ollama /api, many requests batched together.
 
@@ -98,7 +101,7 @@ def serve_command(
                 from coordinator.pipeline_executor import PipelineExecutor
 
                 executor = PipelineExecutor(path, nodes, n_slots, max_len, threads=threads or 1, quantize=mode,
-                                            dtype=_torch_dtype(dtype))  # fmt: skip
+                                            dtype=_torch_dtype(dtype), depth=micro_batches or None)  # fmt: skip
             else:
                 executor = _local_executor(source, n_slots, max_len, threads, mode, dtype)
             scheduler = Scheduler(executor, max_queue=max_queue, prefill_chunk=prefill_chunk)
