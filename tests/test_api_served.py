@@ -76,7 +76,12 @@ def test_host_sets_the_bind_address(server: str) -> None:
 
 
 def test_api_key_guards_every_api_call(server: str) -> None:
-    calls = [("GET", "/v1/models", None), ("GET", "/api/tags", None), ("GET", "/api/version", None)]
+    calls = [
+        ("GET", "/v1/models", None),
+        ("GET", "/api/tags", None),
+        ("GET", "/api/version", None),
+        ("GET", "/stats", None),
+    ]
     calls += [("POST", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})]
     calls += [("POST", "/api/generate", {"model": MODEL, "prompt": "hi", "stream": False})]
     for method, path, body in calls:
@@ -209,5 +214,5 @@ def test_schemathesis_no_server_error_no_hang(server: str, mode: str) -> None:
 
 
 def test_every_slot_is_free_afterwards(server: str) -> None:
-    stats = httpx.get(server + "/stats").json()
+    stats = httpx.get(server + "/stats", headers=AUTH).json()
     assert stats["active"] == 0 and stats["waiting"] == 0 and stats["free_slots"] == stats["slots"], stats

@@ -58,7 +58,11 @@ def test_api_key_is_required_everywhere_but_root(client: TestClient) -> None:
     r = client.get("/api/tags")
     assert r.status_code == 401 and "API key" in r.json()["error"]
     assert client.get("/v1/models", headers=AUTH).json()["data"][0]["id"] == "tiny"
-    assert client.head("/").status_code == 200
+    assert client.get("/stats").status_code == 401 and client.get("/stats", headers=AUTH).status_code == 200
+    assert client.post("/v1/completions", json={"model": "tiny", "prompt": "x"}).status_code == 401
+    assert client.get("/no/such/path").status_code == 401  # nothing about the server without the key
+    assert client.head("/").status_code == 200 and client.get("/").status_code == 200
+    assert client.get("/openapi.json").status_code == 200
 
 
 def test_form_encoded_json_under_api_is_read_as_json(client: TestClient) -> None:
@@ -137,7 +141,7 @@ def test_busy_server_answers_429_with_retry_after(client: TestClient) -> None:
     import time
 
     deadline = time.monotonic() + 5
-    while client.get("/stats").json().get("active", 0) == 0 and time.monotonic() < deadline:
+    while client.get("/stats", headers=AUTH).json().get("active", 0) == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     r = client.post("/v1/completions", json=body, headers=AUTH)
     assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1

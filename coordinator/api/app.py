@@ -2,7 +2,8 @@
 
 Two details of the Ollama dialect are handled before routing, in ``_Compat``: ``curl -d '{...}'`` sends JSON as
 ``application/x-www-form-urlencoded`` and Ollama reads it as JSON anyway, so ``/api/*`` bodies are JSON whatever their
-content type; and with ``--api-key`` every ``/v1`` and ``/api`` call needs ``Authorization: Bearer <key>``.
+content type; and with ``--api-key`` every call needs ``Authorization: Bearer <key>`` but ``GET/HEAD /`` (the Ollama
+CLI's liveness check) and the API's own description (``/openapi.json``, ``/docs``, ``/redoc``).
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+PUBLIC_PATHS = frozenset({"/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
 
 class _Compat:
-    """ASGI middleware: JSON bodies under ``/api`` whatever the content type, and the bearer key check."""
+    """ASGI middleware: JSON bodies under ``/api`` whatever the content type, and the bearer key check (every path
+    but ``PUBLIC_PATHS``)."""
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app, self.api_key = app, api_key
@@ -49,7 +53,7 @@ class _Compat:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        if self.api_key is not None and path.startswith(("/v1/", "/api/")) and not self._authorised(scope):
+        if self.api_key is not None and path not in PUBLIC_PATHS and not self._authorised(scope):
             await self._reject(path, send)
             return
         if path.startswith("/api/") and scope["method"] == "POST":
