@@ -125,3 +125,21 @@ def test_ollama_num_ctx_and_keep_alive_are_accepted_and_logged(
     assert r.status_code == 200 and r.json()["response"] == TEXT
     assert "num_ctx=8192 ignored: the context is 64 tokens" in caplog.text
     assert "keep_alive='5m' ignored" in caplog.text and "keep_alive=0 ignored" in caplog.text
+
+
+def test_sse_wire_format_and_max_completion_tokens(scripted: TestClient) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "max_completion_tokens": 3, "stream_options": {"include_usage": True}}  # fmt: skip
+    r = scripted.post("/v1/chat/completions", json=body)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in r.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    whole = scripted.post("/v1/chat/completions", json={**body, "stream": False}).json()
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert whole["choices"][0]["message"]["content"] == text and whole["usage"]["completion_tokens"] == 3
+    r = scripted.post("/api/chat", json={"model": "tiny", "messages": body["messages"]})  # Ollama streams by default
+    assert r.headers["content-type"].startswith("application/x-ndjson") and json.loads(r.text.splitlines()[-1])["done"]

@@ -1,7 +1,8 @@
-"""Penalties through the API, with the official ``openai`` client: the app in process, serving a tiny random Llama
-on the in-process executor (``serve --local``). Its greedy answer falls into a loop; OpenAI's frequency and presence
-penalties and Ollama's repeat/presence/frequency penalties change it, and the answer equals ``generate`` with the
-same ``SamplingParams`` (so the API passes exactly the penalties, and the window, it claims to)."""
+"""Sampling parameters through the API, with the official ``openai`` client: the app in process, serving a tiny
+random Llama on the in-process executor (``serve --local``). Its greedy answer falls into a loop; OpenAI's frequency
+and presence penalties and Ollama's repeat/presence/frequency penalties change it, and the answer equals ``generate``
+with the same ``SamplingParams`` (so the API passes exactly the penalties, and the window, it claims to). Seeds,
+``top_k`` and ``top_p`` reach the sampler in both dialects too."""
 
 from __future__ import annotations
 
@@ -118,3 +119,27 @@ def test_ollama_penalties_over_the_last_n_tokens(
 def test_ollama_bad_penalty_is_400(served: dict[str, Any], options: dict[str, Any]) -> None:
     r = _ollama(served, {"num_predict": 2, **options})
     assert r.status_code == 400 and next(iter(options)) in r.json()["error"]
+
+
+def test_seed_top_k_top_p_reach_the_sampler_in_both_dialects(served: dict[str, Any]) -> None:
+    oai: openai.OpenAI = served["oai"]
+    ids = served["tokenizer"].encode(PROMPT)
+
+    def openai_text(**kw: Any) -> str:
+        return oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=N, **kw).choices[0].text
+
+    def ollama_text(**options: Any) -> str:
+        return str(_ollama(served, {"num_predict": N, **options}).json()["response"])
+
+    seeded = openai_text(temperature=1.5, seed=7)
+    assert seeded == openai_text(temperature=1.5, seed=7) != openai_text(temperature=1.5, seed=8)
+    assert seeded == _reference(served, ids, SamplingParams(temperature=1.5, seed=7))
+    assert openai_text(temperature=1.5, seed=7, top_p=0.5) == _reference(
+        served, ids, SamplingParams(temperature=1.5, seed=7, top_p=0.5)
+    )
+    greedy = openai_text(temperature=0)
+    assert openai_text(temperature=1.5, seed=7, extra_body={"top_k": 1}) == greedy  # an extension; 1 is greedy
+    expected = _reference(served, ids, SamplingParams(temperature=1.2, seed=9, top_k=5, top_p=0.8))
+    assert ollama_text(temperature=1.2, seed=9, top_k=5, top_p=0.8) == expected
+    # Ollama's defaults (temperature 0.8, top_k 40, top_p 0.9) apply to what options leave out
+    assert ollama_text(seed=9) == _reference(served, ids, SamplingParams(temperature=0.8, seed=9, top_k=40, top_p=0.9))
