@@ -31,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -61,9 +62,21 @@ PROMPT = "Hi"
 
 
 # ------------------------------------------------------------------------------------------------- probes
+def _stamp(marks: dict[str, float], cpu: dict[str, float], stage: str) -> None:
+    marks[stage], cpu[stage] = time.time(), _cpu_seconds()
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system, every thread) this process has used since it started."""
+    t = os.times()
+    return t.user + t.system
+
+
 def probe_llama_node(model: Path, threads: int, context: int) -> dict[str, Any]:
     """What ``llama-node run MODEL --prompt Hi --max-tokens 1 --threads T`` does, stamped after each stage."""
-    marks = {"python up": time.time()}
+    marks: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    _stamp(marks, cpu, "python up")
     import torch
 
     import coordinator.cli  # noqa: F401  (the console script imports it before running the command)
@@ -74,36 +87,38 @@ def probe_llama_node(model: Path, threads: int, context: int) -> dict[str, Any]:
     from llama_shard.shard import ShardSpec
 
     torch.set_num_threads(threads)
-    marks["imports"] = time.time()
+    _stamp(marks, cpu, "imports")
     source = open_source(model)
-    marks["metadata"] = time.time()
+    _stamp(marks, cpu, "metadata")
     tokenizer = load_tokenizer(source)
-    marks["tokenizer"] = time.time()
+    _stamp(marks, cpu, "tokenizer")
     stage = load_stage(source, ShardSpec.whole(source.config.n_layers), dtype=torch.float32, quantize=QuantMode.gguf)
-    marks["stage loaded"] = time.time()
+    _stamp(marks, cpu, "stage loaded")
     ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
     max_len = min(context, source.config.max_seq_len)
     result = generate(LocalEngine(stage, SamplingParams(), max_len), tokenizer, ids, max_tokens=1)
-    marks["first token"] = time.time()
-    return {"marks": marks, "prompt_ids": ids, "token_ids": result.token_ids}
+    _stamp(marks, cpu, "first token")
+    return {"marks": marks, "cpu": cpu, "prompt_ids": ids, "token_ids": result.token_ids}
 
 
 def probe_llama_cpp(model: Path, threads: int, context: int, prompt_ids: list[int]) -> dict[str, Any]:
     """llama.cpp's cold start on the same prompt ids: import, load (metadata + vocabulary + weights), prefill."""
-    marks = {"python up": time.time()}
+    marks: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    _stamp(marks, cpu, "python up")
     import llama_cpp
     import numpy as np
 
-    marks["imports"] = time.time()
+    _stamp(marks, cpu, "imports")
     llm = llama_cpp.Llama(
         model_path=str(model), n_threads=threads, n_threads_batch=threads, n_ctx=context, verbose=False
     )
-    marks["model loaded"] = time.time()
+    _stamp(marks, cpu, "model loaded")
     llm.eval(prompt_ids)
     logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
     token = int(logits.argmax())
-    marks["first token"] = time.time()
-    return {"marks": marks, "token_ids": [token]}
+    _stamp(marks, cpu, "first token")
+    return {"marks": marks, "cpu": cpu, "token_ids": [token]}
 
 
 # --------------------------------------------------------------------------------------------- processes
@@ -115,13 +130,12 @@ def _env(tree: Path | None) -> dict[str, str]:
 
 
 def _durations(start: float, marks: dict[str, float], stages: Sequence[str]) -> dict[str, float]:
-    """Each stage's duration, and ``total`` (start to the last stage)."""
+    """Each stage's duration from the previous mark (the first from ``start``), and the time to the first token."""
     out, previous = {}, start
     for stage in stages:
         out[stage] = marks[stage] - previous
         previous = marks[stage]
     out[TO_FIRST] = marks["first token"] - start
-    out["total"] = previous - start
     return out
 
 
@@ -133,14 +147,15 @@ def run_probe(argv: list[str], tree: Path | None, stages: Sequence[str], timeout
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise RuntimeError(f"{' '.join(argv[:4])} … exited {proc.returncode}:\n{tail}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {**_durations(start, result["marks"], stages), "result": result}
+    cpu = _durations(0.0, result["cpu"], stages)  # CPU seconds: the first stage counts from the process's start
+    return {**_durations(start, result["marks"], stages), "cpu": cpu, "result": result}
 
 
 def run_cli(model: Path, tree: Path | None, threads: int, timeout: float) -> dict[str, Any]:
     """The real ``llama-node run``: seconds to its first stdout byte (the streamed token) and to its exit."""
     argv = [sys.executable, "-c", "from coordinator.cli import main; main()", "run", str(model)]
     argv += ["--prompt", PROMPT, "--max-tokens", "1", "--threads", str(threads), "--temperature", "0"]
-    start = time.time()
+    start, children = time.time(), _children_cpu()
     proc = subprocess.Popen(argv, env=_env(tree), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     first = proc.stdout.read(1)
@@ -154,7 +169,13 @@ def run_cli(model: Path, tree: Path | None, threads: int, timeout: float) -> dic
         tail = "\n".join(err.decode(errors="replace").strip().splitlines()[-15:])
         raise RuntimeError(f"llama-node run exited {proc.returncode}:\n{tail}")
     end = time.time()
-    return {TO_FIRST: first_at - start, "exit": end - first_at, "total": end - start}
+    cpu = {"process": _children_cpu() - children}  # the whole process: its CPU split by stage is not visible here
+    return {TO_FIRST: first_at - start, "exit": end - first_at, "cpu": cpu}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for children; runs are serial, so a delta is one
+    return usage.ru_utime + usage.ru_stime
 
 
 def _task(fn: Callable[..., dict[str, Any]], *args: Any) -> Callable[[], dict[str, Any]]:
@@ -166,13 +187,13 @@ COLUMNS: tuple[str, ...] = ("python up", "imports", "metadata", "tokenizer", "st
 COLUMNS += ("first token", TO_FIRST, "exit")
 
 
-def _row(label: str, samples: list[dict[str, Any]]) -> list[str]:
-    """Median of each column the samples have; the range of the time to the first token."""
+def _row(label: str, samples: list[dict[str, Any]], columns: Sequence[str], spread_of: str) -> list[str]:
+    """Median of each column the samples have, and the range of ``spread_of``."""
     cells = [label]
-    for column in COLUMNS:
+    for column in columns:
         cells.append(fmt(median(s[column] for s in samples), 2) if column in samples[0] else "")
-    spread = [s[TO_FIRST] for s in samples]
-    cells.append(f"{min(spread):.2f}–{max(spread):.2f}")
+    spread = [s[spread_of] for s in samples if spread_of in s]
+    cells.append(f"{min(spread):.2f}–{max(spread):.2f}" if spread else "")
     return cells
 
 
@@ -227,14 +248,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = interleaved(tasks, args.repeats, warmup=args.warmup, on_result=progress)
     load_after = load_average()
 
-    rows = [_row(name, samples) for name, samples in results.items()]
-    caption = (
+    rows = [_row(name, samples, COLUMNS, TO_FIRST) for name, samples in results.items()]
+    cpu_columns = [*COLUMNS[:-1], "process"]
+    cpu_rows = [_row(name, [s["cpu"] for s in samples], cpu_columns, TO_FIRST) for name, samples in results.items()]
+    setting = (
         f"{model.name}, prompt {PROMPT!r} + chat template, 1 token, {args.threads} threads, context {args.context}; "
-        f"median s of {args.repeats} interleaved rounds; load average {fmt(load_before, 2)} → {fmt(load_after, 2)} "
-        f"on {os.cpu_count()} cores. 'run' rows: the real CLI, to its first stdout byte, then to its exit."
+        f"median of {args.repeats} interleaved rounds; load average {fmt(load_before, 2)} → {fmt(load_after, 2)} "
+        f"on {os.cpu_count()} cores."
     )
-    title = "Cold start: seconds per stage of a fresh process (medians)"
+    title = "Cold start: wall seconds per stage of a fresh process, from its spawn"
+    caption = f"{setting} 'run' rows: the real CLI, to its first stdout byte, then on to its exit."
     print_table(title, ["process", *COLUMNS, f"{TO_FIRST} range"], rows, caption)
+    title = "Cold start: CPU seconds (user + system, all threads) per stage"
+    caption = f"{setting} 'process': the whole CLI process, exit included. Less sensitive to other load than wall."
+    print_table(title, ["process", *cpu_columns, f"{TO_FIRST} range"], cpu_rows, caption)
     if args.json:
         print(json.dumps({n: [{k: v for k, v in s.items() if k != "result"} for s in ss] for n, ss in results.items()}))
 
