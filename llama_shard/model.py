@@ -28,7 +28,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 and cast back before the weight, in the same order as the HF reference.
+        # Normalise in fp32 and cast back before the weight, in the same order as the HF reference (the casts are
+        # skipped where they are no-ops: each is still a dispatched op). On CPU ``mean`` is ``sum`` then ``div_`` by
+        # the count and ``pow(2)`` is ``x * x``: the same bits in cheaper ops (mean costs ~4x a sum for one row).
+        if x.dtype == torch.float32:
+            return self.weight * (x * torch.rsqrt((x * x).sum(-1, keepdim=True) / x.shape[-1] + self.eps))
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -59,6 +63,18 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` (x ``[..., E]``) with the sign of ``rotate_half`` folded into
+    ``sin_signed`` (``Batch.sin``): ``-a * s == a * -s`` exactly, so the bits are the reference's, in 4 ops not 8."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
+#: positions the RoPE tables start with (they grow by doubling)
+_ROPE_MIN_POSITIONS = 1024
+#: a step of at most this many rows writes its KV as a narrow ``copy_`` per row; more rows: one ``index_put``
+_MAX_SPAN_ROWS = 2
+
+
 class KVCache:
     """Preallocated keys and values for the layers of one stage.
 
@@ -83,18 +99,25 @@ class KVCache:
 class Batch:
     """Where a batch of rows sits: its KV slots ``[B]``, absolute positions ``[B, T]`` and the visible keys.
 
-    Built once per step by ``Stage.batch`` and shared by every layer of the step.
+    Built once per step by ``Stage.batch`` and shared by every layer of the step: everything a layer needs that
+    does not depend on its weights is computed here once, not per layer.
     """
 
     slots: Tensor  # [B] long
     positions: Tensor  # [B, T] long
-    cos: Tensor  # [B, T, E]
-    sin: Tensor  # [B, T, E]
+    cos: Tensor  # [B, T, 1, E] in the activation dtype
+    sin: Tensor  # [B, T, 1, E] in the activation dtype, first half negated: rotate_half's sign folded in
     length: int  # L: keys 0..L-1 are read from the cache
-    mask: Tensor | None  # [B, 1, T, L] bool, None when every row sees all L keys
-    # when set, attention runs row by row (B = 1 each), row i over KV slot rows[i][0] with its own mask
+    # [B, 1, T, L] additive (0 where visible, -inf where not, in the activation dtype: what SDPA makes of a bool
+    # mask, made once per step instead of once per layer), None when every row sees all L keys
+    mask: Tensor | None
+    # when set, attention runs row by row (B = 1 each), row i over KV slot rows[i][0] with its own additive mask
     # rows[i][1] [1, 1, T, L_i] of its own key count L_i: a row's shapes then never depend on its batch-mates
     rows: tuple[tuple[int, Tensor], ...] | None = None
+    # (slot, start) per row, when the KV writes are cheaper as one narrow copy per row than as one index_put
+    spans: tuple[tuple[int, int], ...] | None = None
+    # with rows and T = 1: attention by two small matmuls per row (Attention._decode_row) instead of SDPA
+    row_matmul: bool = False
 
 
 class Attention(nn.Module):
@@ -110,42 +133,71 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, batch: Batch, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         B, T, _ = x.shape
+        H, K, E = self.n_heads, self.n_kv_heads, self.head_dim
+        cos, sin = batch.cos, batch.sin
+        if cos.dtype != x.dtype:  # tables are built in the stage's dtype; cast first as the reference does
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         if self.wqkv is not None:
-            kv_width = self.n_kv_heads * self.head_dim
-            q, k, v = self.wqkv(x).split((self.n_heads * self.head_dim, kv_width, kv_width), dim=-1)
-            q = q.view(B, T, self.n_heads, self.head_dim)
-            k = k.view(B, T, self.n_kv_heads, self.head_dim)
-            v = v.view(B, T, self.n_kv_heads, self.head_dim)
+            qkv = self.wqkv(x).view(B, T, H + 2 * K, E)
+            qk = apply_rope(qkv[:, :, : H + K], cos, sin)  # q and k heads in one go
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + K :]
         else:
-            q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-            k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-            v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        cos = batch.cos.unsqueeze(2).to(x.dtype)  # [B, T, 1, E], cast first as the reference does
-        sin = batch.sin.unsqueeze(2).to(x.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        k_cache[batch.slots[:, None], batch.positions] = k.to(k_cache.dtype)
-        v_cache[batch.slots[:, None], batch.positions] = v.to(v_cache.dtype)
+            q = apply_rope(self.wq(x).view(B, T, H, E), cos, sin)
+            k = apply_rope(self.wk(x).view(B, T, K, E), cos, sin)
+            v = self.wv(x).view(B, T, K, E)
+        if batch.spans is not None:  # contiguous positions per row: a narrow copy_ is cheaper than an index_put
+            for b, (slot, start) in enumerate(batch.spans):
+                k_cache[slot, start : start + T].copy_(k[b])
+                v_cache[slot, start : start + T].copy_(v[b])
+        else:
+            k_cache[batch.slots[:, None], batch.positions] = k.to(k_cache.dtype)
+            v_cache[batch.slots[:, None], batch.positions] = v.to(v_cache.dtype)
+        if batch.row_matmul and batch.rows is not None:
+            outs = [self._decode_row(q[i], k_cache, v_cache, s, m[0]) for i, (s, m) in enumerate(batch.rows)]
+            out = outs[0] if B == 1 else torch.cat(outs)  # [B, 1, H·E]
+            return self.wo(out.to(x.dtype))
         if batch.rows is not None:
             rows = [self._attend_row(q[i : i + 1], k_cache, v_cache, s, m) for i, (s, m) in enumerate(batch.rows)]
-            out = torch.cat(rows)  # [B, H, T, E]
-            return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            out = rows[0] if B == 1 else torch.cat(rows)  # [B, H, T, E]
+            return self.wo(out.transpose(1, 2).reshape(B, T, H * E))
         # slice before gathering the rows, so only L positions are copied, not the whole cache (a view of a
         # one-slot cache would skip the copy, but SDPA is then ~30x slower on its strides with a 4096-token cache)
-        keys = k_cache[:, : batch.length].index_select(0, batch.slots).to(x.dtype)  # [B, L, K, E]
-        values = v_cache[:, : batch.length].index_select(0, batch.slots).to(x.dtype)
+        keys = k_cache[:, : batch.length].index_select(0, batch.slots)  # [B, L, K, E]
+        values = v_cache[:, : batch.length].index_select(0, batch.slots)
+        if keys.dtype != x.dtype:
+            keys, values = keys.to(x.dtype), values.to(x.dtype)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=batch.mask, enable_gqa=True
         )  # [B, H, T, E]
-        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.wo(out.transpose(1, 2).reshape(B, T, H * E))
 
     @staticmethod
     def _attend_row(q: Tensor, k_cache: Tensor, v_cache: Tensor, slot: int, mask: Tensor) -> Tensor:
         """One row's attention ``[1, H, T, E]``: its query ``[1, T, H, E]`` over its slot's first L keys (mask's)."""
         length = mask.shape[-1]
-        keys = k_cache[slot : slot + 1, :length].to(q.dtype).transpose(1, 2)  # [1, K, L, E], read in place
-        values = v_cache[slot : slot + 1, :length].to(q.dtype).transpose(1, 2)
+        keys = k_cache[slot : slot + 1, :length].transpose(1, 2)  # [1, K, L, E], read in place
+        values = v_cache[slot : slot + 1, :length].transpose(1, 2)
+        if keys.dtype != q.dtype:
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+
+    def _decode_row(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, slot: int, bias: Tensor) -> Tensor:
+        """One row's attention for one query, ``[1, 1, H·E]`` fp32: its query ``[1, H, E]`` over its slot's first
+        L_i keys (``bias [1, 1, L_i]``), as two small matmuls with grouped-query heads by reshape (the G = H/K query
+        heads of a KV head are adjacent, as ``repeat_kv`` pairs them): fewer and cheaper ops than SDPA for T = 1.
+
+        Row-invariant: it reads only the row's query, its own slot and its own key count.
+        """
+        K, E = self.n_kv_heads, self.head_dim
+        length = bias.shape[-1]
+        keys = k_cache[slot, :length]  # [L, K, E], read in place
+        values = v_cache[slot, :length]
+        if keys.dtype != torch.float32:
+            keys, values, bias = keys.float(), values.float(), bias.float()
+        qg = q.float().view(K, self.n_heads // K, E)  # [K, G, E]
+        scores = torch.baddbmm(bias, qg, keys.permute(1, 2, 0), alpha=E**-0.5)  # [K, G, L], masked keys -inf
+        out = torch.bmm(scores.softmax(-1), values.transpose(0, 1))  # [K, G, E]
+        return out.view(1, 1, self.n_heads * E)
 
 
 class FeedForward(nn.Module):
@@ -194,11 +246,31 @@ class Stage(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps) if spec.has_head else None
         self.output: nn.Module | None = nn.Linear(config.dim, config.vocab_size, bias=False) if spec.has_head else None
         self.inv_freq = torch.empty(0)
+        self._rope: tuple[Tensor, Tensor] | None = None  # see _rope_table
+
+    #: decode rows of a row-by-row step (T = 1) attend by two small matmuls (``Attention._decode_row``), not SDPA
+    decode_matmul: bool = True
 
     def setup_rope(self, freq_factors: Tensor | None = None) -> None:
         """Compute RoPE frequencies on the stage's device (after the weights are loaded)."""
         c = self.config
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, freq_factors).to(self.device)
+        self._rope = None
+
+    def _rope_table(self, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``cos`` and sign-folded ``sin`` ``[N, E]`` in ``dtype`` for positions ``0..N-1``, ``N >= n``: computed
+        once (grown by doubling) with the per-position ops of the reference, so a step only slices or gathers."""
+        table = self._rope
+        if table is None or table[0].shape[0] < n or table[0].dtype != dtype or table[0].device != self.inv_freq.device:
+            size = max(_ROPE_MIN_POSITIONS, 1 << (n - 1).bit_length())
+            positions = torch.arange(size, device=self.inv_freq.device)
+            freqs = positions[:, None].float() * self.inv_freq  # [N, E/2]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            half = freqs.shape[-1]
+            cos = emb.cos().to(dtype)  # cast first as the reference does
+            sin = emb.sin().to(dtype)
+            table = self._rope = (cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1))  # rotate_half's sign
+        return table
 
     @property
     def device(self) -> torch.device:
@@ -228,22 +300,35 @@ class Stage(nn.Module):
         each row reading its own key count rounded up to that multiple, always masked (``Batch.rows``). All three
         fix kernel shapes (``llama_shard.batching``).
         """
-        positions = start[:, None] + torch.arange(n_tokens, device=start.device)  # [B, T]
-        freqs = positions[..., None].float() * self.inv_freq  # [B, T, E/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        length = max(int(positions.max()) + 1, min_length)
+        device, dtype = start.device, self.dtype
+        positions = start[:, None] + torch.arange(n_tokens, device=device)  # [B, T]
+        starts = start.tolist()
+        last = max(starts) + n_tokens
+        cos_table, sin_table = self._rope_table(last, dtype)
+        if len(starts) == 1:  # one row: the tables' rows as views
+            cos = cos_table[starts[0] : last][None, :, None]  # [1, T, 1, E]
+            sin = sin_table[starts[0] : last][None, :, None]
+        else:
+            cos, sin = cos_table[positions].unsqueeze(2), sin_table[positions].unsqueeze(2)  # [B, T, 1, E]
+        length = max(last, min_length)
+        ninf = torch.tensor(float("-inf"), dtype=dtype, device=device)
+        zero = torch.zeros((), dtype=dtype, device=device)
+        spans = None
+        if len(starts) <= _MAX_SPAN_ROWS:  # positions are start..start+T-1 per row: narrow copies, no index_put
+            spans = tuple(zip(slots.tolist(), starts, strict=True))
         if row_key_multiple > 0:
             rows: list[tuple[int, Tensor]] = []
-            for slot, pos in zip(slots.tolist(), positions, strict=True):
-                n = -(-(int(pos[-1]) + 1) // row_key_multiple) * row_key_multiple
-                keys = torch.arange(n, device=start.device)
-                rows.append((slot, (keys[None, :] <= pos[:, None])[None, None]))  # [1, 1, T, L_i]
-            return Batch(slots, positions, emb.cos(), emb.sin(), length, None, tuple(rows))
+            for slot, s in zip(slots.tolist(), starts, strict=True):
+                n = -(-(s + n_tokens) // row_key_multiple) * row_key_multiple
+                visible = torch.arange(n, device=device) <= torch.arange(s, s + n_tokens, device=device)[:, None]
+                rows.append((slot, zero.where(visible, ninf)[None, None]))  # [1, 1, T, L_i]
+            matmul = n_tokens == 1 and self.decode_matmul
+            return Batch(slots, positions, cos, sin, length, None, tuple(rows), spans, matmul)
         mask = None
-        if always_mask or not (n_tokens == 1 and bool((start == length - 1).all())):
-            keys = torch.arange(length, device=start.device)
-            mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, L]
-        return Batch(slots, positions, emb.cos(), emb.sin(), length, mask)
+        if always_mask or not (n_tokens == 1 and all(s == length - 1 for s in starts)):
+            visible = torch.arange(length, device=device)[None, None, :] <= positions[:, :, None]
+            mask = zero.where(visible, ninf).unsqueeze(1)  # [B, 1, T, L]
+        return Batch(slots, positions, cos, sin, length, mask, spans=spans)
 
     def forward(self, x: Tensor, batch: Batch, cache: KVCache, *, last_only: bool = False, last: int = -1) -> Tensor:
         """Run this stage.
@@ -258,9 +343,9 @@ class Stage(nn.Module):
         Returns:
             Logits ``[B, T or 1, V]`` (fp32) on the last stage, hidden states ``[B, T, D]`` elsewhere.
         """
-        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x.to(self.dtype)
-        for i, layer in self.layers.items():
-            h = layer(h, batch, cache.k[int(i)], cache.v[int(i)])
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x.to(batch.cos.dtype)
+        for i, layer in zip(self.spec.layers, self.layers.values(), strict=True):
+            h = layer(h, batch, cache.k[i], cache.v[i])
         if self.norm is None or self.output is None:
             return h
         if last_only:
