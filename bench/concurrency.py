@@ -7,13 +7,16 @@ time to first token p50/p95.
     python bench/concurrency.py --plot bench/concurrency.png
 
 Each stream is a streaming ``/v1/completions`` with its own prompt and ``max_tokens``; the tokens counted are the
-ones the server reports in ``usage``. The goal at 8 streams is at least 6x the single stream's tokens/s.
+ones the server reports in ``usage``. The goal at 8 streams is at least 6x the single stream's tokens/s. When the bench
+starts the server, it also reports the CPU time per token of the node processes and of the server: on a machine
+whose cores are shared (with each other, or with other work), tokens/s follows the CPU a token costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -39,6 +42,19 @@ class StreamResult:
     tokens: int
     ttft_s: float
     total_s: float
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) so far of the server process, and of its children (the node processes)."""
+    import psutil
+
+    server = psutil.Process(pid)
+    own = sum(server.cpu_times()[:2])
+    kids = 0.0
+    for child in server.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            kids += sum(child.cpu_times()[:2])
+    return own, kids
 
 
 def free_port() -> int:
@@ -135,14 +151,19 @@ def main() -> None:
         rows, data = [], {}
         base = None
         for n in levels:
+            cpu0 = cpu_seconds(proc.pid) if proc is not None else (float("nan"), float("nan"))
             tps, results = asyncio.run(level(url, args.model, n, args.max_tokens))
+            cpu1 = cpu_seconds(proc.pid) if proc is not None else cpu0
+            tokens = sum(r.tokens for r in results)
+            serve_ms, nodes_ms = ((b - a) * 1e3 / tokens for a, b in zip(cpu0, cpu1, strict=True))
             base = base or tps
             ttfts = [r.ttft_s for r in results]
             data[n] = {"tokens_per_s": tps, "speedup": tps / base, "ttft_p50_s": percentile(ttfts, 50),
-                       "ttft_p95_s": percentile(ttfts, 95)}  # fmt: skip
+                       "ttft_p95_s": percentile(ttfts, 95), "serve_cpu_ms_per_token": serve_ms,
+                       "nodes_cpu_ms_per_token": nodes_ms}  # fmt: skip
             log.info("%d streams: %.1f tok/s", n, tps)
             rows.append([n, fmt(tps), fmt(tps / base, 2, "x"), fmt(data[n]["ttft_p50_s"] * 1e3, 0),
-                         fmt(data[n]["ttft_p95_s"] * 1e3, 0)])  # fmt: skip
+                         fmt(data[n]["ttft_p95_s"] * 1e3, 0), fmt(nodes_ms), fmt(serve_ms)])  # fmt: skip
     finally:
         if proc is not None:
             proc.terminate()
@@ -153,8 +174,9 @@ def main() -> None:
     else:
         caption = (f"{args.nodes}-node loopback pipeline, --dtype {args.dtype}, --micro-batches {args.micro_batches}, "
                    f"{args.max_tokens} tokens/stream, load avg {load_average() or 0:.1f}; goal at 8: 6x")  # fmt: skip
-        print_table("Concurrent streams", ["streams", "tok/s", "÷ 1 stream", "TTFT p50 ms", "TTFT p95 ms"], rows,
-                    caption)  # fmt: skip
+        columns = ["streams", "tok/s", "÷ 1 stream", "TTFT p50 ms", "TTFT p95 ms", "nodes CPU ms/tok",
+                   "serve CPU ms/tok"]  # fmt: skip
+        print_table("Concurrent streams", columns, rows, caption)
     if args.plot:
         import matplotlib
 
