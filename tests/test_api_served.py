@@ -36,7 +36,7 @@ CLI = [str(Path(sys.executable).with_name("llama-node"))]
 HOST, KEY, CONTEXT = "127.0.0.2", "sesame-seed", 64
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL = "tiny"
-EXAMPLES = 10  # per operation and mode
+EXAMPLES = 25  # per operation and mode: about 15 s a mode on 2 cores
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_tiny_temperature_is_greedy_on_the_sampling_node(oai: openai.OpenAI) -> 
     strict=True,
     reason="the wire's SamplingParams (protos/llama_node/v1/node.proto, node/wire.py) carries no frequency/presence "
     "penalty nor penalty window yet, so the last node samples without them (in process they apply: "
-    "tests/test_api_penalties.py)",
+    "tests/test_api_sampling.py)",
 )
 def test_penalties_reach_the_sampling_node(oai: openai.OpenAI) -> None:
     plain = oai.completions.create(model=MODEL, prompt="The quick brown fox", temperature=0, max_tokens=24)
