@@ -1,7 +1,9 @@
 """OpenAI-compatible routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``.
 
 Streaming answers are server-sent events ending with ``data: [DONE]``; with ``stream_options.include_usage`` a last
-chunk with empty ``choices`` carries ``usage``.
+chunk with empty ``choices`` carries ``usage``. ``frequency_penalty`` and ``presence_penalty`` (-2..2) follow OpenAI's
+definition over the generated tokens; ``top_k``, ``min_p`` and ``repetition_penalty`` (CTRL, over prompt and answer)
+are extensions. A ``model`` other than the served one is a 404: a server holds one model, loaded when it starts.
 """
 
 from __future__ import annotations
