@@ -19,8 +19,10 @@ from gguf import GGMLQuantizationType
 from safetensors import safe_open
 from torch import nn
 
+from llama_shard import kernels
 from llama_shard.config import ModelConfig
 from llama_shard.errors import ModelFormatError
+from llama_shard.ggml_linear import KERNEL_TYPES, GGMLLinear, quantize_blocks
 from llama_shard.gguf_file import GGUF_TO_NATIVE, GGUFFile
 from llama_shard.model import Stage
 from llama_shard.quant import (
@@ -290,13 +292,15 @@ _FUSED = {
 _SINGLE = ("attention.wo", "feed_forward.w2")
 
 
-def _gguf_rows(source: WeightSource, names: list[str]) -> tuple[torch.Tensor, GGMLQuantizationType, int] | None:
-    """The raw blocks of ``names`` stacked by rows (Q/K rows un-permuted), if they share one packable type."""
+def _gguf_rows(
+    source: WeightSource, names: list[str], packable: frozenset[GGMLQuantizationType]
+) -> tuple[torch.Tensor, GGMLQuantizationType, int] | None:
+    """The raw blocks of ``names`` stacked by rows (Q/K rows un-permuted), if they share one ``packable`` type."""
     if not isinstance(source, GGUFSource):
         return None
     blocks = [source.blocks(n) for n in names]
     qtypes, cols = {b[1] for b in blocks}, {b[2] for b in blocks}
-    if len(qtypes) != 1 or len(cols) != 1 or next(iter(qtypes)) not in PACKED_TYPES:
+    if len(qtypes) != 1 or len(cols) != 1 or next(iter(qtypes)) not in packable:
         return None
     rows = []
     for name, (raw, _, _) in zip(names, blocks, strict=True):
@@ -305,12 +309,20 @@ def _gguf_rows(source: WeightSource, names: list[str]) -> tuple[torch.Tensor, GG
     return (rows[0] if len(rows) == 1 else torch.cat(rows)), qtypes.pop(), cols.pop()
 
 
+def _use_kernel(device: torch.device) -> bool:
+    """Whether linears are ``GGMLLinear`` (the ggml-style kernel) rather than the int4-plane ``QuantLinear``."""
+    return device.type == "cpu" and kernels.available()
+
+
 def _linear(source: WeightSource, names: list[str], mode: QuantMode, device: torch.device) -> nn.Module | None:
     """One module for the row-stack of ``names``; None when several cannot share one packed matmul."""
+    ggml = _use_kernel(device)
     if mode == QuantMode.gguf:
-        found = _gguf_rows(source, names)
+        found = _gguf_rows(source, names, KERNEL_TYPES if ggml else frozenset(PACKED_TYPES))
         if found is not None:
             raw, qtype, cols = found
+            if ggml:  # the file's bytes, copied out of the mapping (a fused or permuted stack is a copy already)
+                return GGMLLinear(raw.clone() if len(names) == 1 and raw.is_contiguous() else raw, qtype, cols)
             if device.type == "cpu":
                 return QuantLinear.from_gguf(raw, qtype, cols)
             return linear_from_planes(gguf_planes(raw, qtype, cols), device)
@@ -319,7 +331,11 @@ def _linear(source: WeightSource, names: list[str], mode: QuantMode, device: tor
         log.debug("%s: no packed kernel for its type, held as bf16", names[0])
         return DenseLinear(source.get(names[0])).to(device)
     bits = 4 if mode == QuantMode.int4 else 8
-    planes = [quantize_planes(source.get(n), bits) for n in names]
+    weights = [source.get(n) for n in names]
+    if ggml:
+        blocks, qtype = quantize_blocks(weights[0] if len(weights) == 1 else torch.cat(weights), bits)
+        return GGMLLinear(blocks, qtype, weights[0].shape[1])
+    planes = [quantize_planes(w, bits) for w in weights]
     return linear_from_planes(planes[0] if len(planes) == 1 else Int4Planes.cat(planes), device)
 
 
@@ -332,13 +348,16 @@ def _single(source: WeightSource, name: str, mode: QuantMode, device: torch.devi
 def load_quantised_stage(
     source: WeightSource, spec: ShardSpec, mode: QuantMode, *, device: torch.device | str = "cpu"
 ) -> Stage:
-    """A stage whose linears hold packed int4 planes (``llama_shard.quant``); norms stay fp32, activations fp32.
+    """A stage whose linears stay quantised; norms stay fp32, activations fp32.
 
-    ``gguf`` keeps a GGUF file's Q4_0/Q4_1/Q4_K/Q8_0 blocks packed (other types, and non-GGUF sources, become
-    bf16); ``int4``/``int8`` quantise float weights group-wise. wq/wk/wv and w1/w3 are fused into one matmul
-    each. The GGUF token embedding is looked up from the file's own blocks, row by row; no float copy of any
-    quantised matrix is kept, and the file's pages read while packing are dropped from this process after each
-    layer (they stay in the page cache).
+    On CPU with the native kernel (``llama_shard.kernels``), linears are ``GGMLLinear``: ``gguf`` keeps a GGUF
+    file's Q4_0/Q4_1/Q8_0/Q4_K/Q6_K blocks as they are in the file, and ``int4``/``int8`` quantise float weights to
+    Q4_1/Q8_0 blocks. Without it (no compiler, ``LLAMA_NODE_KERNELS=0``, or another device) they are int4 planes
+    for torch's kernel (``QuantLinear``, ``llama_shard.quant``): Q4_0/Q4_1/Q4_K/Q8_0 repacked, other types bf16.
+    wq/wk/wv and w1/w3 are fused into one matmul each. The GGUF token embedding is looked up from the file's own
+    blocks, row by row (a tied one from the head's blocks, held once); no float copy of any quantised matrix is
+    kept, and the file's pages read while loading are dropped from this process after each layer (they stay in the
+    page cache).
     """
     config, dev = source.config, torch.device(device)
     with torch.device("meta"):
@@ -365,8 +384,6 @@ def load_quantised_stage(
         for norm in ("attention_norm", "ffn_norm"):
             block.get_submodule(norm).weight = nn.Parameter(source.get(f"{prefix}{norm}.weight").float().to(dev))
         release()
-    if spec.has_embed:
-        stage.tok_embeddings = _embedding(source, dev)
     if spec.has_head:
         assert stage.norm is not None
         stage.norm.weight = nn.Parameter(source.get("norm.weight").float().to(dev))
@@ -375,6 +392,13 @@ def load_quantised_stage(
             raise ModelFormatError("the checkpoint has no output.weight and does not tie embeddings")
         stage.output = _single(source, head, mode, dev)
         release()
+    if spec.has_embed:
+        head_module = stage.output if spec.has_head else None
+        if isinstance(head_module, GGMLLinear) and isinstance(source, GGUFSource) and not source.has("output.weight"):
+            # one copy of the tied matrix: the embedding looks its rows up in the head's blocks
+            stage.tok_embeddings = QuantEmbedding(head_module.blocks, head_module.qtype, config.dim)
+        else:
+            stage.tok_embeddings = _embedding(source, dev)
     leftover = [n for n, t in stage.state_dict().items() if t.is_meta]
     if leftover:
         raise ModelFormatError(f"quantised load left {leftover[:3]} unset for stage {spec}")

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from llama_shard import batching
 from llama_shard.batching import StepRow, run_step
 from llama_shard.generate import LocalEngine
+from llama_shard.ggml_linear import GGMLLinear
 from llama_shard.loading import load_stage, open_source
 from llama_shard.model import KVCache, Stage
 from llama_shard.quant import QuantLinear, QuantMode
@@ -78,7 +79,9 @@ def test_quant_linears_give_the_same_row_for_any_m(packed: Stage) -> None:
     """The premise of the unpadded decode: a row of every packed linear is the same for M = 1..16 (and an fp32
     ``nn.Linear`` of the same shape is not, on MKL: the control)."""
     linears = {
-        n: m for n, m in packed.named_modules() if isinstance(m, QuantLinear) and n.startswith(("layers.0.", "output"))
+        n: m
+        for n, m in packed.named_modules()
+        if isinstance(m, QuantLinear | GGMLLinear) and n.startswith(("layers.0.", "output"))
     }
     assert len(linears) == 5  # wqkv, wo, w13, w2, the tied Q8_0 head
     gen = torch.Generator().manual_seed(1)

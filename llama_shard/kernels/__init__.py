@@ -1,0 +1,109 @@
+"""Native CPU kernels, built on first use with ``torch.utils.cpp_extension`` and registered as ``torch.ops.llama_node``.
+
+``ggml_mm(x, w, qtype, k)``: ``y = x @ w.T`` with ``w`` the raw GGUF blocks of a Q4_0/Q4_1/Q8_0/Q4_K/Q6_K matrix
+(uint8 ``[N, bytes per row]``) and ``x`` fp32 ``[M, K]``, computed as ggml does on AVX2: the activation rounded to
+8 bits per block of 32, integer dot products, fp32 scales (see ``csrc/ggml_mm.cpp``).
+
+The shared library is compiled once (``-O3 -mavx2 -mfma -mf16c``, ~30 s) into
+``$LLAMA_NODE_CACHE/kernels/<hash>`` (default ``~/.cache/llama-node``), the hash covering the source, torch's version
+and the flags, and loaded from there afterwards. Without a compiler, or with ``LLAMA_NODE_KERNELS=0``,
+``available()`` is False (with one warning) and callers use torch's own kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "ggml_mm.cpp"
+_X86_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]  # never -march=native: the cache is shared
+_OTHER_FLAGS = ["-O3", "-ffp-contract=off"]  # the scalar code path
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def _flags() -> list[str]:
+    return _X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else _OTHER_FLAGS
+
+
+def cache_dir() -> Path:
+    """Where built kernels live: ``$LLAMA_NODE_CACHE/kernels`` or ``~/.cache/llama-node/kernels``."""
+    root = os.environ.get("LLAMA_NODE_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "llama-node") / "kernels"
+
+
+def _build_dir() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(f"{torch.__version__}|{' '.join(_flags())}|{platform.machine()}".encode())
+    return cache_dir() / digest.hexdigest()[:16]
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    build = _build_dir()
+    build.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    library = cpp_extension.load(
+        name="llama_node_ggml_mm",
+        sources=[str(SOURCE)],
+        extra_cflags=_flags(),
+        build_directory=str(build),
+        is_python_module=False,
+        verbose=False,
+    )
+    log.info("llama_node kernels ready in %.1f s (%s)", time.perf_counter() - started, library or build)
+    if not hasattr(torch.ops.llama_node, "ggml_mm"):
+        raise RuntimeError("the kernel library loaded but registered no llama_node::ggml_mm")
+    _register_fake()
+
+
+def _register_fake() -> None:
+    """Shape-only implementation so ``torch.compile`` can trace through the op."""
+
+    @torch.library.register_fake("llama_node::ggml_mm")
+    def _(x: Tensor, w: Tensor, qtype: int, k: int, scalar: bool = False) -> Tensor:
+        return x.new_empty(x.shape[0], w.shape[0])
+
+
+def available() -> bool:
+    """Whether ``torch.ops.llama_node.ggml_mm`` can be called: builds (or loads) the kernel on the first call.
+
+    False, with one warning, when the build fails; False without building when ``LLAMA_NODE_KERNELS=0``.
+    """
+    with _lock:
+        if "ok" not in _state:
+            if os.environ.get("LLAMA_NODE_KERNELS", "1") == "0":
+                log.info("LLAMA_NODE_KERNELS=0: using torch's int4 kernel for quantised linears")
+                _state["ok"] = False
+            else:
+                try:
+                    _build()
+                    _state["ok"] = True
+                except Exception as e:  # a missing compiler, ninja or header surfaces as many exception types
+                    log.warning("could not build the llama_node kernels (%s); using torch's int4 kernel instead", e)
+                    _state["ok"] = False
+        return _state["ok"]
+
+
+def has_avx2() -> bool:
+    """Whether the built kernel has its AVX2 code path (else every call runs the scalar one)."""
+    return available() and bool(torch.ops.llama_node.ggml_has_avx2())
+
+
+def ggml_mm(x: Tensor, w: Tensor, qtype: int, k: int, *, scalar: bool = False) -> Tensor:
+    """``x [M, K]`` fp32 times raw GGUF blocks ``w [N, bytes per row]`` of ``qtype`` transposed -> fp32 ``[M, N]``.
+
+    ``scalar`` runs the portable code path even where AVX2 was compiled in (for tests).
+    """
+    return torch.ops.llama_node.ggml_mm(x, w, qtype, k, scalar)

@@ -1,0 +1,421 @@
+// y = x @ w.T over raw GGUF blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), the way ggml computes it on AVX2.
+//
+// The activation x [M, K] (fp32) is quantised per row to blocks of 32: int8 codes q, an fp32 scale d = amax/127
+// and s = d * sum(q) (for the mins of Q4_1 / Q4_K). Each weight block is dotted with the matching activation
+// block(s) in integer SIMD (_mm256_maddubs_epi16 + _mm256_madd_epi16), scaled by d_w * d_x in fp32 and added to an
+// 8-lane fp32 accumulator, one per output (row m, column n), summed horizontally at the end.
+//
+// Row invariance: output (m, n) depends only on x[m] and w[n]: the activation rows are quantised independently,
+// K is never split, the accumulation order over K is fixed, and tiles of rows (1, 2 or 4 rows sharing one
+// unpacked weight block) run the same instructions per row. Threads split N only. Built with -ffp-contract=off so
+// the compiler fuses no multiply-add differently in different tile instantiations.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LN_AVX2 1
+#else
+#define LN_AVX2 0
+#endif
+
+namespace {
+
+// GGMLQuantizationType values
+constexpr int64_t Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14;
+
+struct Acts {  // one quantised activation row
+  const int8_t* q;  // [K]
+  const float* d;   // [K / 32]
+  const float* s;   // [K / 32]: d * sum(q of the block)
+};
+
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+}
+
+// ---- activation quantisation (the same bits with or without AVX2) ------------------------------------------------
+
+void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* s) {
+  for (int64_t b = 0; b < k / 32; ++b) {
+    const float* xb = x + 32 * b;
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
+    const float id = amax != 0.f ? 127.f / amax : 0.f;
+    int sum = 0;
+    for (int i = 0; i < 32; ++i) {
+      const int v = static_cast<int>(std::nearbyint(xb[i] * id));  // round half to even, as _mm256_round_ps
+      q[32 * b + i] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    d[b] = amax / 127.f;
+    s[b] = d[b] * static_cast<float>(sum);
+  }
+}
+
+// ---- scalar kernels ----------------------------------------------------------------------------------------------
+// Each computes T outputs: row w (nb blocks of its type) against T activation rows.
+
+inline void scale_k4(const uint8_t* s, int j, int* sc, int* m) {  // ggml's get_scale_min_k4
+  if (j < 4) {
+    *sc = s[j] & 63;
+    *m = s[j + 4] & 63;
+  } else {
+    *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// weight codes of one 32-block, as ints, and the block's scale terms: w = a * code + c
+struct Scalar {
+  template <int T>
+  static void q8_0(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
+    float acc[T] = {};
+    for (int64_t b = 0; b < nb; ++b, w += 34) {
+      const float dw = f16(w);
+      const auto* qw = reinterpret_cast<const int8_t*>(w + 2);
+      for (int t = 0; t < T; ++t) {
+        int isum = 0;
+        for (int i = 0; i < 32; ++i) isum += qw[i] * x[t].q[32 * b + i];
+        acc[t] += dw * x[t].d[b] * static_cast<float>(isum);
+      }
+    }
+    for (int t = 0; t < T; ++t) out[t] = acc[t];
+  }
+
+  template <int T, bool MIN>
+  static void q4(const uint8_t* w, int64_t nb, const Acts* x, float* out) {  // Q4_0 (MIN false), Q4_1
+    constexpr int size = MIN ? 20 : 18;
+    float acc[T] = {}, summ[T] = {};
+    for (int64_t b = 0; b < nb; ++b, w += size) {
+      const float dw = f16(w), mw = MIN ? f16(w + 2) : 0.f;
+      const uint8_t* qs = w + size - 16;
+      for (int t = 0; t < T; ++t) {
+        const int8_t* qx = x[t].q + 32 * b;
+        int isum = 0;
+        for (int i = 0; i < 16; ++i) {
+          const int lo = qs[i] & 0xF, hi = qs[i] >> 4;
+          isum += (MIN ? lo : lo - 8) * qx[i] + (MIN ? hi : hi - 8) * qx[i + 16];
+        }
+        acc[t] += dw * x[t].d[b] * static_cast<float>(isum);
+        if (MIN) summ[t] += mw * x[t].s[b];
+      }
+    }
+    for (int t = 0; t < T; ++t) out[t] = acc[t] + summ[t];
+  }
+
+  template <int T>
+  static void q4_k(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
+    float acc[T] = {}, summ[T] = {};
+    for (int64_t b = 0; b < nb / 8; ++b, w += 144) {
+      const float d = f16(w), dmin = f16(w + 2);
+      for (int j = 0; j < 8; ++j) {
+        int sc, m;
+        scale_k4(w + 4, j, &sc, &m);
+        const uint8_t* qs = w + 16 + 32 * (j / 2);
+        const int shift = 4 * (j % 2);
+        const float dsc = d * static_cast<float>(sc), dm = dmin * static_cast<float>(m);
+        const int64_t xb = 8 * b + j;
+        for (int t = 0; t < T; ++t) {
+          const int8_t* qx = x[t].q + 32 * xb;
+          int isum = 0;
+          for (int i = 0; i < 32; ++i) isum += ((qs[i] >> shift) & 0xF) * qx[i];
+          acc[t] += dsc * x[t].d[xb] * static_cast<float>(isum);
+          summ[t] += dm * x[t].s[xb];
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) out[t] = acc[t] - summ[t];
+  }
+
+  template <int T>
+  static void q6_k(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
+    float acc[T] = {};
+    for (int64_t b = 0; b < nb / 8; ++b, w += 210) {
+      const float d = f16(w + 208);
+      const auto* scales = reinterpret_cast<const int8_t*>(w + 192);
+      for (int j = 0; j < 8; ++j) {  // 32-blocks: half n = j / 4, quarter j % 4
+        const int n = j / 4, quarter = j % 4;
+        const uint8_t* ql = w + 64 * n + 32 * (quarter % 2);
+        const uint8_t* qh = w + 128 + 32 * n;
+        const int lshift = 4 * (quarter / 2), hshift = 2 * quarter;
+        const int64_t xb = 8 * b + j;
+        for (int t = 0; t < T; ++t) {
+          const int8_t* qx = x[t].q + 32 * xb;
+          int isum = 0;
+          for (int half = 0; half < 2; ++half) {
+            int part = 0;
+            for (int i = 16 * half; i < 16 * half + 16; ++i) {
+              const int q = (((ql[i] >> lshift) & 0xF) | (((qh[i] >> hshift) & 3) << 4)) - 32;
+              part += q * qx[i];
+            }
+            isum += scales[8 * n + half + 2 * quarter] * part;
+          }
+          acc[t] += d * x[t].d[xb] * static_cast<float>(isum);
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) out[t] = acc[t];
+  }
+};
+
+// ---- AVX2 kernels (ggml-cpu's x86 dot products, over blocks of 32 activations) -----------------------------------
+#if LN_AVX2
+inline float hsum(__m256 x) {
+  __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+inline __m256i nibbles32(const uint8_t* p) {  // 16 bytes -> 32 codes: low nibbles first, then high nibbles
+  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set1_epi8(0x0F), _mm256_set_m128i(_mm_srli_epi16(t, 4), t));
+}
+
+inline __m256i dot_us(__m256i u, __m256i s) {  // unsigned u (< 128 or |u| from sign) x signed s -> 8 int32
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+inline __m256 dot_ss(__m256i a, __m256i b) {  // signed x signed, via |a| and sign(b, a)
+  return _mm256_cvtepi32_ps(dot_us(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a)));
+}
+
+// Two blocks per step: their products are summed into a temporary that is then added to the accumulator, so the
+// loop-carried chain is one add per two blocks (one fma per block would bound a single row at ~5 cycles a block).
+struct Avx2 {
+  template <int T, bool MIN, class Unpack, class Dot>
+  static void blocks32(const uint8_t* w, int64_t nb, int size, const Acts* x, float* out, Unpack unpack, Dot dot) {
+    __m256 acc[T];
+    float summ[T] = {};
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2, w += 2 * size) {
+      float d0, m0, d1, m1;
+      const __m256i q0 = unpack(w, &d0, &m0), q1 = unpack(w + size, &d1, &m1);
+      for (int t = 0; t < T; ++t) {
+        const __m256 p0 = dot(q0, load32(x[t].q + 32 * b)), p1 = dot(q1, load32(x[t].q + 32 * b + 32));
+        __m256 tmp = _mm256_mul_ps(_mm256_set1_ps(d0 * x[t].d[b]), p0);
+        tmp = _mm256_fmadd_ps(_mm256_set1_ps(d1 * x[t].d[b + 1]), p1, tmp);
+        acc[t] = _mm256_add_ps(acc[t], tmp);
+        if (MIN) summ[t] += m0 * x[t].s[b] + m1 * x[t].s[b + 1];
+      }
+    }
+    if (b < nb) {
+      float d0, m0;
+      const __m256i q0 = unpack(w, &d0, &m0);
+      for (int t = 0; t < T; ++t) {
+        const __m256 p0 = dot(q0, load32(x[t].q + 32 * b));
+        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * x[t].d[b]), p0, acc[t]);
+        if (MIN) summ[t] += m0 * x[t].s[b];
+      }
+    }
+    for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]) + summ[t];
+  }
+
+  template <int T>
+  static void q8_0(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
+    auto unpack = [](const uint8_t* p, float* d, float* m) {
+      *d = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p));
+      *m = 0.f;
+      return load32(reinterpret_cast<const int8_t*>(p + 2));
+    };
+    blocks32<T, false>(w, nb, 34, x, out, unpack, [](__m256i a, __m256i b) { return dot_ss(a, b); });
+  }
+
+  template <int T, bool MIN>
+  static void q4(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
+    constexpr int size = MIN ? 20 : 18;
+    auto unpack = [](const uint8_t* p, float* d, float* m) {
+      *d = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p));
+      *m = MIN ? _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p + 2)) : 0.f;
+      const __m256i q = nibbles32(p + size - 16);
+      return MIN ? q : _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+    };
+    if constexpr (MIN) {
+      blocks32<T, true>(w, nb, size, x, out, unpack,
+                        [](__m256i a, __m256i b) { return _mm256_cvtepi32_ps(dot_us(a, b)); });
+    } else {
+      blocks32<T, false>(w, nb, size, x, out, unpack, [](__m256i a, __m256i b) { return dot_ss(a, b); });
+    }
+  }
+
+  template <int T>
+  static void q4_k(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
+    __m256 acc[T];
+    float summ[T] = {};
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb / 8; ++b, w += 144) {
+      const float d = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(w));
+      const float dmin = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(w + 2));
+      for (int c = 0; c < 4; ++c) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 + 32 * c));
+        const __m256i q[2] = {_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4)};
+        int sc0, mn0, sc1, mn1;
+        scale_k4(w + 4, 2 * c, &sc0, &mn0);
+        scale_k4(w + 4, 2 * c + 1, &sc1, &mn1);
+        const float ds0 = d * static_cast<float>(sc0), dm0 = dmin * static_cast<float>(mn0);
+        const float ds1 = d * static_cast<float>(sc1), dm1 = dmin * static_cast<float>(mn1);
+        const int64_t xb = 8 * b + 2 * c;
+        for (int t = 0; t < T; ++t) {
+          const __m256 p0 = _mm256_cvtepi32_ps(dot_us(q[0], load32(x[t].q + 32 * xb)));
+          const __m256 p1 = _mm256_cvtepi32_ps(dot_us(q[1], load32(x[t].q + 32 * xb + 32)));
+          __m256 tmp = _mm256_mul_ps(_mm256_set1_ps(ds0 * x[t].d[xb]), p0);
+          tmp = _mm256_fmadd_ps(_mm256_set1_ps(ds1 * x[t].d[xb + 1]), p1, tmp);
+          acc[t] = _mm256_add_ps(acc[t], tmp);
+          summ[t] += dm0 * x[t].s[xb] + dm1 * x[t].s[xb + 1];
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]) - summ[t];
+  }
+
+  template <int T>
+  static void q6_k(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
+    __m256 acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
+    for (int64_t b = 0; b < nb / 8; ++b, w += 210) {
+      const float d = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(w + 208));
+      const auto* scales = reinterpret_cast<const int8_t*>(w + 192);
+      for (int n = 0; n < 2; ++n) {
+        const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * n));
+        const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * n + 32));
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 128 + 32 * n));
+        const __m256i q[4] = {  // codes 0..63 (the -32 is applied below)
+            _mm256_or_si256(_mm256_and_si256(qa, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2)),
+            _mm256_or_si256(_mm256_and_si256(qb, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), _mm256_and_si256(qh, m2)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2))};
+        for (int pair = 0; pair < 2; ++pair) {
+          // quarter 2·pair + h: its elements 0..15 use s[2h], 16..31 s[2h + 1]
+          const int8_t* s = scales + 8 * n + 4 * pair;
+          const __m256i sc0 = _mm256_set_m128i(_mm_set1_epi16(s[1]), _mm_set1_epi16(s[0]));
+          const __m256i sc1 = _mm256_set_m128i(_mm_set1_epi16(s[3]), _mm_set1_epi16(s[2]));
+          const int64_t xb = 8 * b + 4 * n + 2 * pair;
+          for (int t = 0; t < T; ++t) {
+            const __m256i x0 = load32(x[t].q + 32 * xb), x1 = load32(x[t].q + 32 * xb + 32);
+            const __m256i thirty2 = _mm256_set1_epi8(32);
+            const __m256i p0 =
+                _mm256_sub_epi16(_mm256_maddubs_epi16(q[2 * pair], x0), _mm256_maddubs_epi16(thirty2, x0));
+            const __m256i p1 =
+                _mm256_sub_epi16(_mm256_maddubs_epi16(q[2 * pair + 1], x1), _mm256_maddubs_epi16(thirty2, x1));
+            __m256 tmp =
+                _mm256_mul_ps(_mm256_set1_ps(d * x[t].d[xb]), _mm256_cvtepi32_ps(_mm256_madd_epi16(p0, sc0)));
+            tmp = _mm256_fmadd_ps(_mm256_set1_ps(d * x[t].d[xb + 1]), _mm256_cvtepi32_ps(_mm256_madd_epi16(p1, sc1)),
+                                  tmp);
+            acc[t] = _mm256_add_ps(acc[t], tmp);
+          }
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]);
+  }
+};
+#endif
+
+struct TypeInfo {
+  int64_t block, bytes;
+};
+
+TypeInfo type_info(int64_t qtype) {
+  switch (qtype) {
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q8_0: return {32, 34};
+    case Q4_K: return {256, 144};
+    case Q6_K: return {256, 210};
+    default: TORCH_CHECK(false, "ggml_mm: unsupported GGML type ", qtype);
+  }
+}
+
+// out[t * ldo] for T rows of activations against one weight row
+template <class K, int T>
+void dot_rows(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out) {
+  switch (qtype) {
+    case Q4_0: K::template q4<T, false>(w, nb, x, out); break;
+    case Q4_1: K::template q4<T, true>(w, nb, x, out); break;
+    case Q8_0: K::template q8_0<T>(w, nb, x, out); break;
+    case Q4_K: K::template q4_k<T>(w, nb, x, out); break;
+    default: K::template q6_k<T>(w, nb, x, out); break;
+  }
+}
+
+template <class K>
+void mm(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Acts>& x, float* y, int64_t n_out,
+        int64_t k) {
+  const int64_t m_rows = static_cast<int64_t>(x.size()), nb = k / 32;
+  // ~64 KiB of weights per task at least, so small matrices do not pay for thread wake-ups per row
+  const int64_t grain = std::max<int64_t>(1, 65536 / row_bytes);
+  at::parallel_for(0, n_out, grain, [&](int64_t n0, int64_t n1) {
+    float out[4];
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* wr = w + n * row_bytes;
+      int64_t m = 0;
+      auto put = [&](int rows) {
+        for (int t = 0; t < rows; ++t) y[(m + t) * n_out + n] = out[t];
+        m += rows;
+      };
+      for (; m + 4 <= m_rows;) dot_rows<K, 4>(qtype, wr, nb, &x[m], out), put(4);
+      if (m + 2 <= m_rows) dot_rows<K, 2>(qtype, wr, nb, &x[m], out), put(2);
+      if (m < m_rows) dot_rows<K, 1>(qtype, wr, nb, &x[m], out), put(1);
+    }
+  });
+}
+
+at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t k, bool scalar) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "ggml_mm runs on CPU");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.scalar_type() == at::kFloat, "ggml_mm: x must be fp32 [M, K]");
+  const TypeInfo info = type_info(qtype);
+  TORCH_CHECK(k % info.block == 0, "ggml_mm: K = ", k, " is not a multiple of the block size ", info.block);
+  const int64_t row_bytes = k / info.block * info.bytes;
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == row_bytes && w.scalar_type() == at::kByte && w.is_contiguous(),
+              "ggml_mm: w must be contiguous uint8 [N, ", row_bytes, "]");
+  const at::Tensor xc = x.contiguous();
+  const int64_t m_rows = xc.size(0), n_out = w.size(0), nb = k / 32;
+  at::Tensor q = at::empty({m_rows, k}, xc.options().dtype(at::kChar));
+  at::Tensor ds = at::empty({m_rows, 2, nb}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* dp = ds.data_ptr<float>();
+  at::parallel_for(0, m_rows, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * k, k, qp + m * k, dp + 2 * m * nb, dp + (2 * m + 1) * nb);
+  });
+  std::vector<Acts> acts(m_rows);
+  for (int64_t m = 0; m < m_rows; ++m) acts[m] = {qp + m * k, dp + 2 * m * nb, dp + (2 * m + 1) * nb};
+  at::Tensor y = at::empty({m_rows, n_out}, xc.options());
+  if (m_rows == 0 || n_out == 0) return y;
+#if LN_AVX2
+  if (!scalar) {
+    mm<Avx2>(qtype, w.data_ptr<uint8_t>(), row_bytes, acts, y.data_ptr<float>(), n_out, k);
+    return y;
+  }
+#endif
+  mm<Scalar>(qtype, w.data_ptr<uint8_t>(), row_bytes, acts, y.data_ptr<float>(), n_out, k);
+  return y;
+}
+
+bool has_avx2() { return LN_AVX2 != 0; }
+
+}  // namespace
+
+TORCH_LIBRARY(llama_node, m) {
+  m.def("ggml_mm(Tensor x, Tensor w, int qtype, int k, bool scalar=False) -> Tensor");
+  m.def("ggml_has_avx2() -> bool", &has_avx2);
+}
+
+TORCH_LIBRARY_IMPL(llama_node, CPU, m) { m.impl("ggml_mm", &ggml_mm); }

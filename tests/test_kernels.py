@@ -1,0 +1,193 @@
+"""The native kernel (``llama_shard.kernels.ggml_mm``) and ``GGMLLinear`` over raw GGUF blocks.
+
+Error bound. The kernel rounds each activation row to 8 bits per block ``b`` of 32: ``d_b = amax_b / 127`` and
+``q = round(x · 127/amax_b)``, so ``x̂ = d_b q`` and ``|x - x̂| ≤ d_b / 2`` per element (round to nearest, no clamping
+since ``|x| ≤ amax_b``; plus a few fp32 roundings of ``127/amax`` and the product, ≤ 2^-21 amax_b). Weight codes
+and activation codes then multiply exactly in integers (pair sums of ``maddubs`` stay below 2^15: at most
+2 · 128 · 127), each block's integer sum is scaled by ``d_w · d_x`` in fp32, and the fp32 sum over K has at most
+``K/32 + 8`` roundings per term (8 lanes, pairs of blocks, a horizontal sum of 3 levels, and the scalar sum of the
+Q4_1/Q4_K min terms). So, with ``u = 2^-24`` and ``|w|ₐ = |w - z| + |z|`` (``z``: the min term, that cancels
+against the codes in Q4_1/Q4_K; 0 for the symmetric types):
+
+    |y - x·w| ≤ Σ_k (d_b(k)/2 + 2^-21 amax_b(k)) |w_k|  +  (K/32 + 16) · u · Σ_k |x̂_k| |w|ₐ_k
+
+The first term is the activation rounding (llama.cpp's own), the second the fp32 arithmetic. A sharper check pins
+the arithmetic itself: against ``x̂ · w`` (x̂ recomputed here exactly as the kernel does) only the second term is
+allowed, so the kernel really computes llama.cpp's Q8 dot product, not merely something close to ``x · w``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+
+from llama_shard import kernels
+from llama_shard.ggml_linear import KERNEL_TYPES, GGMLLinear, quantize_blocks
+from llama_shard.loading import load_stage, open_source
+from llama_shard.quant import QuantEmbedding, QuantLinear, QuantMode
+from llama_shard.shard import ShardSpec
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ggml_reference import random_blocks, reference_dequantize  # noqa: E402
+
+Q = GGMLQuantizationType
+TYPES = sorted(KERNEL_TYPES, key=int)
+U = 2.0**-24
+CODE_BYTES = {Q.Q4_1: slice(4, 20), Q.Q4_K: slice(16, 144)}  # zeroing the codes leaves the min term z
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the native kernel could not be built here")
+PATHS = [pytest.param(False, id="avx2"), pytest.param(True, id="scalar")]
+
+
+def _case(qtype: GGMLQuantizationType, rows: int = 48, cols: int = 512, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random valid blocks ``[rows, bytes]``, their reference dequantisation ``w`` and ``|w|ₐ``."""
+    raw = random_blocks(qtype, rows, cols, np.random.default_rng(seed))
+    w = reference_dequantize(raw, qtype, (rows, cols))
+    z = np.zeros_like(w)
+    if qtype in CODE_BYTES:
+        blocks = raw.reshape(-1, raw.size // (rows * cols // (256 if qtype == Q.Q4_K else 32))).copy()
+        blocks[:, CODE_BYTES[qtype]] = 0
+        z = reference_dequantize(blocks, qtype, (rows, cols))
+    w_abs = np.abs(w - z) + np.abs(z)
+    return torch.from_numpy(raw).view(rows, -1), torch.from_numpy(w), torch.from_numpy(w_abs)
+
+
+def _q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's activation rounding, recomputed: ``x̂`` and ``amax`` per element's block."""
+    g = x.view(x.shape[0], -1, 32)
+    amax = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    x_hat = (g * inv).round() * (amax / 127)  # torch.round: half to even, as the kernel
+    return x_hat.view_as(x), amax.expand_as(g).reshape(x.shape)
+
+
+def _activations(m: int, k: int, seed: int = 1) -> torch.Tensor:
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    x[:, 5] *= 30  # an outlier channel, as real hidden states have: its blocks get a coarse step
+    return x
+
+
+@needs_kernel
+@pytest.mark.parametrize("scalar", PATHS)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_kernel_is_within_the_q8_activation_bound(qtype: GGMLQuantizationType, scalar: bool) -> None:
+    raw, w, w_abs = _case(qtype)
+    x = _activations(7, 512)
+    y = kernels.ggml_mm(x, raw, int(qtype), 512, scalar=scalar).double()
+    x_hat, amax = _q8(x)
+    arithmetic = (512 / 32 + 16) * U * (x_hat.double().abs() @ w_abs.double().t())
+    rounding = (amax.double() / 254 + 2.0**-21 * amax.double()) @ w.double().abs().t()
+    exact = x.double() @ w.double().t()
+    assert ((y - exact).abs() - rounding - arithmetic).max() <= 0
+    # the sharper check: exactly llama.cpp's dot product of the rounded activation, up to fp32 summation
+    assert ((y - x_hat.double() @ w.double().t()).abs() - arithmetic).max() <= 0
+    # and the bound is not loose by orders of magnitude: the rounding term is what the error is made of
+    assert (y - exact).abs().max() > 0.05 * rounding.max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("scalar", PATHS)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_a_row_is_bitwise_the_same_for_any_m_and_thread_count(qtype: GGMLQuantizationType, scalar: bool) -> None:
+    raw, _, _ = _case(qtype, rows=40)
+    x = _activations(16, 512, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        full = kernels.ggml_mm(x, raw, int(qtype), 512, scalar=scalar)
+        for m in range(1, 16):
+            assert torch.equal(kernels.ggml_mm(x[:m], raw, int(qtype), 512, scalar=scalar), full[:m]), m
+            assert torch.equal(kernels.ggml_mm(x[m:], raw, int(qtype), 512, scalar=scalar), full[m:]), m
+        torch.set_num_threads(1)
+        assert torch.equal(kernels.ggml_mm(x, raw, int(qtype), 512, scalar=scalar), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_odd_block_counts_and_rows_split_across_threads() -> None:
+    """K = 160 (five blocks: the kernel's pairs plus a single one) and N not a multiple of anything."""
+    raw, w, _ = _case(Q.Q4_0, rows=37, cols=160)
+    x = _activations(3, 160)
+    y = GGMLLinear(raw, Q.Q4_0, 160)(x)
+    x_hat, _ = _q8(x)
+    torch.testing.assert_close(y.double(), x_hat.double() @ w.double().t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_dequantise_equals_the_ggml_reference(qtype: GGMLQuantizationType) -> None:
+    raw, w, _ = _case(qtype, rows=8, cols=256)
+    assert torch.equal(GGMLLinear(raw, qtype, 256).dequantize(), w)
+
+
+@needs_kernel
+def test_fused_rows_equal_separate_linears() -> None:
+    (a, _, _), (b, _, _) = _case(Q.Q4_1, rows=64, seed=3), _case(Q.Q4_1, rows=32, seed=4)
+    x = _activations(3, 512)
+    fused = GGMLLinear(torch.cat([a, b]), Q.Q4_1, 512)(x)
+    assert torch.equal(fused, torch.cat([GGMLLinear(a, Q.Q4_1, 512)(x), GGMLLinear(b, Q.Q4_1, 512)(x)], dim=-1))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantised_blocks_are_within_half_a_step(bits: int) -> None:
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3)) * 0.05
+    blocks, qtype = quantize_blocks(w, bits)
+    assert qtype == (Q.Q4_1 if bits == 4 else Q.Q8_0)
+    w_hat = torch.from_numpy(reference_dequantize(blocks.numpy(), qtype, (64, 256)))
+    g = w.view(64, -1, 32)
+    step = (g.amax(-1) - g.amin(-1)) / 15 if bits == 4 else g.abs().amax(-1) / 127
+    err = (w_hat - w).abs().view(64, -1, 32).amax(-1)
+    # half a step, plus the fp16 rounding of the stored scale (2^-11 relative) over up to 15 (127) steps
+    assert (err <= step * (0.5 + (15 if bits == 4 else 127) * 2.0**-11) + 1e-7).all()
+
+
+def test_the_fallback_is_used_without_the_kernel(make_hf_llama: Callable[..., Path]) -> None:
+    """``LLAMA_NODE_KERNELS=0`` (as where no compiler is found): torch's int4 kernel, the same stage otherwise."""
+    code = (
+        "import sys; from llama_shard import kernels; from llama_shard.loading import load_stage, open_source;"
+        "from llama_shard.quant import QuantMode, QuantLinear; from llama_shard.shard import ShardSpec;"
+        "s = load_stage(open_source(sys.argv[1]), ShardSpec.whole(4), quantize=QuantMode.int4);"
+        "assert not kernels.available(); assert isinstance(s.layers['0'].attention.wqkv, QuantLinear); print('ok')"
+    )
+    env = {**os.environ, "LLAMA_NODE_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code, str(make_hf_llama())], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_failed_build_warns_once_and_falls_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.delenv("LLAMA_NODE_KERNELS", raising=False)
+
+    def fail() -> None:
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(kernels, "_build", fail)
+    assert not kernels.available() and not kernels.available()
+    assert [r.levelname for r in caplog.records if "could not build" in r.message] == ["WARNING"]
+
+
+@needs_kernel
+def test_smollm2_tied_head_is_held_once() -> None:
+    from llama_shard.embedded import smollm2_gguf_path
+
+    source = open_source(smollm2_gguf_path())
+    stage = load_stage(source, ShardSpec.whole(source.config.n_layers), quantize=QuantMode.gguf)
+    assert isinstance(stage.output, GGMLLinear) and stage.output.qtype == Q.Q8_0
+    assert isinstance(stage.tok_embeddings, QuantEmbedding)
+    assert stage.tok_embeddings.raw.data_ptr() == stage.output.blocks.data_ptr()
+    linears = [m for m in stage.modules() if isinstance(m, GGMLLinear | QuantLinear)]
+    assert all(isinstance(m, GGMLLinear) for m in linears)
+    file_bytes = sum(source.gguf.blocks(name)[0].numel() for name in source.gguf.tensor_names)
+    held = sum(m.blocks.numel() for m in linears)
+    norms = sum(t.numel() * 4 for n, t in stage.state_dict().items() if n.endswith("norm.weight"))
+    assert held + norms == file_bytes  # the file's bytes (F32 norms, quantised blocks), none repacked or duplicated
