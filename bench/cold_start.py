@@ -156,7 +156,8 @@ def run_cli(model: Path, tree: Path | None, threads: int, timeout: float) -> dic
     argv = [sys.executable, "-c", "from coordinator.cli import main; main()", "run", str(model)]
     argv += ["--prompt", PROMPT, "--max-tokens", "1", "--threads", str(threads), "--temperature", "0"]
     start, children = time.time(), _children_cpu()
-    proc = subprocess.Popen(argv, env=_env(tree), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # cwd: ``python -c`` puts the working directory first on sys.path, ahead of PYTHONPATH
+    proc = subprocess.Popen(argv, env=_env(tree), cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     first = proc.stdout.read(1)
     first_at = time.time()
