@@ -62,7 +62,10 @@ def test_api_key_is_required_everywhere_but_root(client: TestClient) -> None:
     assert client.post("/v1/completions", json={"model": "tiny", "prompt": "x"}).status_code == 401
     assert client.get("/no/such/path").status_code == 401  # nothing about the server without the key
     assert client.head("/").status_code == 200 and client.get("/").status_code == 200
-    assert client.get("/openapi.json").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+    assert schema["paths"]["/v1/chat/completions"]["post"]["security"] == [{"bearer": []}]
+    assert schema["paths"]["/"]["get"]["security"] == []
 
 
 def test_form_encoded_json_under_api_is_read_as_json(client: TestClient) -> None:

@@ -120,5 +120,24 @@ def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
     async def root() -> str:
         return "Ollama is running"  # the Ollama CLI checks HEAD / and this exact text
 
+    if api_key is not None:
+        _declare_bearer(app)
     app.add_middleware(_Compat, api_key=api_key)
     return app
+
+
+def _declare_bearer(app: FastAPI) -> None:
+    """The OpenAPI schema says that every operation but ``/`` needs the bearer key (``/docs`` gets an Authorize)."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = plain()
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, operations in schema.get("paths", {}).items():
+                for operation in operations.values():
+                    operation["security"] = [] if path in PUBLIC_PATHS else [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
