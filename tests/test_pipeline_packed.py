@@ -197,3 +197,20 @@ def test_a_packed_node_holds_a_fraction_of_a_dense_ones_memory(tmp_path: Path) -
     # fp32: 15 layers (212 MB) + the 49152 x 576 head (113 MB); packed: ~63 MB of blocks
     assert dense_mb > 250, dense_mb
     assert packed_mb < 0.35 * dense_mb, (packed_mb, dense_mb)
+
+
+def test_int4_on_the_nodes_equals_int4_in_one_process(cluster: Cluster, make_hf_llama: Callable[..., Path]) -> None:
+    """``--quantize int4`` of a float checkpoint: each node quantises its own slice at load, as one process would."""
+    model = make_hf_llama(num_hidden_layers=4, tie_word_embeddings=True)
+    source = open_source(model)
+    specs = split(model, 2)
+    stages = [load_stage(source, s, quantize=QuantMode.int4) for s in specs]
+    prompt = [5, 17, 99, 3, 250, 41, 7, 300, 12, 64]
+    expected_tokens, expected_logits = local_greedy(stages, prompt, 6)
+    client = cluster.load(model, specs, StageOptions(max_len=128, quantize=QuantMode.int4))
+    try:
+        tokens, logits = pipeline_greedy(cluster, client, prompt, 6)
+    finally:
+        cluster.close_client(client)
+    assert tokens == expected_tokens
+    assert all(torch.equal(a, b) for a, b in zip(logits, expected_logits, strict=True))
