@@ -214,3 +214,26 @@ def test_int4_on_the_nodes_equals_int4_in_one_process(cluster: Cluster, make_hf_
         cluster.close_client(client)
     assert tokens == expected_tokens
     assert all(torch.equal(a, b) for a, b in zip(logits, expected_logits, strict=True))
+
+
+def test_weight_mode_and_the_planners_bytes(make_hf_llama: Callable[..., Path]) -> None:
+    """``--dtype auto`` packs a GGUF (on nodes as in one process); the planner sizes packed stages by the file's blocks
+    and dense ones at 4 bytes a weight."""
+    from coordinator.cluster import node_profile
+    from coordinator.pipeline.local import weight_mode
+    from coordinator.pipeline_executor import local_depth
+    from coordinator.planner.loaders import load_model_profile
+
+    hf = make_hf_llama(num_hidden_layers=2)
+    assert weight_mode(SMOL, "auto") == QuantMode.gguf
+    assert weight_mode(SMOL, "float32") is None and weight_mode(hf, "auto") is None
+    assert weight_mode(hf, "auto", "int4") == QuantMode.int4
+
+    profile = load_model_profile(str(SMOL))
+    assert node_profile(profile, packed=True) is profile
+    dense = node_profile(profile, packed=False)
+    assert dense.stored is not None and profile.stored is not None
+    assert dense.stored.layer_bytes[0] == 4 * profile.layer_params(0)
+    assert sum(profile.stored.layer_bytes) < sum(dense.stored.layer_bytes) / 5  # Q4_1: ~5 bits a weight
+
+    assert 1 <= local_depth(3, 1) <= 3 and local_depth(3, 10**6) == 1
