@@ -31,8 +31,9 @@ class RMSNorm(nn.Module):
         # Normalise in fp32 and cast back before the weight, in the same order as the HF reference (the casts are
         # skipped where they are no-ops: each is still a dispatched op). On CPU ``mean`` is ``sum`` then ``div_`` by
         # the count and ``pow(2)`` is ``x * x``: the same bits in cheaper ops (mean costs ~4x a sum for one row).
+        # The in-place ops work on temporaries of this function and compute what their out-of-place forms would.
         if x.dtype == torch.float32:
-            return self.weight * (x * torch.rsqrt((x * x).sum(-1, keepdim=True) / x.shape[-1] + self.eps))
+            return (x * (x * x).sum(-1, keepdim=True).div_(x.shape[-1]).add_(self.eps).rsqrt_()).mul_(self.weight)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -210,8 +211,9 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w13 is not None:
-            gate, up = self.w13(x).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
+            gate_up = self.w13(x)
+            half = gate_up.shape[-1] // 2
+            return self.w2(F.silu(gate_up[..., :half]).mul_(gate_up[..., half:]))  # in place: one allocation less
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -224,8 +226,9 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
 
     def forward(self, x: Tensor, batch: Batch, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), batch, k_cache, v_cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+        # the residual adds in place into the sublayers' fresh outputs (a + b == b + a bitwise): no allocation
+        h = self.attention(self.attention_norm(x), batch, k_cache, v_cache).add_(x)
+        return self.feed_forward(self.ffn_norm(h)).add_(h)
 
 
 class Stage(nn.Module):
