@@ -1,4 +1,9 @@
-"""Quantised weights that stay quantised: GGUF blocks repacked at load for a 4-bit matmul kernel.
+"""Quantised weights that stay quantised: GGUF blocks repacked at load for torch's 4-bit matmul kernel.
+
+This is the fallback path: where the native kernel (``llama_shard.kernels``, used through
+``llama_shard.ggml_linear.GGMLLinear`` on the raw blocks) could not be built, is disabled (``LLAMA_NODE_KERNELS=0``),
+or the stage is not on CPU (there the planes are dequantised to bf16). The shared pieces (``QuantEmbedding``,
+``dequantize_rows``, ``QuantMode``) serve both paths.
 
 The kernel is PyTorch's weight-only int4 matmul (``torch._weight_int4pack_mm_for_cpu``, group 32). It computes
 ``y = x @ w.T`` with ``w[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n]`` for 4-bit codes ``q`` and one
