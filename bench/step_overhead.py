@@ -1,12 +1,12 @@
 """The per-token cost of a decode step beyond its matmuls: ms per token and aten ops per layer, packed and fp32.
 
-``packed`` is the ``--dtype auto`` stage (GGUF blocks on the int4 kernel, row-invariant: attention row by row),
-``packed-sdpa`` the same with decode attention through SDPA (``Stage.decode_matmul`` off), ``fp32`` the exact path
-(decode rows padded to 16). One row decodes ``--tokens`` tokens through ``batching.run_step`` after a ``--context``-token prompt (the slot is
-rewound before each repetition, so every repetition reads the same key counts). The paths are run interleaved
-(A B A B ...) for ``--reps`` rounds; the table keeps the median and the minimum. Then ``torch.profiler`` records a
-few tokens of each path and counts the aten ops per layer per token (every recorded op, nested ones included, so a
-``.to()`` that copies counts its ``_to_copy``/``copy_``) and the ones that dominate.
+``packed`` is the ``--dtype auto`` stage (GGUF blocks on the packed kernel, row-invariant: attention row by row),
+``packed-matmul`` the same with decode attention by two small matmuls (``Stage.decode_matmul``), ``fp32`` the exact
+path (decode rows padded to 16). One row decodes ``--tokens`` tokens through ``batching.run_step`` after a
+``--context``-token prompt (each repetition starts at the same position, so reads the same key counts). The paths
+are run interleaved (A B A B ...) for ``--reps`` rounds; the table keeps the median and the minimum. Then
+``torch.profiler`` records a few tokens of each path and counts the aten ops per layer per token (every recorded op,
+nested ones included, so a ``.to()`` that copies counts its ``_to_copy``/``copy_``) and the ones that dominate.
 
     python bench/step_overhead.py --threads 2
     python bench/step_overhead.py --threads 2 --paths packed --top 30
@@ -81,9 +81,9 @@ def main() -> None:
     parser.add_argument(
         "--paths",
         nargs="+",
-        choices=["packed", "packed-sdpa", "fp32"],
+        choices=["packed", "packed-matmul", "fp32"],
         default=["packed", "fp32"],
-        help="packed-sdpa: the packed stage with decode attention through SDPA (Stage.decode_matmul off)",
+        help="packed-matmul: the packed stage with decode attention by matmuls (Stage.decode_matmul on)",
     )
     parser.add_argument("--top", type=int, default=12, help="most frequent ops to list per path")
     args = parser.parse_args()
@@ -103,8 +103,8 @@ def main() -> None:
         quantize = QuantMode.gguf if path.startswith("packed") else None
         t0 = time.perf_counter()
         stage = load_stage(source, ShardSpec.whole(n_layers), quantize=quantize)
-        if path == "packed-sdpa":
-            stage.decode_matmul = False
+        if path == "packed-matmul":
+            stage.decode_matmul = True
         runs[path] = _decoder(stage, args.context, args.tokens)
         log.info("%s: loaded and prefilled in %.1f s", path, time.perf_counter() - t0)
     load_before = load_average()
