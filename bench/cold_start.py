@@ -126,6 +126,9 @@ def _env(tree: Path | None) -> dict[str, str]:
     env = dict(os.environ)
     if tree is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(tree.resolve()), *filter(None, [env.get("PYTHONPATH")])])
+        # Its own kernel cache: the native kernels' build files name the source's path, so checkouts taking
+        # turns on one cache would rebuild them (seconds to minutes) on every switch.
+        env["LLAMA_NODE_CACHE"] = str(tree.resolve() / ".llama-node-cache")
     return env
 
 
