@@ -169,7 +169,8 @@ def config_from_pb(m: pb.ModelConfig) -> ModelConfig:
 def sampling_to_pb(p: SamplingParams) -> pb.SamplingParams:
     return pb.SamplingParams(
         temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
-        repetition_penalty=p.repetition_penalty, seed=p.seed,
+        repetition_penalty=p.repetition_penalty, seed=p.seed, frequency_penalty=p.frequency_penalty,
+        presence_penalty=p.presence_penalty, penalty_last_n=p.penalty_last_n, penalty_start=p.penalty_start,
     )  # fmt: skip
 
 
@@ -177,7 +178,8 @@ def sampling_from_pb(m: pb.SamplingParams) -> SamplingParams:
     try:
         return SamplingParams(
             temperature=m.temperature, top_k=m.top_k, top_p=m.top_p, min_p=m.min_p,
-            repetition_penalty=m.repetition_penalty, seed=m.seed,
+            repetition_penalty=m.repetition_penalty, seed=m.seed, frequency_penalty=m.frequency_penalty,
+            presence_penalty=m.presence_penalty, penalty_last_n=m.penalty_last_n, penalty_start=m.penalty_start,
         )  # fmt: skip
     except LlamaShardError as e:
         raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"bad sampling parameters: {e}") from None

@@ -7,6 +7,7 @@ regenerating gives identical files.
 
 #: Sent as metadata on every call and returned by Health; peers refuse any other version. Bumped whenever an older
 #: peer would silently misread a message (ignore a field that changes the result): 2 added ``Row.prefill``,
-#: ``LoadShardRequest.quantize`` and ``TensorDigest.gguf_type``. The Cluster service (join, describe) carries it too.
-PROTOCOL_VERSION = 2
+#: ``LoadShardRequest.quantize`` and ``TensorDigest.gguf_type``; 3 the penalties of ``SamplingParams`` (an older
+#: node would sample without them). The Cluster service (join, describe) carries it too.
+PROTOCOL_VERSION = 3
 PROTOCOL_METADATA_KEY = "llama-node-protocol"

@@ -129,12 +129,6 @@ def test_tiny_temperature_is_greedy_on_the_sampling_node(oai: openai.OpenAI) -> 
         assert oai.completions.create(model=MODEL, prompt="snow", temperature=t, max_tokens=8).choices[0].text == greedy
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the wire's SamplingParams (protos/llama_node/v1/node.proto, node/wire.py) carries no frequency/presence "
-    "penalty nor penalty window yet, so the last node samples without them (in process they apply: "
-    "tests/test_api_sampling.py)",
-)
 def test_penalties_reach_the_sampling_node(oai: openai.OpenAI) -> None:
     plain = oai.completions.create(model=MODEL, prompt="The quick brown fox", temperature=0, max_tokens=24)
     penalised = oai.completions.create(

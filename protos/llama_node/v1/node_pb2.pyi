@@ -584,12 +584,24 @@ class SamplingParams(_message.Message):
     MIN_P_FIELD_NUMBER: _builtins.int
     REPETITION_PENALTY_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
+    PRESENCE_PENALTY_FIELD_NUMBER: _builtins.int
+    PENALTY_LAST_N_FIELD_NUMBER: _builtins.int
+    PENALTY_START_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
     top_k: _builtins.int
     top_p: _builtins.float
     min_p: _builtins.float
     repetition_penalty: _builtins.float
     seed: _builtins.int
+    frequency_penalty: _builtins.float
+    """logit -= count x this, counting history[penalty_start:] within the window"""
+    presence_penalty: _builtins.float
+    """logit -= this for a token counted at least once"""
+    penalty_last_n: _builtins.int
+    """the penalties' window: the last n tokens of the history; 0: all of it"""
+    penalty_start: _builtins.int
+    """frequency/presence count positions >= this only (OpenAI: the prompt's length)"""
     def __init__(
         self,
         *,
@@ -599,10 +611,14 @@ class SamplingParams(_message.Message):
         min_p: _builtins.float = ...,
         repetition_penalty: _builtins.float = ...,
         seed: _builtins.int = ...,
+        frequency_penalty: _builtins.float = ...,
+        presence_penalty: _builtins.float = ...,
+        penalty_last_n: _builtins.int = ...,
+        penalty_start: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_p", b"min_p", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frequency_penalty", b"frequency_penalty", "min_p", b"min_p", "penalty_last_n", b"penalty_last_n", "penalty_start", b"penalty_start", "presence_penalty", b"presence_penalty", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
