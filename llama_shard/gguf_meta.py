@@ -243,7 +243,10 @@ def parse_gguf(buf: Any, size: int | None = None, *, arrays: bool = True) -> GGU
         key = r.string()
         if key in metadata:
             raise GGUFMetaError(f"metadata key {key!r} at byte {at} appears twice")
-        metadata[key] = r.value(r.u32())
+        try:
+            metadata[key] = r.value(r.u32())
+        except RecursionError:
+            raise GGUFMetaError(f"metadata key {key!r} nests arrays too deeply to be a real file") from None
     alignment = _alignment(metadata)
     raw: list[tuple[str, tuple[int, ...], int, int]] = []
     for _ in range(n_tensors):

@@ -224,6 +224,14 @@ def test_corrupt_headers(small_file: bytes, name: str, corrupt: Callable[[bytes]
     assert needle in str(err.value)
 
 
+def test_arrays_nested_beyond_the_recursion_limit() -> None:
+    key = b"deep"
+    body = struct.pack("<Q", len(key)) + key + struct.pack("<I", V.ARRAY)
+    body += struct.pack("<IQ", V.ARRAY, 1) * (sys.getrecursionlimit() + 10) + struct.pack("<IQ", V.UINT8, 0)
+    with pytest.raises(GGUFMetaError, match="too deeply"):
+        parse_gguf(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + body)
+
+
 def test_bad_alignment(tmp_path: Path) -> None:
     data = write_gguf(tmp_path / "a.gguf", alignment=64).read_bytes()
     bad = mutate(data, key_bytes("general.alignment"), 4, struct.pack("<I", 48))
