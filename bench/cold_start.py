@@ -13,15 +13,19 @@ round fills). Three kinds of process, run interleaved (A B C A B C …):
 - ``llama.cpp`` probe: ``import llama_cpp``, ``Llama(model)`` (metadata, vocabulary and weights), ``eval`` of the
   same prompt ids, argmax.
 
-Times are seconds from the parent's ``Popen`` (so "python up" includes interpreter start and ``site``); the table
-gives each stage's median duration and the median total. ``--tree LABEL=DIR`` (repeatable) runs the llama-node
-processes against another checkout of the code (``PYTHONPATH=DIR``, ahead of the editable install), which is how
-before/after tables are made from one invocation::
+Wall times are seconds from the parent's ``Popen`` (so "python up" includes interpreter start and ``site``); a
+second table gives the CPU seconds (user + system, all threads) of each stage, which other load on a shared machine
+disturbs far less than wall time. Both give each stage's median and the median time to the first token.
+
+``--tree LABEL=DIR`` (repeatable) runs the llama-node processes against another checkout of the code
+(``PYTHONPATH=DIR`` and cwd ``DIR``, ahead of the editable install; its own ``LLAMA_NODE_CACHE`` so the native
+kernels are built once per tree), which is how before/after tables are made from one invocation::
 
     python bench/cold_start.py                                  # this checkout, 5 rounds, all cores
     python bench/cold_start.py --repeats 7 --threads 1
-    git archive <old-commit> | tar -x -C /tmp/before
-    python bench/cold_start.py --tree before=/tmp/before --tree after=.   # interleaved before/after
+    mkdir /tmp/before && git archive <old-commit> | tar -x -C /tmp/before
+    mkdir /tmp/after && git archive HEAD | tar -x -C /tmp/after
+    python bench/cold_start.py --threads 1 --tree before=/tmp/before --tree after=/tmp/after
     python -X importtime -c "import coordinator.cli" 2>&1 | sort -t'|' -k2 -n | tail   # heavy imports
 """
 
