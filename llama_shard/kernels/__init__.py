@@ -53,10 +53,17 @@ def _build() -> None:
 
     build = _build_dir()
     build.mkdir(parents=True, exist_ok=True)
+    # compile a copy inside the build directory: ninja's build file names the source path, so every checkout or
+    # install with the same source shares one build instead of rebuilding whenever another one used the cache
+    source = build / SOURCE.name
+    if not source.exists() or source.read_bytes() != SOURCE.read_bytes():
+        tmp = build / f".{SOURCE.name}.{os.getpid()}"
+        tmp.write_bytes(SOURCE.read_bytes())
+        tmp.replace(source)
     started = time.perf_counter()
     library = cpp_extension.load(
         name="llama_node_ggml_mm",
-        sources=[str(SOURCE)],
+        sources=[str(source)],
         extra_cflags=_flags(),
         build_directory=str(build),
         is_python_module=False,
