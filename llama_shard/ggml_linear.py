@@ -53,14 +53,18 @@ class GGMLLinear(nn.Module):
         if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != expected:
             raise ValueError(f"{qtype.name} blocks for {in_features} columns must be uint8 [N, {expected}]")
         self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
+        self._qtype = int(qtype)
         self.register_buffer("blocks", blocks.contiguous())
 
     blocks: Tensor
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        y = kernels.ggml_mm(x.reshape(-1, self.in_features).float(), self.blocks, int(self.qtype), self.in_features)
-        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+        # called ~120 times per decoded token: each skipped no-op (a view, a cast, an enum conversion) saves ~1 µs
+        x2 = x.reshape(-1, self.in_features)
+        y = kernels.ggml_mm(x2 if x2.dtype == torch.float32 else x2.float(), self.blocks, self._qtype, self.in_features)
+        if x.dim() != 2:
+            y = y.view(x.shape[:-1] + (self.out_features,))
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def dequantize(self) -> Tensor:
         """The fp32 weight ``[N, K]`` the blocks stand for."""

@@ -18,6 +18,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -108,9 +109,14 @@ def has_avx2() -> bool:
     return available() and bool(torch.ops.llama_node.ggml_has_avx2())
 
 
+_op: list[Callable[..., Tensor]] = []  # the resolved op: ``torch.ops.llama_node.ggml_mm`` costs ~3 µs per lookup
+
+
 def ggml_mm(x: Tensor, w: Tensor, qtype: int, k: int, *, scalar: bool = False) -> Tensor:
     """``x [M, K]`` fp32 times raw GGUF blocks ``w [N, bytes per row]`` of ``qtype`` transposed -> fp32 ``[M, N]``.
 
     ``scalar`` runs the portable code path even where AVX2 was compiled in (for tests).
     """
-    return torch.ops.llama_node.ggml_mm(x, w, qtype, k, scalar)
+    if not _op:
+        _op.append(torch.ops.llama_node.ggml_mm.default)
+    return _op[0](x, w, qtype, k, scalar)
