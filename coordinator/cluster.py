@@ -78,9 +78,9 @@ def plan_options(profile: ModelProfile, context: int, slots: int) -> PlanOptions
 
 
 def node_profile(profile: ModelProfile, packed: bool) -> ModelProfile:
-    """``profile`` with the bytes the nodes will hold. Packed stages keep a GGUF's blocks at about their stored size
-    (Q4_x/Q8_0; other types, Q6_K or Q5_x, become bf16 at load, which the stored sizes undercount). Dense stages of
-    a GGUF hold 4 bytes a weight, not its stored size."""
+    """``profile`` with the bytes the nodes will hold. Packed stages keep a GGUF's blocks at their stored size (types
+    without a packed kernel become bf16 at load, which the stored sizes undercount). Dense stages of a GGUF hold 4
+    bytes a weight, not its stored size."""
     import dataclasses
 
     from coordinator.planner.profiles import StoredWeights
