@@ -31,8 +31,9 @@ from common import interleaved, load_average, packaged_gguf, print_table, setup_
 log = logging.getLogger("bench.step_overhead")
 
 
-def _decoder(stage: Any, context: int, tokens: int) -> Callable[[], float]:
-    """A function that decodes ``tokens`` tokens of one row after the prompt and returns ms per token."""
+def _decoder(stage: Any, context: int, tokens: int) -> Callable[[], tuple[float, float]]:
+    """A function that decodes ``tokens`` tokens of one row after the prompt and returns ms per token, wall and CPU
+    (all threads: the robust comparison on a shared machine, where wall time includes waiting for a core)."""
     import torch
 
     from llama_shard import batching
@@ -45,19 +46,21 @@ def _decoder(stage: Any, context: int, tokens: int) -> Callable[[], float]:
         raise SystemExit("the bench needs a whole model (embedding to head)")
     run_step(stage, cache, [StepRow(0, 0, prompt, prefill=True, logits=False)], 1)
 
-    def run() -> float:
+    def run() -> tuple[float, float]:
         token = 1234
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(tokens):
             (logits,) = run_step(stage, cache, [StepRow(0, context + i, torch.tensor([token]), prefill=False)], 1)
             assert logits is not None
             token = int(logits.argmax())
-        return (time.perf_counter() - t0) * 1e3 / tokens
+        return (time.perf_counter() - t0) * 1e3 / tokens, (time.process_time() - c0) * 1e3 / tokens
 
     return run
 
 
-def _profile(run: Callable[[], float], n_layers: int, tokens: int, top: int) -> tuple[float, list[tuple[str, float]]]:
+def _profile(
+    run: Callable[[], tuple[float, float]], n_layers: int, tokens: int, top: int
+) -> tuple[float, list[tuple[str, float]]]:
     """Aten ops per layer per token (all recorded ops), and the ``top`` most frequent with their counts."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -98,7 +101,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     source = open_source(args.model or packaged_gguf())
     n_layers = source.config.n_layers
-    runs: dict[str, Callable[[], float]] = {}
+    runs: dict[str, Callable[[], tuple[float, float]]] = {}
     for path in args.paths:
         quantize = QuantMode.gguf if path.startswith("packed") else None
         t0 = time.perf_counter()
@@ -114,8 +117,9 @@ def main() -> None:
     for path, run in runs.items():
         with torch.inference_mode():
             ops, most = _profile(run, n_layers, args.tokens, args.top)
-        ms = times[path]
-        rows.append([path, f"{statistics.median(ms):.2f}", f"{min(ms):.2f}", f"{1e3 / min(ms):.1f}", f"{ops:.1f}"])
+        ms, cpu = [w for w, _ in times[path]], [c for _, c in times[path]]
+        med = statistics.median
+        rows.append([path, f"{med(ms):.2f}", f"{min(ms):.2f}", f"{1e3 / min(ms):.1f}", f"{med(cpu):.2f}", f"{ops:.1f}"])
         print_table(
             f"{path}: aten ops per layer per token (top {args.top})",
             ["op", "per layer"],
@@ -123,7 +127,7 @@ def main() -> None:
         )
     print_table(
         f"decode, one row, {args.threads} threads, {args.context}-token context, {args.tokens} tokens x {args.reps}",
-        ["path", "ms/token (median)", "ms/token (min)", "tokens/s (best)", "aten ops/layer"],
+        ["path", "ms/token (median)", "ms/token (min)", "tokens/s (best)", "CPU ms/token (median)", "aten ops/layer"],
         rows,
         caption=f"load average {load_before} before, {load_average()} after",
     )

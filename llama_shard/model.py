@@ -185,7 +185,8 @@ class Attention(nn.Module):
     def _decode_row(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, slot: int, bias: Tensor) -> Tensor:
         """One row's attention for one query, ``[1, 1, H·E]`` fp32: its query ``[1, H, E]`` over its slot's first
         L_i keys (``bias [1, 1, L_i]``), as two small matmuls with grouped-query heads by reshape (the G = H/K query
-        heads of a KV head are adjacent, as ``repeat_kv`` pairs them): fewer and cheaper ops than SDPA for T = 1.
+        heads of a KV head are adjacent, as ``repeat_kv`` pairs them). Fewer ops than SDPA for T = 1, but not cheaper
+        here: see ``Stage.decode_matmul``, which turns it on.
 
         Row-invariant: it reads only the row's query, its own slot and its own key count.
         """
