@@ -8,9 +8,9 @@ without it (``QuantLinear``), bf16 roundings (≤ 2^-9 relative each).
 - greedy tokens, teacher-forced: along the exact path's greedy continuation, the packed path picks the same token
   at every step where the exact path's top two logits are more than ``TIE`` = 0.5 apart. 8-bit activations move
   the logits by up to ~1.5 (the maximum over 49k entries; the top tokens move less), so near-ties flip. Measured on
-  these prompts: flips only at gaps 0.03-0.19 (7 of 96 steps), e.g. the first token of the France prompt (gap
-  0.08), where llama.cpp picks the packed path's token too. A wrong kernel moves logits by whole units and flips
-  confident tokens.
+  these prompts: 1 flip in 96 steps with 1 thread (the first token of the France prompt, gap 0.08, where llama.cpp
+  picks the packed path's token too); 7 with 2 threads (the fp32 path's MKL sums change with the thread count),
+  all at gaps 0.03-0.19. A wrong kernel moves logits by whole units and flips confident tokens.
 - mean per-token log-likelihood of a fixed text: within ``LL_BOUND`` = 0.01 nats (1% in perplexity). The per-token
   differences are rounding noise of either sign (measured with the native kernel: max 0.29 nats on one token, mean
   +0.0043 nats over 51; with bf16: 0.14 and 0.0009), so the mean shrinks with the text length; 0.01 is far below
