@@ -6,6 +6,7 @@ model is one stage here. ``--json`` prints exactly one JSON object on stdout; lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -54,6 +55,8 @@ def run_command(
     top_k: int = typer.Option(0, "--top-k", min=0),
     min_p: float = typer.Option(0.0, "--min-p"),
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
+    frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", help="per repeat of a generated token"),
+    presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="once for any generated token"),
     seed: int | None = typer.Option(None, "--seed", help="makes sampling reproducible"),
     stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: all cores)"),
@@ -82,6 +85,8 @@ def run_command(
             top_p=top_p,
             min_p=min_p,
             repetition_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
             seed=SamplingParams.random_seed() if seed is None else seed,
         )
         session = _Session(resolve_model(model), dtype, threads, context, nodes, push_weights, quantize)
@@ -210,13 +215,15 @@ class _Session:
             sys.stdout.write(text)
             sys.stdout.flush()
 
+        params = dataclasses.replace(params, penalty_start=len(ids))  # OpenAI's penalties: generated tokens only
         engine: TokenEngine
         if self.pipeline is not None:
             from coordinator.pipeline.engine import PipelineEngine
 
             engine = PipelineEngine(self.pipeline.client, self.pipeline.runner, params, self.max_len)
         else:
-            engine = LocalEngine(self.stage, params, self.max_len)
+            # KV for this answer only (the chat re-reads its history each turn): no 4K-token cache to zero-fill
+            engine = LocalEngine(self.stage, params, min(self.max_len, len(ids) + max_tokens))
         result = generate(
             engine,
             self.tokenizer,
