@@ -49,10 +49,30 @@ def _build_dir() -> Path:
     return cache_dir() / digest.hexdigest()[:16]
 
 
+_NAME = "llama_node_ggml_mm"
+
+
+def _load_built(build: Path) -> bool:
+    """Load the library a previous run built in ``build``, without ``cpp_extension`` (which imports setuptools and
+    runs ninja: ~0.25 s of every start even when nothing is stale). False when there is none for this source."""
+    library, source = build / f"{_NAME}.so", build / SOURCE.name
+    if not (library.exists() and source.exists() and source.read_bytes() == SOURCE.read_bytes()):
+        return False
+    try:
+        torch.ops.load_library(str(library))
+    except OSError as e:  # e.g. half-written by a build running in another process: build (or wait for) it
+        log.debug("could not load %s (%s); building", library, e)
+        return False
+    return hasattr(torch.ops.llama_node, "ggml_mm")
+
+
 def _build() -> None:
+    build = _build_dir()
+    if _load_built(build):
+        _register_fake()
+        return
     from torch.utils import cpp_extension
 
-    build = _build_dir()
     build.mkdir(parents=True, exist_ok=True)
     # compile a copy inside the build directory: ninja's build file names the source path, so every checkout or
     # install with the same source shares one build instead of rebuilding whenever another one used the cache
@@ -63,7 +83,7 @@ def _build() -> None:
         tmp.replace(source)
     started = time.perf_counter()
     library = cpp_extension.load(
-        name="llama_node_ggml_mm",
+        name=_NAME,
         sources=[str(source)],
         extra_cflags=_flags(),
         build_directory=str(build),
