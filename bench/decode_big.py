@@ -130,6 +130,7 @@ class Ours:
         import torch
 
         from llama_shard.generate import LocalEngine
+        from llama_shard.ggml_linear import GGMLLinear
         from llama_shard.loading import load_stage, open_source
         from llama_shard.quant import QuantLinear, QuantMode
         from llama_shard.sampling import SamplingParams
@@ -141,8 +142,12 @@ class Ours:
         self.stage = load_stage(source, ShardSpec.whole(source.config.n_layers), quantize=QuantMode.gguf)
         self.load_s = time.perf_counter() - t0
         self.engine_cls, self.params, self.n_ctx = LocalEngine, SamplingParams(), n_ctx
-        mats = [m for m in self.stage.modules() if isinstance(m, QuantLinear)]
-        self.weight_bytes = sum(m.packed.nbytes + m.scale_zeros.nbytes for m in mats)
+        # the native kernel's raw blocks, or torch's int4 planes where it is not built (LLAMA_NODE_KERNELS=0)
+        self.weight_bytes = sum(
+            m.blocks.nbytes if isinstance(m, GGMLLinear) else m.packed.nbytes + m.scale_zeros.nbytes
+            for m in self.stage.modules()
+            if isinstance(m, GGMLLinear | QuantLinear)
+        )
 
     def run(self, prompt: list[int], n: int) -> Speed:
         engine = self.engine_cls(self.stage, self.params, self.n_ctx)
@@ -171,9 +176,9 @@ class LlamaCpp:
 
 def _gguf_matrix_bytes(path: Path) -> int:
     """Bytes of the matrices a decoded token reads in the GGUF: every 2-D tensor (the tied embedding, as the head)."""
-    from gguf import GGUFReader
+    from llama_shard.gguf_meta import read_gguf
 
-    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if len(t.shape) == 2)
+    return sum(t.n_bytes for t in read_gguf(path, arrays=False).tensors if len(t.shape) == 2)
 
 
 def bench_type(qtype: str, args: argparse.Namespace, bandwidth: float) -> list[list[str]]:

@@ -29,6 +29,8 @@ RUNTIME_PROBE = """
 import sys, torch
 from llama_shard.loading import load_tokenizer, open_source
 import coordinator.run_cmd, llama_shard.generate, llama_shard.quant
+from llama_shard import kernels
+kernels.available()  # the native kernel library is part of the runtime
 torch.set_num_threads(int(sys.argv[2]))
 tokenizer = load_tokenizer(open_source(sys.argv[1]))
 q = torch.randn(1, 9, 4, 64)
@@ -56,17 +58,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=32)
     args = p.parse_args(argv)
     setup_logging()
-    from gguf import GGUFReader
+    from llama_shard.gguf_meta import read_gguf
 
     model = Path(args.model) if args.model else packaged_gguf()
-    reader = GGUFReader(str(model))
-    weights_mb = sum(int(t.n_bytes) for t in reader.tensors) / 2**20
-    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("llama.")}
+    header = read_gguf(model, arrays=False)
+    weights_mb = sum(t.n_bytes for t in header.tensors) / 2**20
+    meta = {k: v for k, v in header.metadata.items() if k.startswith("llama.")}
     layers, heads = int(meta["llama.block_count"]), int(meta["llama.attention.head_count"])
     kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
     head_dim = int(meta["llama.embedding_length"]) // heads
     kv_mb = 2 * layers * args.context * kv_heads * head_dim * 4 / 2**20
-    del reader
     # the runtime probe first: ru_maxrss of children is a running max, so the smaller child must go first
     runtime_mb = child_peak_mb([sys.executable, "-c", RUNTIME_PROBE, str(model), str(args.threads)])
     run = [*llama_node_command(), "run", str(model), "--prompt", "Tell me a story.", "--max-tokens", str(args.tokens)]
