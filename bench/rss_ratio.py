@@ -2,7 +2,8 @@
 
 - peak RSS: ``ru_maxrss`` of the ``llama-node run --prompt ... --dtype auto`` child process;
 - quantised weights: the bytes of the GGUF's tensors (what llama.cpp would hold);
-- KV cache: ``2 · layers · context · kv_heads · head_dim · 4`` bytes (fp32, as the stage allocates it);
+- KV cache: ``2 · layers · positions · kv_heads · head_dim · 4`` bytes (fp32, as the stage allocates it), where
+  ``run --prompt`` reserves the prompt + ``--tokens`` positions (``llama_shard.batching.cache_len``);
 - runtime: ``ru_maxrss`` of a child that does everything ``run`` does but hold weights and KV: imports torch and
   llama-node, opens the GGUF, builds the tokenizer, runs one attention op.
 
@@ -38,8 +39,9 @@ torch.nn.functional.scaled_dot_product_attention(q, q, q)
 """
 
 
-def child_peak_mb(argv: list[str]) -> float:
-    """Run ``argv`` to completion and return its peak RSS (the only child of this process at a time)."""
+def child_peak_mb(argv: list[str]) -> tuple[float, str]:
+    """Run ``argv`` to completion and return its peak RSS and its stdout (the only child of this process at a
+    time)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -47,7 +49,7 @@ def child_peak_mb(argv: list[str]) -> float:
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if peak <= before:
         log.warning("ru_maxrss did not grow (%d KB): this child peaked below an earlier one", peak)
-    return peak / 1024
+    return peak / 1024, proc.stdout
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,12 +69,16 @@ def main(argv: list[str] | None = None) -> None:
     layers, heads = int(meta["llama.block_count"]), int(meta["llama.attention.head_count"])
     kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
     head_dim = int(meta["llama.embedding_length"]) // heads
-    kv_mb = 2 * layers * args.context * kv_heads * head_dim * 4 / 2**20
     # the runtime probe first: ru_maxrss of children is a running max, so the smaller child must go first
-    runtime_mb = child_peak_mb([sys.executable, "-c", RUNTIME_PROBE, str(model), str(args.threads)])
+    runtime_mb, _ = child_peak_mb([sys.executable, "-c", RUNTIME_PROBE, str(model), str(args.threads)])
     run = [*llama_node_command(), "run", str(model), "--prompt", "Tell me a story.", "--max-tokens", str(args.tokens)]
     run += ["--threads", str(args.threads), "--context", str(args.context), "--ignore-eos", "--json", "--dtype", "auto"]
-    peak_mb = child_peak_mb(run)
+    peak_mb, out = child_peak_mb(run)
+    # the KV cache run allocated: an answer's (prompt + max tokens, within the context), in cache_len positions
+    from llama_shard.batching import cache_len
+
+    positions = cache_len(min(args.context, len(json.loads(out)["prompt_ids"]) + args.tokens))
+    kv_mb = 2 * layers * positions * kv_heads * head_dim * 4 / 2**20
     ratio = peak_mb / (weights_mb + kv_mb + runtime_mb)
     rows = [[f"{weights_mb:.1f}", f"{kv_mb:.1f}", f"{runtime_mb:.1f}", f"{peak_mb:.1f}", f"{ratio:.3f}"]]
     print_table(
