@@ -27,8 +27,10 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "ggml_mm.cpp"
-_X86_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]  # never -march=native: the cache is shared
-_OTHER_FLAGS = ["-O3", "-ffp-contract=off"]  # the scalar code path
+# never -march=native: the cache is shared. -fopenmp: at::parallel_for is inline OpenMP code in ATen's headers; without
+# the flag it compiles to a serial loop (measured: 1 and 2 threads took the same time); libgomp.so.1 is torch's own
+_X86_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
+_OTHER_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]  # the scalar code path
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -86,6 +88,7 @@ def _build() -> None:
         name=_NAME,
         sources=[str(source)],
         extra_cflags=_flags(),
+        extra_ldflags=["-fopenmp"],
         build_directory=str(build),
         is_python_module=False,
         verbose=False,
