@@ -43,7 +43,9 @@ TYPES = sorted(KERNEL_TYPES, key=int)
 U = 2.0**-24
 CODE_BYTES = {Q.Q4_1: slice(4, 20), Q.Q4_K: slice(16, 144)}  # zeroing the codes leaves the min term z
 
-needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the native kernel is disabled (LLAMA_NODE_KERNELS=0) or could not be built")
+needs_kernel = pytest.mark.skipif(
+    not kernels.available(), reason="the native kernel is disabled (LLAMA_NODE_KERNELS=0) or could not be built"
+)
 PATHS = [pytest.param(False, id="avx2"), pytest.param(True, id="scalar")]
 
 
