@@ -8,7 +8,6 @@ is not installed (it belongs to the test extra).
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,8 +18,7 @@ from coordinator.api.backend import Backend, ModelInfo
 from coordinator.scheduler import RowWork, Scheduler
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis.errors import Unsatisfiable  # noqa: E402
+from tests.schemathesis_run import fuzz_operations  # noqa: E402
 
 
 class FastExecutor:
@@ -42,34 +40,10 @@ def _app() -> Any:
     return create_app(Backend(info, tokenizer, 96, Scheduler(FastExecutor(), max_queue=64)))
 
 
-def _served_model(case: Any) -> Any:
-    """Name the served model where a body names one; otherwise nearly every request stops at the 404."""
-    if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
-        case.body["model"] = "tiny"
-    return case
-
-
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_no_server_error_for_any_generated_request(mode: str) -> None:
     schema = schemathesis.openapi.from_asgi("/openapi.json", _app())
-    failures: list[str] = []
-    answered: Counter[tuple[str, int]] = Counter()
-    for result in schema.get_all_operations():
-        operation = result.ok()
-
-        @given(case=operation.as_strategy(schemathesis.GenerationMode(mode)).map(_served_model))
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        def check(case: Any) -> None:
-            response = case.call(timeout=10)
-            answered[(case.path, response.status_code)] += 1
-            if response.status_code >= 500:
-                failures.append(f"{case.method} {case.path} {case.body!r:.300}: {response.status_code} "
-                                f"{response.text[:300]}")  # fmt: skip
-
-        try:
-            check()
-        except Unsatisfiable:  # nothing to break in an operation without parameters or body
-            assert mode == "negative", operation.label
+    failures, answered = fuzz_operations(schema, mode, "tiny", 25, timeout=10)
     assert not failures, "\n".join(failures)
     if mode == "positive":  # the generation routes did generate, not only refuse
         generated = {path for (path, status) in answered if status == 200}

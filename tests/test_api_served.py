@@ -13,7 +13,6 @@ import json
 import logging
 import subprocess
 import sys
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,7 @@ from tests.test_api import free_port, wait_until_up
 from tests.tiny_served import serveable_tiny_llama
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis.errors import Unsatisfiable  # noqa: E402
+from tests.schemathesis_run import fuzz_operations  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -170,36 +168,12 @@ def test_streamed_text_equals_whole_text_on_random_bytes_and_stop_strings(oai: o
     assert not_streamed.json()["response"] == expected
 
 
-def _served_model(case: Any) -> Any:
-    """Name the served model in bodies that name one, or nearly every request would stop at the 404."""
-    if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
-        case.body["model"] = MODEL
-    return case
-
-
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_schemathesis_no_server_error_no_hang(server: str, mode: str) -> None:
     """Every operation of the served schema, with bodies that fit it (positive) and that break it (negative)."""
     schema = schemathesis.openapi.from_url(server + "/openapi.json")
-    failures: list[str] = []
-    answered: Counter[tuple[str, int]] = Counter()
-    for result in schema.get_all_operations():
-        operation = result.ok()
-
-        @given(case=operation.as_strategy(schemathesis.GenerationMode(mode)).map(_served_model))
-        @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        def check(case: Any) -> None:
-            # a request runs at most CONTEXT tokens through the pipeline: 30 s without a byte is a hang
-            response = case.call(headers=AUTH, timeout=30)
-            answered[(case.path, response.status_code)] += 1
-            if response.status_code >= 500:
-                failures.append(f"{case.method} {case.path} {case.body!r:.300}: {response.status_code} "
-                                f"{response.text[:300]}")  # fmt: skip
-
-        try:
-            check()
-        except Unsatisfiable:  # nothing to break in an operation without parameters or body
-            assert mode == "negative", operation.label
+    # a request runs at most CONTEXT tokens through the pipeline: 30 s without a byte is a hang
+    failures, answered = fuzz_operations(schema, mode, MODEL, EXAMPLES, headers=AUTH, timeout=30)
     log.info("answers by (path, status): %s", dict(answered))
     assert not failures, "\n".join(failures)
     if mode == "positive":  # the generation routes did generate, not only refuse
