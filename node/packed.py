@@ -28,7 +28,7 @@ from llama_shard.errors import ModelFormatError
 from llama_shard.gguf_file import GGUF_TO_NATIVE, GGUFFile
 from llama_shard.loading import GGUFSource
 from llama_shard.shard import ShardSpec
-from node.slices import SliceManifest, SliceMismatchError, TensorDigest, slice_tensor_names
+from node.slices import SliceManifest, SliceMismatchError, TensorDigest, build_manifest, slice_tensor_names
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +85,9 @@ def build_packed_manifest(
     known: dict[str, TensorDigest] | None = None,
 ) -> SliceManifest:
     """The packed manifest of ``spec``'s slice; with ``blob``, also write its bytes there (see ``build_manifest``)."""
-    known = {} if known is None else known
-    digests = []
-    for name in slice_tensor_names(source, spec):
-        if blob is None and name in known:
-            digests.append(known[name])
-            continue
-        digest, data = digest_raw(source, name)
-        if blob is not None:
-            blob.write(data.data)
-        known[name] = digest
-        digests.append(digest)
+    manifest = build_manifest(source, spec, blob, known, digest_of=lambda name: digest_raw(source, name))
     source.gguf.release_pages()
-    return SliceManifest.of(tuple(digests))
+    return manifest
 
 
 def verify_packed(

@@ -112,18 +112,20 @@ def build_manifest(
     spec: ShardSpec,
     blob: IO[bytes] | None = None,
     known: dict[str, TensorDigest] | None = None,
+    digest_of: Callable[[str], tuple[TensorDigest, np.ndarray]] | None = None,
 ) -> SliceManifest:
     """The manifest of the slice of ``spec``; with ``blob``, also write the slice's bytes to it. Tensors in
-    ``known`` are not read again (without ``blob``); new digests are added to it."""
+    ``known`` are not read again (without ``blob``); new digests are added to it. ``digest_of(name)``: a tensor's
+    digest and bytes (default: ``digest_tensor`` of the float tensor; ``node.packed`` passes the raw GGUF blocks)."""
     known = {} if known is None else known
     digests = []
     for name in slice_tensor_names(source, spec):
         if blob is None and name in known:
             digests.append(known[name])
             continue
-        digest, raw = digest_tensor(name, source.get(name))
+        digest, raw = digest_of(name) if digest_of is not None else digest_tensor(name, source.get(name))
         if blob is not None:
-            blob.write(raw.tobytes())
+            blob.write(raw.data)
         known[name] = digest
         digests.append(digest)
     return SliceManifest.of(tuple(digests))
