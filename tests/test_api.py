@@ -7,6 +7,7 @@ One server for the module; the ``run`` references start at the same time, so the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -77,14 +78,9 @@ def reference_text(references: dict[str, subprocess.Popen[bytes]], key: str) -> 
     return str(json.loads(out)["text"])
 
 
-@pytest.fixture(scope="module")
-def server(references: object) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [*CLI, "serve", "--port", str(port), "--nodes", "2", "--context", "256", "--slots", "8", "--max-queue", "2"],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+@contextlib.contextmanager
+def serving(proc: subprocess.Popen[bytes], url: str) -> Iterator[str]:
+    """``url`` once the ``serve`` process ``proc`` answers on it; the process is stopped on the way out."""
     try:
         wait_until_up(url + "/", proc)
         yield url
@@ -94,6 +90,17 @@ def server(references: object) -> Iterator[str]:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(references: object) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--port", str(port), "--nodes", "2", "--context", "256", "--slots", "8", "--max-queue", "2"],
+        stdout=subprocess.DEVNULL,
+    )
+    with serving(proc, f"http://127.0.0.1:{port}") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

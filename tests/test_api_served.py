@@ -22,7 +22,7 @@ import ollama
 import openai
 import pytest
 
-from tests.test_api import free_port, wait_until_up
+from tests.test_api import free_port, serving
 from tests.tiny_served import serveable_tiny_llama
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -47,16 +47,10 @@ def server(make_hf_llama: Callable[..., Path], tmp_path_factory: pytest.TempPath
         proc = subprocess.Popen(
             [*CLI, *args, "--context", str(CONTEXT), "--slots", "4", "--max-queue", "8"], stdout=out, stderr=out
         )
-    url = f"http://{HOST}:{port}"
     try:
-        wait_until_up(url + "/", proc)
-        yield url
+        with serving(proc, f"http://{HOST}:{port}") as url:
+            yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         errors = [line for line in log.read_text(errors="replace").splitlines() if "Traceback" in line]
         assert not errors, log.read_text(errors="replace")[-3000:]  # no unhandled error behind any answer
 
