@@ -26,7 +26,9 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "ggml_mm.cpp"
+CSRC = Path(__file__).parent / "csrc"
+#: every file of the library: compiled (.cpp) or included (.h); the build's hash covers them all
+SOURCES = tuple(sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h")))
 # never -march=native: the cache is shared. -fopenmp: at::parallel_for is inline OpenMP code in ATen's headers; without
 # the flag it compiles to a serial loop (measured: 1 and 2 threads took the same time); libgomp.so.1 is torch's own
 _X86_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
@@ -46,7 +48,9 @@ def cache_dir() -> Path:
 
 
 def _build_dir() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
     digest.update(f"{torch.__version__}|{' '.join(_flags())}|{platform.machine()}".encode())
     return cache_dir() / digest.hexdigest()[:16]
 
@@ -54,11 +58,15 @@ def _build_dir() -> Path:
 _NAME = "llama_node_ggml_mm"
 
 
+def _same(copy: Path, source: Path) -> bool:
+    return copy.exists() and copy.read_bytes() == source.read_bytes()
+
+
 def _load_built(build: Path) -> bool:
     """Load the library a previous run built in ``build``, without ``cpp_extension`` (which imports setuptools and
-    runs ninja: ~0.25 s of every start even when nothing is stale). False when there is none for this source."""
-    library, source = build / f"{_NAME}.so", build / SOURCE.name
-    if not (library.exists() and source.exists() and source.read_bytes() == SOURCE.read_bytes()):
+    runs ninja: ~0.25 s of every start even when nothing is stale). False when there is none for these sources."""
+    library = build / f"{_NAME}.so"
+    if not (library.exists() and all(_same(build / s.name, s) for s in SOURCES)):
         return False
     try:
         torch.ops.load_library(str(library))
@@ -76,17 +84,17 @@ def _build() -> None:
     from torch.utils import cpp_extension
 
     build.mkdir(parents=True, exist_ok=True)
-    # compile a copy inside the build directory: ninja's build file names the source path, so every checkout or
-    # install with the same source shares one build instead of rebuilding whenever another one used the cache
-    source = build / SOURCE.name
-    if not source.exists() or source.read_bytes() != SOURCE.read_bytes():
-        tmp = build / f".{SOURCE.name}.{os.getpid()}"
-        tmp.write_bytes(SOURCE.read_bytes())
-        tmp.replace(source)
+    # compile copies inside the build directory: ninja's build file names the source paths, so every checkout or
+    # install with the same sources shares one build instead of rebuilding whenever another one used the cache
+    for s in SOURCES:
+        if not _same(build / s.name, s):
+            tmp = build / f".{s.name}.{os.getpid()}"
+            tmp.write_bytes(s.read_bytes())
+            tmp.replace(build / s.name)
     started = time.perf_counter()
     library = cpp_extension.load(
         name=_NAME,
-        sources=[str(source)],
+        sources=[str(build / s.name) for s in SOURCES if s.suffix == ".cpp"],
         extra_cflags=_flags(),
         extra_ldflags=["-fopenmp"],
         build_directory=str(build),

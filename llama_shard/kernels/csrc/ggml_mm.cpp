@@ -14,6 +14,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "ggml_mm.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -380,38 +382,54 @@ void mm(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Ac
 at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t k, bool scalar) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "ggml_mm runs on CPU");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.scalar_type() == at::kFloat, "ggml_mm: x must be fp32 [M, K]");
-  const TypeInfo info = type_info(qtype);
-  TORCH_CHECK(k % info.block == 0, "ggml_mm: K = ", k, " is not a multiple of the block size ", info.block);
-  const int64_t row_bytes = k / info.block * info.bytes;
+  const int64_t row_bytes = llama_node::ggml_row_bytes(qtype, k);
   TORCH_CHECK(w.dim() == 2 && w.size(1) == row_bytes && w.scalar_type() == at::kByte && w.is_contiguous(),
               "ggml_mm: w must be contiguous uint8 [N, ", row_bytes, "]");
   const at::Tensor xc = x.contiguous();
-  const int64_t m_rows = xc.size(0), n_out = w.size(0), nb = k / 32;
-  at::Tensor q = at::empty({m_rows, k}, xc.options().dtype(at::kChar));
-  at::Tensor ds = at::empty({m_rows, 2, nb}, xc.options());
-  const float* xp = xc.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* dp = ds.data_ptr<float>();
-  at::parallel_for(0, m_rows, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * k, k, qp + m * k, dp + 2 * m * nb, dp + (2 * m + 1) * nb);
-  });
-  std::vector<Acts> acts(m_rows);
-  for (int64_t m = 0; m < m_rows; ++m) acts[m] = {qp + m * k, dp + 2 * m * nb, dp + (2 * m + 1) * nb};
-  at::Tensor y = at::empty({m_rows, n_out}, xc.options());
-  if (m_rows == 0 || n_out == 0) return y;
-#if LN_AVX2
-  if (!scalar) {
-    mm<Avx2>(qtype, w.data_ptr<uint8_t>(), row_bytes, acts, y.data_ptr<float>(), n_out, k);
-    return y;
-  }
-#endif
-  mm<Scalar>(qtype, w.data_ptr<uint8_t>(), row_bytes, acts, y.data_ptr<float>(), n_out, k);
+  at::Tensor y = at::empty({xc.size(0), w.size(0)}, xc.options());
+  llama_node::ggml_mm_into(xc.data_ptr<float>(), xc.size(0), k, w.data_ptr<uint8_t>(), qtype, w.size(0),
+                           y.data_ptr<float>(), scalar);
   return y;
 }
 
 bool has_avx2() { return LN_AVX2 != 0; }
 
 }  // namespace
+
+namespace llama_node {
+
+int64_t ggml_row_bytes(int64_t qtype, int64_t k) {
+  const TypeInfo info = type_info(qtype);
+  TORCH_CHECK(k % info.block == 0, "ggml_mm: K = ", k, " is not a multiple of the block size ", info.block);
+  return k / info.block * info.bytes;
+}
+
+void ggml_mm_into(const float* x, int64_t m_rows, int64_t k, const uint8_t* w, int64_t qtype, int64_t n_out, float* y,
+                  bool scalar) {
+  const int64_t row_bytes = ggml_row_bytes(qtype, k), nb = k / 32;
+  if (m_rows == 0 || n_out == 0) return;
+  // the quantised activations: per thread, reused across calls (no allocation per matmul)
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> ds;
+  q.resize(static_cast<size_t>(m_rows * k));
+  ds.resize(static_cast<size_t>(2 * m_rows * nb));
+  int8_t* qp = q.data();
+  float* dp = ds.data();
+  at::parallel_for(0, m_rows, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) quantize_row(x + m * k, k, qp + m * k, dp + 2 * m * nb, dp + (2 * m + 1) * nb);
+  });
+  std::vector<Acts> acts(m_rows);
+  for (int64_t m = 0; m < m_rows; ++m) acts[m] = {qp + m * k, dp + 2 * m * nb, dp + (2 * m + 1) * nb};
+#if LN_AVX2
+  if (!scalar) {
+    mm<Avx2>(qtype, w, row_bytes, acts, y, n_out, k);
+    return;
+  }
+#endif
+  mm<Scalar>(qtype, w, row_bytes, acts, y, n_out, k);
+}
+
+}  // namespace llama_node
 
 TORCH_LIBRARY(llama_node, m) {
   m.def("ggml_mm(Tensor x, Tensor w, int qtype, int k, bool scalar=False) -> Tensor");

@@ -1,0 +1,16 @@
+// The matmul over raw GGUF blocks (ggml_mm.cpp), for the other native code of the library (decode.cpp).
+#pragma once
+#include <cstdint>
+
+namespace llama_node {
+
+// Bytes of one row of k values of GGML type qtype (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K); TORCH_CHECKs the type and k.
+int64_t ggml_row_bytes(int64_t qtype, int64_t k);
+
+// y [m_rows, n_out] = x [m_rows, k] @ w.T, w n_out rows of raw qtype blocks. Threads (at::parallel_for) split the
+// n_out rows, so row m of y depends only on x[m] and w: bitwise the same for any m_rows and thread count.
+// scalar: the portable code path even where AVX2 is compiled in.
+void ggml_mm_into(const float* x, int64_t m_rows, int64_t k, const uint8_t* w, int64_t qtype, int64_t n_out, float* y,
+                  bool scalar = false);
+
+}  // namespace llama_node
