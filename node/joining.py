@@ -109,7 +109,9 @@ async def find_coordinator(ca_prefix: str | None, timeout: float | None = None) 
 
 def device_pb(m: DeviceMeasurement) -> cpb.DeviceInfo:
     return cpb.DeviceInfo(kind=m.kind, name=m.name, memory_total=m.memory_total, memory_free=m.memory_free,
-                          tflops=m.tflops, membw_gbs=m.membw_gbs)  # fmt: skip
+                          tflops=m.tflops, membw_gbs=m.membw_gbs, host_id=m.host_id,
+                          host_memory_free=m.host_memory_free, host_cores=m.host_cores,
+                          threads=m.threads)  # fmt: skip
 
 
 def coordinator_channel(where: CoordinatorAddress, credentials: grpc.ChannelCredentials | None) -> aio.Channel:

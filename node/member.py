@@ -103,7 +103,7 @@ async def run_member(cfg: MemberConfig, stop: asyncio.Event | None = None) -> No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    device = await asyncio.to_thread(measure_device, cfg.device, cfg.memory_cap)
+    device = await asyncio.to_thread(measure_device, cfg.device, cfg.memory_cap, cfg.threads)
     if cfg.token is None:
         log.warning("INSECURE: --insecure node %s: no TLS, no authentication; anyone on this network can load, "
                     "read and drive it. Use only on a trusted test network.", cfg.node_id)  # fmt: skip

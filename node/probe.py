@@ -4,14 +4,21 @@ Memory is the least of: what psutil says is available, what the process's cgroup
 ``memory.current`` on cgroup v2, ``memory.limit_in_bytes`` minus usage on v1: a container sees its own limit, not
 the host's RAM), and the user's ``--memory`` cap. On CUDA it is the GPU's free memory; MPS shares system memory.
 The compute and bandwidth probes are short (about half a second) and single-threaded like a node's compute.
+
+Several nodes may run on one machine (``serve --nodes N``, or a ``join`` beside them): each measures the same free
+memory and the same cores. So a node also says which machine it is on (``host_id``), what that machine has free for
+all its nodes (``host_memory_free``, before this node's cap) and its cores, and the planner shares them out
+(``coordinator.planner.hosts``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +38,10 @@ class DeviceMeasurement:
     memory_free: int
     tflops: float
     membw_gbs: float
+    host_id: str = ""  # the machine (cpu, mps) or GPU (cuda) this node shares with others on it
+    host_memory_free: int = 0  # free on that machine or GPU for all its nodes (no --memory cap)
+    host_cores: int = 0
+    threads: int = 1
 
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
@@ -101,6 +112,26 @@ def system_memory(cap: int | None = None, cgroup_root: Path = _CGROUP_ROOT) -> t
     return total, free
 
 
+def host_id(device: str = "cpu") -> str:
+    """A short hash naming this machine: the same in every process on it (boot id + hostname), with the GPU for
+    ``cuda:i`` (two GPUs of one machine share no memory). Two containers with their own hostnames differ."""
+    boot = ""
+    for path in ("/proc/sys/kernel/random/boot_id", "/etc/machine-id"):
+        try:
+            boot = Path(path).read_text().strip()
+            break
+        except OSError:
+            continue
+    kind, _, index = device.partition(":")
+    pool = f"cuda:{index or 0}" if kind == "cuda" else "ram"  # mps shares system memory with the cpu
+    return hashlib.sha256(f"{boot}|{socket.gethostname()}|{pool}".encode()).hexdigest()[:16]
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), else the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _probe_compute(device: str) -> tuple[float, float]:
     """(TFLOP/s of an fp32 matmul, GB/s of a tensor copy) measured for about 0.2 s each."""
     import torch
@@ -134,8 +165,9 @@ def _probe_compute(device: str) -> tuple[float, float]:
     return tflops, membw
 
 
-def measure_device(device: str = "auto", memory_cap: int | None = None) -> DeviceMeasurement:
-    """Measure the device a node will compute on (``auto``: CUDA if present, then MPS, else CPU)."""
+def measure_device(device: str = "auto", memory_cap: int | None = None, threads: int = 1) -> DeviceMeasurement:
+    """Measure the device a node will compute on (``auto``: CUDA if present, then MPS, else CPU) with ``threads``
+    compute threads."""
     import torch
 
     if device == "auto":
@@ -144,11 +176,14 @@ def measure_device(device: str = "auto", memory_cap: int | None = None) -> Devic
     if kind == "cuda":
         index = torch.device(device).index or 0
         free, total = torch.cuda.mem_get_info(index)
+        host_free = free
+        device = f"cuda:{index}"
         if memory_cap is not None:
             total, free = min(total, memory_cap), min(free, memory_cap)
         name = f"cuda:{index} {torch.cuda.get_device_name(index)}"
     else:
         total, free = system_memory(memory_cap)
+        host_free = system_memory()[1]
         name = "mps (unified memory)" if kind == "mps" else f"cpu ({os.cpu_count()} cores)"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -156,7 +191,8 @@ def measure_device(device: str = "auto", memory_cap: int | None = None) -> Devic
         tflops, membw = _probe_compute(device)
     finally:
         torch.set_num_threads(threads)
-    m = DeviceMeasurement(kind, name, int(total), int(free), round(tflops, 4), round(membw, 2))
+    m = DeviceMeasurement(kind, name, int(total), int(free), round(tflops, 4), round(membw, 2), host_id(device),
+                          int(host_free), usable_cores(), threads)  # fmt: skip
     log.info("device %s: %.2f GB free of %.2f GB, %.3f TFLOP/s fp32, %.1f GB/s memory", m.name, m.memory_free / 1e9,
              m.memory_total / 1e9, m.tflops, m.membw_gbs)  # fmt: skip
     return m
@@ -167,11 +203,12 @@ def refresh_memory(m: DeviceMeasurement, memory_cap: int | None = None) -> Devic
     if m.kind == "cuda":
         import torch
 
-        free, _ = torch.cuda.mem_get_info(int(m.name.split()[0].split(":")[1]))
-        free = min(free, memory_cap) if memory_cap is not None else free
+        host_free, _ = torch.cuda.mem_get_info(int(m.name.split()[0].split(":")[1]))
+        free = min(host_free, memory_cap) if memory_cap is not None else host_free
     else:
         _, free = system_memory(memory_cap)
-    return replace(m, memory_free=int(free))
+        host_free = system_memory()[1]
+    return replace(m, memory_free=int(free), host_memory_free=int(host_free))
 
 
 def lan_addresses() -> list[str]:

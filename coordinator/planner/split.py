@@ -11,6 +11,9 @@ never makes the prediction worse (exo #489, distributed-llama #262); for every l
 why, with the numbers. Beyond that many devices, the same DP runs over a few fixed orders (fastest first,
 largest first), devices may be skipped, and the result is marked ``exact=False``.
 
+Required devices (``require=``, e.g. the local node processes the user asked for): only plans that give each of
+them a stage count (in the heuristic search, a required device is never skipped).
+
 Re-planning: with ``keep=previous_plan`` the search is repeated with a penalty per byte a node would have to
 load that it does not hold already; of the plans within ``options.keep_tolerance`` of the best, the one that
 reloads least wins.
@@ -19,7 +22,7 @@ reloads least wins.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,13 +153,18 @@ def _walk(cm: CostModel, parent: list[list[int]], mask: int) -> list[tuple[int, 
 Ranges = list[tuple[int, int, int]]  # (device, start, end)
 
 
-def _chain_dp(cm: CostModel, cost: StageCost, use_max: bool, order: Sequence[int]) -> tuple[float, Ranges]:
-    """The same DP over one fixed order where devices may be skipped (for large clusters)."""
+def _chain_dp(cm: CostModel, cost: StageCost, use_max: bool, order: Sequence[int],
+              required: int = 0) -> tuple[float, Ranges]:  # fmt: skip
+    """The same DP over one fixed order where devices may be skipped (for large clusters), except ``required``."""
     L = cm.L
     best = [0.0] + [INF] * L
     trail: list[list[tuple[int, int, int]]] = [[] for _ in range(L + 1)]
     for d in order:
-        new, new_trail = best[:], [t[:] for t in trail]
+        new_trail: list[list[tuple[int, int, int]]]
+        if required >> d & 1:  # not skippable: only ranges extended by d survive
+            new, new_trail = [INF] * (L + 1), [[] for _ in range(L + 1)]
+        else:
+            new, new_trail = best[:], [t[:] for t in trail]
         for a in range(L):
             if best[a] == INF:
                 continue
@@ -171,21 +179,24 @@ def _chain_dp(cm: CostModel, cost: StageCost, use_max: bool, order: Sequence[int
     return best[L], trail[L]
 
 
-def _search(cm: CostModel, cost: StageCost) -> tuple[float, list[tuple[int, int, int]], dict[int, str]]:
-    """(objective, stages as (device, a, b), reasons for the devices left out)."""
+def _search(cm: CostModel, cost: StageCost, required: int = 0
+            ) -> tuple[float, list[tuple[int, int, int]], dict[int, str]]:  # fmt: skip
+    """(objective, stages as (device, a, b), reasons for the devices left out); every device in the bit mask
+    ``required`` has a stage."""
     use_max = cm.options.objective is Objective.THROUGHPUT
     unit = "ms/token" if not use_max else "ms slowest stage"
     n = cm.n
     if n > cm.options.exact_max_devices:
         orders = [sorted(range(n), key=lambda d: -cm.devices[d].membw_gbs),
                   sorted(range(n), key=lambda d: -cm.devices[d].memory.bytes)]
-        value, stages = min((_chain_dp(cm, cost, use_max, o) for o in orders), key=lambda r: r[0])
+        value, stages = min((_chain_dp(cm, cost, use_max, o, required) for o in orders), key=lambda r: r[0])
         used = {d for d, _, _ in stages}
         note = f"not used by the best of {len(orders)} orders searched ({n} devices: heuristic search)"
         heuristic = dict.fromkeys((d for d in range(n) if d not in used), note)
         return value, stages, heuristic
     best, parent = _mask_dp(cm, cost, use_max)
-    finals = [(best[m][cm.L], m.bit_count(), m) for m in range(1, 1 << n) if best[m][cm.L] < INF]
+    finals = [(best[m][cm.L], m.bit_count(), m) for m in range(1, 1 << n)
+              if best[m][cm.L] < INF and m & required == required]  # fmt: skip
     if not finals:
         return INF, [], {}
     top = min(v for v, _, _ in finals)
@@ -241,6 +252,7 @@ def plan(
     options: PlanOptions | None = None,
     *,
     keep: Plan | None = None,
+    require: Collection[str] = (),
 ) -> Plan:
     """Place ``model`` on ``devices``: contiguous block ranges, node order, left-out devices, predicted speed.
 
@@ -249,13 +261,14 @@ def plan(
         devices: candidate nodes (names unique).
         options: context, batch, weight format, objective.
         keep: the previous plan; prefer keeping surviving nodes' ranges within ``options.keep_tolerance``.
+        require: names of devices that must each hold a stage (the local nodes ``serve --nodes N`` started).
 
     Returns:
         The plan with the least predicted time per decode step (or slowest stage, for ``THROUGHPUT``).
 
     Raises:
-        PlanError: nothing fits; says by how much and what would fit.
-        ValueError: bad input (duplicate names, no devices).
+        PlanError: nothing fits (with every required device holding a stage); says by how much and what would.
+        ValueError: bad input (duplicate names, no devices, a required name that is not a device).
     """
     options = options or PlanOptions()
     names = [d.name for d in devices]
@@ -263,9 +276,15 @@ def plan(
         raise ValueError(f"device names must be unique, got {names}")
     if not devices:
         raise ValueError("no devices to plan on")
+    unknown = sorted(set(require) - set(names))
+    if unknown:
+        raise ValueError(f"required devices {unknown} are not among the devices {names}")
+    required = sum(1 << i for i, name in enumerate(names) if name in set(require))
     cm = CostModel(model, devices, options)
-    value, chosen, why = _search(cm, cm.stage_ms)
+    value, chosen, why = _search(cm, cm.stage_ms, required)
     if not chosen:
+        if required and _search(cm, cm.stage_ms)[1]:
+            raise _required_error(model, cm, [names[i] for i in range(len(names)) if required >> i & 1])
         raise diagnose(model, devices, options)
     reload_bytes: int | None = None
     if keep is not None:
@@ -278,7 +297,7 @@ def plan(
             def penalised(d: int, a: int, b: int, lam: float = lam) -> float:
                 return cm.stage_ms(d, a, b) + lam * reload(d, a, b) / 1e9
 
-            _, st, _ = _search(cm, penalised)
+            _, st, _ = _search(cm, penalised, required)
             if st:
                 v = _objective([cm.stage(*s) for s in st], options.objective)
                 candidates.append((v, sum(reload(*s) for s in st), st))
@@ -306,6 +325,15 @@ def plan(
     )
     log.debug("plan %s: %s, %.2f ms/step", model.name, [(s.node, s.start, s.end) for s in stages], value)
     return result
+
+
+def _required_error(model: ModelProfile, cm: CostModel, required: Sequence[str]) -> PlanError:
+    """The model fits the devices, but not with a stage on each required one (one is too small for any block)."""
+    small = [f"{cm.devices[d].name} ({cm.devices[d].memory}, one stage needs {cm.min_stage_bytes(d) / 1e9:.2f} GB)"
+             for d in range(cm.n) if cm.devices[d].name in required]  # fmt: skip
+    return PlanError(f"{model.name} fits these devices, but not with a stage on each of {', '.join(required)}: "
+                     f"{'; '.join(small)}", 0, 0, 0,
+                     ["give the required nodes more memory, or run fewer of them"])  # fmt: skip
 
 
 __all__ = ["LeftOut", "Plan", "PlanError", "plan"]

@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/llama_node/v1/cluster.proto\x12\rllama_node.v1\"v\n\nDeviceInfo\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_total\x18\x03 \x01(\x04\x12\x13\n\x0bmemory_free\x18\x04 \x01(\x04\x12\x0e\n\x06tflops\x18\x05 \x01(\x01\x12\x11\n\tmembw_gbs\x18\x06 \x01(\x01\"7\n\x08LinkInfo\x12\x12\n\nlatency_ms\x18\x01 \x01(\x01\x12\x17\n\x0f\x62\x61ndwidth_gbits\x18\x02 \x01(\x01\"\xde\x01\n\x0fNodeDescription\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12)\n\x06\x64\x65vice\x18\x05 \x01(\x0b\x32\x19.llama_node.v1.DeviceInfo\x12%\n\x04link\x18\x06 \x01(\x0b\x32\x17.llama_node.v1.LinkInfo\x12\x11\n\taddresses\x18\x07 \x03(\t\x12\x0c\n\x04port\x18\x08 \x01(\r\x12\x0e\n\x06secure\x18\t \x01(\x08\"\x8a\x01\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_der\x18\x02 \x01(\x0c\x12\r\n\x05proof\x18\x03 \x01(\x0c\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x0c\n\x04port\x18\x05 \x01(\r\x12)\n\x06\x64\x65vice\x18\x06 \x01(\x0b\x32\x19.llama_node.v1.DeviceInfo\"L\n\tJoinReply\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\x12\x16\n\x0e\x63oordinator_id\x18\x03 \x01(\t\"-\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\r\n\x05proof\x18\x02 \x01(\x0c\"#\n\tEchoReply\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\"!\n\x10ListNodesRequest\x12\r\n\x05proof\x18\x01 \x01(\x0c\"\x97\x01\n\nNodeStatus\x12,\n\x04node\x18\x01 \x01(\x0b\x32\x1e.llama_node.v1.NodeDescription\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x12\n\nhas_layers\x18\x04 \x01(\x08\x12\x13\n\x0blayer_start\x18\x05 \x01(\r\x12\x11\n\tlayer_end\x18\x06 \x01(\r\"p\n\x0eListNodesReply\x12(\n\x05nodes\x18\x01 \x03(\x0b\x32\x19.llama_node.v1.NodeStatus\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x16\n\x0e\x63oordinator_id\x18\x04 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest2\xd6\x01\n\x0b\x43oordinator\x12<\n\x04Join\x12\x1a.llama_node.v1.JoinRequest\x1a\x18.llama_node.v1.JoinReply\x12<\n\x04\x45\x63ho\x12\x1a.llama_node.v1.EchoRequest\x1a\x18.llama_node.v1.EchoReply\x12K\n\tListNodes\x12\x1f.llama_node.v1.ListNodesRequest\x1a\x1d.llama_node.v1.ListNodesReply2V\n\x08NodeInfo\x12J\n\x08\x44\x65scribe\x12\x1e.llama_node.v1.DescribeRequest\x1a\x1e.llama_node.v1.NodeDescriptionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/llama_node/v1/cluster.proto\x12\rllama_node.v1\"\xc6\x01\n\nDeviceInfo\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_total\x18\x03 \x01(\x04\x12\x13\n\x0bmemory_free\x18\x04 \x01(\x04\x12\x0e\n\x06tflops\x18\x05 \x01(\x01\x12\x11\n\tmembw_gbs\x18\x06 \x01(\x01\x12\x0f\n\x07host_id\x18\x07 \x01(\t\x12\x18\n\x10host_memory_free\x18\x08 \x01(\x04\x12\x12\n\nhost_cores\x18\t \x01(\r\x12\x0f\n\x07threads\x18\n \x01(\r\"7\n\x08LinkInfo\x12\x12\n\nlatency_ms\x18\x01 \x01(\x01\x12\x17\n\x0f\x62\x61ndwidth_gbits\x18\x02 \x01(\x01\"\xde\x01\n\x0fNodeDescription\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12)\n\x06\x64\x65vice\x18\x05 \x01(\x0b\x32\x19.llama_node.v1.DeviceInfo\x12%\n\x04link\x18\x06 \x01(\x0b\x32\x17.llama_node.v1.LinkInfo\x12\x11\n\taddresses\x18\x07 \x03(\t\x12\x0c\n\x04port\x18\x08 \x01(\r\x12\x0e\n\x06secure\x18\t \x01(\x08\"\x8a\x01\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_der\x18\x02 \x01(\x0c\x12\r\n\x05proof\x18\x03 \x01(\x0c\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x0c\n\x04port\x18\x05 \x01(\r\x12)\n\x06\x64\x65vice\x18\x06 \x01(\x0b\x32\x19.llama_node.v1.DeviceInfo\"L\n\tJoinReply\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\x12\x16\n\x0e\x63oordinator_id\x18\x03 \x01(\t\"-\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\r\n\x05proof\x18\x02 \x01(\x0c\"#\n\tEchoReply\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\"!\n\x10ListNodesRequest\x12\r\n\x05proof\x18\x01 \x01(\x0c\"\x97\x01\n\nNodeStatus\x12,\n\x04node\x18\x01 \x01(\x0b\x32\x1e.llama_node.v1.NodeDescription\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x12\n\nhas_layers\x18\x04 \x01(\x08\x12\x13\n\x0blayer_start\x18\x05 \x01(\r\x12\x11\n\tlayer_end\x18\x06 \x01(\r\"p\n\x0eListNodesReply\x12(\n\x05nodes\x18\x01 \x03(\x0b\x32\x19.llama_node.v1.NodeStatus\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x16\n\x0e\x63oordinator_id\x18\x04 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest2\xd6\x01\n\x0b\x43oordinator\x12<\n\x04Join\x12\x1a.llama_node.v1.JoinRequest\x1a\x18.llama_node.v1.JoinReply\x12<\n\x04\x45\x63ho\x12\x1a.llama_node.v1.EchoRequest\x1a\x18.llama_node.v1.EchoReply\x12K\n\tListNodes\x12\x1f.llama_node.v1.ListNodesRequest\x1a\x1d.llama_node.v1.ListNodesReply2V\n\x08NodeInfo\x12J\n\x08\x44\x65scribe\x12\x1e.llama_node.v1.DescribeRequest\x1a\x1e.llama_node.v1.NodeDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.llama_node.v1.cluster_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEVICEINFO']._serialized_start=53
-  _globals['_DEVICEINFO']._serialized_end=171
-  _globals['_LINKINFO']._serialized_start=173
-  _globals['_LINKINFO']._serialized_end=228
-  _globals['_NODEDESCRIPTION']._serialized_start=231
-  _globals['_NODEDESCRIPTION']._serialized_end=453
-  _globals['_JOINREQUEST']._serialized_start=456
-  _globals['_JOINREQUEST']._serialized_end=594
-  _globals['_JOINREPLY']._serialized_start=596
-  _globals['_JOINREPLY']._serialized_end=672
-  _globals['_ECHOREQUEST']._serialized_start=674
-  _globals['_ECHOREQUEST']._serialized_end=719
-  _globals['_ECHOREPLY']._serialized_start=721
-  _globals['_ECHOREPLY']._serialized_end=756
-  _globals['_LISTNODESREQUEST']._serialized_start=758
-  _globals['_LISTNODESREQUEST']._serialized_end=791
-  _globals['_NODESTATUS']._serialized_start=794
-  _globals['_NODESTATUS']._serialized_end=945
-  _globals['_LISTNODESREPLY']._serialized_start=947
-  _globals['_LISTNODESREPLY']._serialized_end=1059
-  _globals['_DESCRIBEREQUEST']._serialized_start=1061
-  _globals['_DESCRIBEREQUEST']._serialized_end=1078
-  _globals['_COORDINATOR']._serialized_start=1081
-  _globals['_COORDINATOR']._serialized_end=1295
-  _globals['_NODEINFO']._serialized_start=1297
-  _globals['_NODEINFO']._serialized_end=1383
+  _globals['_DEVICEINFO']._serialized_start=54
+  _globals['_DEVICEINFO']._serialized_end=252
+  _globals['_LINKINFO']._serialized_start=254
+  _globals['_LINKINFO']._serialized_end=309
+  _globals['_NODEDESCRIPTION']._serialized_start=312
+  _globals['_NODEDESCRIPTION']._serialized_end=534
+  _globals['_JOINREQUEST']._serialized_start=537
+  _globals['_JOINREQUEST']._serialized_end=675
+  _globals['_JOINREPLY']._serialized_start=677
+  _globals['_JOINREPLY']._serialized_end=753
+  _globals['_ECHOREQUEST']._serialized_start=755
+  _globals['_ECHOREQUEST']._serialized_end=800
+  _globals['_ECHOREPLY']._serialized_start=802
+  _globals['_ECHOREPLY']._serialized_end=837
+  _globals['_LISTNODESREQUEST']._serialized_start=839
+  _globals['_LISTNODESREQUEST']._serialized_end=872
+  _globals['_NODESTATUS']._serialized_start=875
+  _globals['_NODESTATUS']._serialized_end=1026
+  _globals['_LISTNODESREPLY']._serialized_start=1028
+  _globals['_LISTNODESREPLY']._serialized_end=1140
+  _globals['_DESCRIBEREQUEST']._serialized_start=1142
+  _globals['_DESCRIBEREQUEST']._serialized_end=1159
+  _globals['_COORDINATOR']._serialized_start=1162
+  _globals['_COORDINATOR']._serialized_end=1376
+  _globals['_NODEINFO']._serialized_start=1378
+  _globals['_NODEINFO']._serialized_end=1464
 # @@protoc_insertion_point(module_scope)

@@ -37,6 +37,10 @@ class DeviceInfo(_message.Message):
     MEMORY_FREE_FIELD_NUMBER: _builtins.int
     TFLOPS_FIELD_NUMBER: _builtins.int
     MEMBW_GBS_FIELD_NUMBER: _builtins.int
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    HOST_MEMORY_FREE_FIELD_NUMBER: _builtins.int
+    HOST_CORES_FIELD_NUMBER: _builtins.int
+    THREADS_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """cpu, cuda or mps"""
     name: _builtins.str
@@ -49,6 +53,17 @@ class DeviceInfo(_message.Message):
     """measured fp32 matmul, 10^12 FLOP/s"""
     membw_gbs: _builtins.float
     """measured memory copy bandwidth, GB/s"""
+    host_id: _builtins.str
+    """The machine (or GPU) this node shares with any other node on it: the planner splits its memory and cores
+    among them. Empty from nodes that predate it (they share with no one).
+    a hash of boot id + hostname (+ the GPU for cuda): equal on one machine, nothing more
+    """
+    host_memory_free: _builtins.int
+    """bytes free on that machine or GPU for all its nodes (cgroup applied, no --memory cap)"""
+    host_cores: _builtins.int
+    """cores the machine gives its processes (CPU affinity)"""
+    threads: _builtins.int
+    """this node's compute threads"""
     def __init__(
         self,
         *,
@@ -58,10 +73,14 @@ class DeviceInfo(_message.Message):
         memory_free: _builtins.int = ...,
         tflops: _builtins.float = ...,
         membw_gbs: _builtins.float = ...,
+        host_id: _builtins.str = ...,
+        host_memory_free: _builtins.int = ...,
+        host_cores: _builtins.int = ...,
+        threads: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "membw_gbs", b"membw_gbs", "memory_free", b"memory_free", "memory_total", b"memory_total", "name", b"name", "tflops", b"tflops"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_cores", b"host_cores", "host_id", b"host_id", "host_memory_free", b"host_memory_free", "kind", b"kind", "membw_gbs", b"membw_gbs", "memory_free", b"memory_free", "memory_total", b"memory_total", "name", b"name", "tflops", b"tflops", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
