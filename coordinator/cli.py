@@ -37,3 +37,7 @@ app.command("status")(status_command)
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app()
+
+
+if __name__ == "__main__":  # ``python -m coordinator.cli``: how ``serve --nodes N`` starts its local ``join`` nodes
+    main()

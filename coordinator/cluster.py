@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coordinator.cluster_defaults import DEFAULT_JOIN_PORT, DEFAULT_STATE_DIR
-from coordinator.discovery import Discovery, NodeRegistry
+from coordinator.discovery import Discovery, NodeRecord, NodeRegistry
 from coordinator.join_service import start_coordinator_server
 from coordinator.pki import ClusterCA
 from node.advertise import COORDINATOR_SERVICE, Advertiser, package_version
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from coordinator.pipeline.client import NodeClient, PipelineClient
     from coordinator.pipeline.engine import LoopThread, PipelineEngine
-    from coordinator.planner import ModelProfile, Plan, PlanOptions
+    from coordinator.planner import DeviceProfile, HostShare, ModelProfile, Plan, PlanOptions
     from llama_shard.quant import QuantMode
     from llama_shard.sampling import SamplingParams
     from node.wire import RowInput, RowOutput
@@ -61,6 +61,9 @@ class ClusterSettings:
     context: int = 2048
     slots: int = 1
     min_nodes: int = 1
+    required: Sequence[str] = ()  # host:port of nodes that must each hold a stage (serve --nodes N's own)
+    port_fallback: bool = False  # if ``port`` is taken, listen on any free port (serve --nodes, default port)
+    compute_dtype: str | None = None  # dense stages compute in this torch dtype (bfloat16, float16); None: float32
     settle_s: float = 1.0
     push: bool = True  # stream slices from the coordinator (nodes need no copy of the model)
     quantize: QuantMode | None = None  # gguf: the nodes hold the file's blocks packed; None: dense float32
@@ -70,11 +73,47 @@ class ClusterSettings:
 def plan_options(profile: ModelProfile, context: int, slots: int) -> PlanOptions:
     """What the cluster plans for: the engine computes and caches in fp32 (4-byte KV and activations); weights are
     sized as ``profile`` stores them (a GGUF header, or ``node_profile``'s), else as bf16 (an HF checkpoint, held
-    in fp32 by dense stages: undercounted by half)."""
-    from coordinator.planner import PlanOptions, WeightFormat
+    in fp32 by dense stages: undercounted by half). With more than one slot the scheduler keeps a frame per stage
+    in flight, so the plan minimises the slowest stage (throughput); with one, the time through all of them."""
+    from coordinator.planner import Objective, PlanOptions, WeightFormat
 
     weights = None if profile.stored is not None else WeightFormat.BF16
-    return PlanOptions(context=context, batch=slots, kv_bytes_per_element=4, activation_bytes=4, weights=weights)
+    objective = Objective.THROUGHPUT if slots > 1 else Objective.LATENCY
+    return PlanOptions(context=context, batch=slots, kv_bytes_per_element=4, activation_bytes=4, weights=weights,
+                       objective=objective)  # fmt: skip
+
+
+def device_profiles(records: Sequence[NodeRecord]) -> tuple[list[DeviceProfile], dict[str, HostShare]]:
+    """The planner's view of the nodes (as they measured themselves), and the machine each says it is on."""
+    from coordinator.planner import DeviceProfile, HostShare, Memory
+
+    devices, shares = [], {}
+    for r in records:
+        d, link = r.description.device, r.description.link
+        devices.append(DeviceProfile.declare(
+            r.node_id, Memory(int(d.memory_free)), d.kind or "cpu", tflops=d.tflops or None,
+            membw_gbs=d.membw_gbs or None, link_gbits=link.bandwidth_gbits or None,
+            latency_ms=link.latency_ms or None,
+        ))  # fmt: skip
+        shares[r.node_id] = HostShare(d.host_id, Memory(int(d.host_memory_free or d.memory_free)),
+                                      cores=int(d.host_cores), threads=max(1, int(d.threads)))  # fmt: skip
+    return devices, shares
+
+
+def pipeline_depth(stages: Sequence[NodeRecord]) -> int:
+    """Frames to keep in flight through ``stages``: one per stage, but stages on one machine count for no more
+    than the frames its cores compute at once (``cores // threads``; see ``coordinator.pipeline_executor``)."""
+    per_host: dict[str, list[NodeRecord]] = {}
+    depth = 0
+    for r in stages:
+        if r.description.device.host_id and r.description.device.host_cores:
+            per_host.setdefault(r.description.device.host_id, []).append(r)
+        else:
+            depth += 1
+    for members in per_host.values():
+        d = members[0].description.device
+        depth += min(len(members), max(1, int(d.host_cores) // max(1, int(d.threads))))
+    return max(1, depth)
 
 
 def node_profile(profile: ModelProfile, packed: bool) -> ModelProfile:
@@ -107,6 +146,7 @@ class Cluster:
         self.state = "waiting for nodes"
         self.plan: Plan | None = None
         self.stage_nodes: list[tuple[str, str, int, int]] = []  # (node id, address, start, end) in order
+        self.depth = 1  # frames in flight through the current pipeline (``pipeline_depth``)
         self.client: PipelineClient | None = None
         self.ready = asyncio.Event()
         self.port = 0
@@ -122,9 +162,17 @@ class Cluster:
         else:
             self.ca = ClusterCA.load_or_create(self.s.state_dir)
             self.credentials = self.ca.identity(Role.coordinator).channel_credentials()
-        self._server, self.port = await start_coordinator_server(
-            self.ca, self.coordinator_id, self.snapshot, self.s.host, self.s.port
-        )
+        try:
+            self._server, self.port = await start_coordinator_server(
+                self.ca, self.coordinator_id, self.snapshot, self.s.host, self.s.port
+            )
+        except (OSError, RuntimeError) as e:
+            if not self.s.port_fallback or self.s.port == 0:
+                raise OSError(f"cannot listen for joining nodes on {self.s.host}:{self.s.port}: {e}") from None
+            log.warning("port %d is taken (another coordinator?); nodes join this one at another port", self.s.port)
+            self._server, self.port = await start_coordinator_server(
+                self.ca, self.coordinator_id, self.snapshot, self.s.host, 0
+            )
         self.discovery = Discovery(self.registry, self.credentials, self.s.peers, mdns=self.s.mdns)
         await self.discovery.start()
         if self.s.mdns:
@@ -164,9 +212,11 @@ class Cluster:
 
     async def replan(self) -> None:
         """Plan over the nodes known now, load the stages, and open the pipeline."""
+        import torch
+
         from coordinator.pipeline.client import NodeClient, PipelineClient
         from coordinator.pipeline.local import StageOptions, load_pipeline
-        from coordinator.planner import DeviceProfile, Memory, plan
+        from coordinator.planner import plan, share_hosts
         from coordinator.planner.loaders import load_model_profile
         from llama_shard.shard import ShardSpec
 
@@ -177,23 +227,21 @@ class Cluster:
 
         packed = self.s.quantize == QuantMode.gguf
         profile = node_profile(load_model_profile(str(self.s.model)), packed)
-        devices = []
-        for r in records.values():
-            d, link = r.description.device, r.description.link
-            devices.append(DeviceProfile.declare(
-                r.node_id, Memory(int(d.memory_free)), d.kind or "cpu", tflops=d.tflops or None,
-                membw_gbs=d.membw_gbs or None, link_gbits=link.bandwidth_gbits or None,
-                latency_ms=link.latency_ms or None,
-            ))  # fmt: skip
-        chosen = plan(profile, devices, plan_options(profile, self.s.context, self.s.slots), keep=self.plan)
+        devices, shares = device_profiles(list(records.values()))
+        required = {r.node_id for r in records.values() if r.address in set(self.s.required)}
+        chosen = plan(profile, share_hosts(devices, shares), plan_options(profile, self.s.context, self.s.slots),
+                      keep=self.plan, require=required)  # fmt: skip
         stages = [(s.node, records[s.node].address, s.start, s.end) for s in chosen.stages]
         where = "; ".join(f"{n} at {a} holds layers [{b}, {e})" for n, a, b, e in stages)
         log.info("plan over %d node(s): %s; predicted %.1f ms/token", len(records), where, chosen.predicted_ms)
         self.state = "loading"
         specs = [ShardSpec(b, e, profile.n_layers) for _, _, b, e in stages]
         clients = [NodeClient(a, self.credentials) for _, a, _, _ in stages]
-        stage_options = StageOptions(slots=self.s.slots, max_len=self.s.context, push=self.s.push,
-                                     catalog_dir=self.s.state_dir / "catalog", quantize=self.s.quantize)  # fmt: skip
+        dtypes = [getattr(torch, self.s.compute_dtype)] * len(stages) if self.s.compute_dtype else []
+        local = [a in set(self.s.required) for _, a, _, _ in stages]  # this machine's nodes read the file itself
+        stage_options = StageOptions(dtypes, slots=self.s.slots, max_len=self.s.context, push=self.s.push,
+                                     local=local, catalog_dir=self.s.state_dir / "catalog",
+                                     quantize=self.s.quantize)  # fmt: skip
         try:
             await load_pipeline(clients, self.s.model, specs, stage_options)
             client = PipelineClient([a for _, a, _, _ in stages], credentials=self.credentials)
@@ -204,6 +252,7 @@ class Cluster:
             raise
         old, old_clients = self.client, self._clients
         self.client, self._clients, self.plan, self.stage_nodes = client, clients, chosen, stages
+        self.depth = pipeline_depth([records[s.node] for s in chosen.stages])
         for c in old_clients:
             await c.close()
         if old is not None:

@@ -1,7 +1,7 @@
 """``llama-node cluster``: a coordinator over joined nodes without the HTTP API — discovery, plan, load, and with
 ``--prompt`` one answer (then exit): for scripts and tests that want tokens without a server.
 
-``llama-node serve`` runs the same ``ClusterRuntime`` behind its API (``serve_cluster_backend``) and takes the same
+``llama-node serve`` runs the same ``ClusterRuntime`` behind its API (``coordinator.serve_cluster``) and takes the same
 options (``--peer``, ``--insecure``, ``--state-dir``, ``--join-port``, ``--min-nodes``, ``--no-mdns``).
 """
 
@@ -11,7 +11,6 @@ import json
 import logging
 import signal
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,10 +20,8 @@ from coordinator.cluster_defaults import DEFAULT_JOIN_PORT, DEFAULT_STATE_DIR
 from coordinator.run_cmd import DType
 
 if TYPE_CHECKING:
-    from coordinator.api.backend import Backend, ModelInfo
     from coordinator.cluster import ClusterRuntime, ClusterSettings
     from llama_shard.quant import QuantMode
-    from llama_shard.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -50,39 +47,6 @@ def announce(runtime: ClusterRuntime, insecure: bool, join_host: str = "0.0.0.0"
     typer.echo("\nOn every other machine, run:\n\n    " + "\n    ".join(lines) + "\n", err=True)
     if insecure:
         typer.echo("WARNING: --insecure: no TLS and no token; anyone on this network can join.\n", err=True)
-
-
-@dataclass(frozen=True)
-class ClusterFlags:
-    """``serve``'s options for serving over joined nodes."""
-
-    peer: list[str] = field(default_factory=list)
-    insecure: bool = False
-    state_dir: Path = DEFAULT_STATE_DIR
-    join_port: int = DEFAULT_JOIN_PORT
-    join_host: str = "0.0.0.0"
-    min_nodes: int = 1
-    no_mdns: bool = False
-    quantize: QuantMode | None = None  # how the nodes hold the weights (``weight_mode``)
-
-
-def serve_cluster_backend(model: Path, info: ModelInfo, tokenizer: Tokenizer, flags: ClusterFlags, n_slots: int,
-                          max_len: int, max_queue: int | None, prefill_chunk: int) -> Backend:  # fmt: skip
-    """Start the cluster (CA, join endpoint, mDNS, discovery) and the backend ``serve`` runs on it: 503 until a
-    pipeline is loaded, then the scheduler's steps on it (``ClusterExecutor``)."""
-    from coordinator.cluster import ClusterRuntime
-    from coordinator.cluster_executor import ClusterBackend, ClusterExecutor
-    from coordinator.scheduler import Scheduler
-
-    settings = cluster_settings(model, flags.peer, flags.insecure, flags.state_dir, flags.join_port, flags.min_nodes,
-                                max_len, flags.no_mdns, slots=n_slots, join_host=flags.join_host,
-                                quantize=flags.quantize)  # fmt: skip
-    runtime = ClusterRuntime(settings)
-    announce(runtime, flags.insecure, flags.join_host)
-    log.info("join endpoint on %s:%d; waiting for nodes (the API answers 503 until %d node(s) joined and loaded)",
-             flags.join_host, runtime.cluster.port, flags.min_nodes)  # fmt: skip
-    scheduler = Scheduler(ClusterExecutor(runtime, n_slots, max_len), max_queue=max_queue, prefill_chunk=prefill_chunk)
-    return ClusterBackend(info, tokenizer, max_len, scheduler, runtime=runtime)
 
 
 def cluster_command(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +66,9 @@ class ClusterExecutor:
     """Steps on ``runtime``'s current pipeline; waits for one, replays requests into a new one.
 
     ``wait_s``: how long a step waits for a pipeline to be loaded before failing its requests. ``failover_s``: after
-    a failed step, how long to wait for a re-plan to replace the failed pipeline before giving up.
+    a failed step, how long to wait for a re-plan to replace the failed pipeline before giving up. ``depth``: frames
+    in flight (``--micro-batches``); None: the cluster's ``pipeline_depth`` of each new pipeline. ``on_close``: called
+    after the runtime is closed (``serve --nodes`` stops its local node processes).
     """
 
     def __init__(
@@ -77,10 +79,13 @@ class ClusterExecutor:
         *,
         wait_s: float = 300.0,
         failover_s: float = 30.0,
+        depth: int | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.runtime, self.n_slots, self.max_len = runtime, n_slots, max_len
         self.wait_s, self.failover_s = wait_s, failover_s
-        self.depth = max(1, len(runtime.cluster.stage_nodes))
+        self.fixed_depth, self.on_close = depth, on_close
+        self.depth = depth or runtime.cluster.depth
         self.replayed_rows = 0  # rows fed again into a new pipeline (visible to tests and logs)
         self._current: PipelineClient | None = None
         self._slots: dict[int, _SlotLog] = {}
@@ -90,7 +95,11 @@ class ClusterExecutor:
         return await asyncio.wrap_future(future)
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.runtime.close)
+        try:
+            await asyncio.to_thread(self.runtime.close)
+        finally:
+            if self.on_close is not None:
+                await asyncio.to_thread(self.on_close)
 
     # ------------------------------------------------------------------------ on the runtime's event loop
     async def _run(self, rows: list[RowWork]) -> list[int | None]:
@@ -128,7 +137,8 @@ class ClusterExecutor:
                 log.info("switching to the new pipeline (%d stages); requests in progress are replayed into it",
                          len(cluster.stage_nodes))  # fmt: skip
             self._current = client
-            self.depth = max(1, len(cluster.stage_nodes))
+            self.depth = self.fixed_depth or cluster.depth
+            log.info("%d stage(s), %d micro-batch(es) in flight", len(cluster.stage_nodes), self.depth)
         return client
 
     def _log_for(self, row: RowWork, client: PipelineClient) -> _SlotLog:

@@ -71,7 +71,8 @@ async def start_coordinator_server(
     port: int,
 ) -> tuple[aio.Server, int]:
     """Start the endpoint; (server, bound port)."""
-    server = aio.server(options=[("grpc.max_receive_message_length", MAX_ECHO_BYTES)])
+    # no SO_REUSEPORT: a second coordinator on a taken port must fail, not share its joins with the first
+    server = aio.server(options=[("grpc.max_receive_message_length", MAX_ECHO_BYTES), ("grpc.so_reuseport", 0)])
     cpb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(ca, coordinator_id, snapshot), server)
     target = f"{host}:{port}"
     if ca is None:

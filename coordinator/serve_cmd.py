@@ -6,7 +6,9 @@
 - by default, on the nodes that join this coordinator (``llama-node join``, found by mDNS or ``--peer``): it keeps a
   cluster CA in ``--state-dir``, advertises itself by mDNS, prints the ``llama-node join --token …`` line, and
   plans, loads and serves once nodes are there (re-planning when more join). Until then the API answers 503;
-- with ``--nodes N``, on N local node processes (one machine, no set-up);
+- with ``--nodes N``, the same coordinator also starts N local ``join`` processes (one machine, no set-up): it
+  answers once they are loaded, each holds a stage, and nodes that join later are planned in with them
+  (``coordinator.serve_cluster``);
 - with ``--local``, in this process, in a worker thread.
 """
 
@@ -25,7 +27,7 @@ from coordinator.run_cmd import DType
 if TYPE_CHECKING:
     import torch
 
-    from coordinator.api.backend import Backend, ModelInfo
+    from coordinator.api.backend import ModelInfo
     from coordinator.scheduler import StepExecutor
     from llama_shard.loading import WeightSource
     from llama_shard.quant import QuantMode
@@ -39,7 +41,7 @@ def serve_command(
     model: str | None = typer.Argument(None, help="path, local Ollama/HF name, or nothing for embedded SmolLM2"),
     port: int = typer.Option(11434, "--port", min=0, max=65535),
     host: str = typer.Option("127.0.0.1", "--host", help="bind address; 0.0.0.0 serves the LAN"),
-    nodes: int = typer.Option(0, "--nodes", min=0, help="run the layers on N local node processes"),
+    nodes: int = typer.Option(0, "--nodes", min=0, help="also start N local node processes (they join this cluster)"),
     local: bool = typer.Option(False, "--local", help="run the model in this process (no nodes)"),
     peer: list[str] = typer.Option(
         [], "--peer", help="HOST:PORT of a node, for networks without multicast (repeatable)"
@@ -61,28 +63,34 @@ def serve_command(
         DType.auto, "--dtype", help="auto: a GGUF's blocks stay packed (on the nodes too); float32: the exact path"
     ),
     micro_batches: int = typer.Option(
-        0, "--micro-batches", min=0, help="with --nodes: frames in flight (0: one per stage, at most one per core)"
+        0, "--micro-batches", min=0, help="frames in flight (0: one per stage, local stages at most one per core)"
     ),
+    node_memory: str | None = typer.Option(
+        None, "--node-memory", help="with --nodes: cap on the memory each local node offers, e.g. 4GB"
+    ),
+    ready_timeout: float = typer.Option(600.0, "--ready-timeout", min=1, help="with --nodes: seconds to load"),
 ) -> None:
     """Serve a model over HTTP: OpenAI /v1 and Ollama /api, many requests batched together.
 
-    By default the layers run on the nodes that join (`llama-node join`, the line it prints); --nodes N runs N local
-    node processes instead, --local runs the model in this process.
+    The layers run on the nodes that join (`llama-node join`, the line it prints); --nodes N also starts N local node
+    processes that join (one machine serves with no set-up; remote nodes that join later are planned in with them);
+    --local runs the model in this process.
     """
+    problem = bad_combination(nodes, local, peer, insecure, no_mdns, min_nodes, micro_batches, node_memory)
+    if problem:
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(code=2)
     import uvicorn
 
     from coordinator.api.app import create_app
     from coordinator.api.backend import Backend
     from coordinator.pipeline.local import weight_mode
     from coordinator.scheduler import Scheduler
+    from coordinator.serve_cluster import ClusterFlags, ServedCluster, ServeError, serve_cluster
     from llama_shard.errors import LlamaShardError
     from llama_shard.loading import load_tokenizer, open_source
 
-    if nodes and local:
-        raise typer.BadParameter("--nodes and --local exclude each other")
-    if (nodes or local) and (peer or insecure or no_mdns or min_nodes != 1):
-        raise typer.BadParameter("--peer, --insecure, --no-mdns and --min-nodes are for serving over joined nodes, "
-                                 "not with --nodes or --local")  # fmt: skip
+    served: ServedCluster | None = None
     try:
         path, name = resolve_served_model(model)
         source = open_source(path)
@@ -95,28 +103,58 @@ def serve_command(
         mode = weight_mode(path, dtype.value)
         log.info("weights: %s", f"{mode} (packed)" if mode else f"dense {dtype.value}")
         backend: Backend
-        if nodes or local:
-            executor: StepExecutor
-            if nodes:
-                from coordinator.pipeline_executor import PipelineExecutor
-
-                executor = PipelineExecutor(path, nodes, n_slots, max_len, threads=threads or 1, quantize=mode,
-                                            dtype=_torch_dtype(dtype), depth=micro_batches or None)  # fmt: skip
-            else:
-                executor = _local_executor(source, n_slots, max_len, threads, mode, dtype)
-            scheduler = Scheduler(executor, max_queue=max_queue, prefill_chunk=prefill_chunk)
-            backend = Backend(info, tokenizer, max_len, scheduler)
+        if local:
+            executor = _local_executor(source, n_slots, max_len, threads, mode, dtype)
+            backend = Backend(info, tokenizer, max_len, Scheduler(executor, max_queue=max_queue,
+                                                                  prefill_chunk=prefill_chunk))  # fmt: skip
         else:
-            from coordinator.cluster_cmd import ClusterFlags, serve_cluster_backend
-
-            flags = ClusterFlags(peer, insecure, state_dir, join_port, join_host, min_nodes, no_mdns, quantize=mode)
-            backend = serve_cluster_backend(path, info, tokenizer, flags, n_slots, max_len, max_queue, prefill_chunk)
+            half = dtype.value if dtype in (DType.bfloat16, DType.float16) and mode is None else None
+            flags = ClusterFlags(peer, insecure, state_dir, join_port, join_host, min_nodes, no_mdns, quantize=mode,
+                                 nodes=nodes, threads=threads or 1, node_memory=node_memory,
+                                 micro_batches=micro_batches, compute_dtype=half,
+                                 port_fallback=bool(nodes) and join_port == DEFAULT_JOIN_PORT)  # fmt: skip
+            served = serve_cluster(path, info, tokenizer, flags, n_slots, max_len, max_queue, prefill_chunk)
+            backend = served.backend
+            if nodes >= min_nodes:  # the local nodes are enough: answer once they are loaded
+                served.wait_local_ready(ready_timeout)
     except LlamaShardError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=2) from None
+    except (ServeError, OSError) as e:
+        if served is not None:
+            served.close_unserved()
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=4) from None
     app = create_app(backend, api_key=api_key)
     log.info("serving %s on http://%s:%d (%d slots x %d tokens)", info.name, host, port, n_slots, max_len)
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5)
+    finally:
+        if served is not None:
+            served.stop_local()
+
+
+def bad_combination(nodes: int, local: bool, peer: list[str], insecure: bool, no_mdns: bool, min_nodes: int,
+                    micro_batches: int, node_memory: str | None) -> str | None:  # fmt: skip
+    """Why these options contradict each other (one line), or None when they do not."""
+    from node.probe import parse_size
+
+    if nodes and local:
+        return "--nodes starts local node processes and --local runs the model in this process: give one of them"
+    if local and (peer or insecure or no_mdns or min_nodes != 1 or micro_batches or node_memory):
+        return ("--peer, --insecure, --no-mdns, --min-nodes, --micro-batches and --node-memory are for serving on "
+                "nodes, not with --local")  # fmt: skip
+    if node_memory is not None:
+        if not nodes:
+            return "--node-memory caps the local nodes of --nodes N; give --nodes too"
+        try:
+            parse_size(node_memory)
+        except ValueError as e:
+            return f"--node-memory: {e}"
+    if min_nodes > nodes and nodes and no_mdns and not peer:
+        return (f"--min-nodes {min_nodes} waits for {min_nodes - nodes} node(s) besides the {nodes} local one(s), "
+                "but with --no-mdns and no --peer none can be found")  # fmt: skip
+    return None
 
 
 def resolve_served_model(model: str | None) -> tuple[Path, str]:

@@ -42,6 +42,7 @@ def join_command(
     cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir", help="where received slices are kept"),
     cache_gb: float = typer.Option(20.0, "--cache-gb", min=0.0, help="size cap of the slice cache (GB)"),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
+    parent_pid: int | None = typer.Option(None, "--parent-pid", hidden=True, help="stop when this parent is gone"),
 ) -> None:
     """Join a cluster: this machine serves whatever layers the coordinator plans for it."""
     logging.getLogger().setLevel(log_level.upper())
@@ -74,7 +75,7 @@ def join_command(
     cfg = MemberConfig(
         node_id=f"{base}-{secrets.token_hex(3)}", name=base, addresses=addresses, host=host, port=port,
         device=device, memory_cap=cap, token=parsed, coordinator=where, threads=threads, cache_dir=cache_dir,
-        cache_max_bytes=int(cache_gb * 1e9), advertise=not no_mdns,
+        cache_max_bytes=int(cache_gb * 1e9), advertise=not no_mdns, parent_pid=parent_pid,
     )  # fmt: skip
     try:
         asyncio.run(run_member(cfg))

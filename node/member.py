@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ class MemberConfig:
     cache_max_bytes: int
     advertise: bool = True
     poll_s: float = 5.0
+    parent_pid: int | None = None  # stop when this process is gone (local nodes of `serve --nodes N`)
 
 
 class NodeInfoServicer(cpb_grpc.NodeInfoServicer):
@@ -91,6 +93,16 @@ def moved_a_lot(before: DeviceMeasurement, now: DeviceMeasurement) -> bool:
     return abs(now.memory_free - before.memory_free) > threshold
 
 
+async def _watch_parent(pid: int, stop: asyncio.Event, every_s: float = 1.0) -> None:
+    """Set ``stop`` once process ``pid`` (the ``serve`` that started this node) is no longer this one's parent."""
+    while not stop.is_set():
+        if os.getppid() != pid:
+            log.warning("the coordinator process %d that started this node is gone; stopping", pid)
+            stop.set()
+            return
+        await asyncio.sleep(every_s)
+
+
 async def run_member(cfg: MemberConfig, stop: asyncio.Event | None = None) -> None:
     """Join, serve and advertise until ``stop`` is set (or SIGTERM/SIGINT)."""
     from node.server import configure_torch
@@ -103,11 +115,19 @@ async def run_member(cfg: MemberConfig, stop: asyncio.Event | None = None) -> No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(_watch_parent(cfg.parent_pid, stop)) if cfg.parent_pid else None
     device = await asyncio.to_thread(measure_device, cfg.device, cfg.memory_cap, cfg.threads)
     if cfg.token is None:
         log.warning("INSECURE: --insecure node %s: no TLS, no authentication; anyone on this network can load, "
                     "read and drive it. Use only on a trusted test network.", cfg.node_id)  # fmt: skip
-    identity, where = await _join_when_reachable(cfg, device)
+    joining = asyncio.create_task(_join_when_reachable(cfg, device))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({joining, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not joining.done():  # stopped while waiting for the coordinator
+        joining.cancel()
+        return
+    stopping.cancel()
+    identity, where = joining.result()
     link = await measure_link(where, identity, cfg.token)
 
     configure_torch(cfg.threads)
@@ -159,3 +179,5 @@ async def run_member(cfg: MemberConfig, stop: asyncio.Event | None = None) -> No
         await server.stop(grace=1.0)
         await servicer.close()
         service.compute.shutdown(wait=False, cancel_futures=True)
+        if watcher is not None:
+            watcher.cancel()

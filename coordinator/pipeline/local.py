@@ -102,6 +102,7 @@ class StageOptions:
     slots: int = 1
     max_len: int = 2048
     push: bool = False  # stream the slices from the coordinator instead of the nodes' own copies
+    local: Sequence[bool] = ()  # with push: stage i reads the model file itself (a node on this machine)
     quantize: QuantMode | None = None
     catalog_dir: Path | None = None
     on_progress: Callable[[int, str, int, int], None] | None = field(default=None, repr=False)
@@ -155,10 +156,11 @@ async def load_pipeline(
     links = link_dtypes(compute)
     jobs = []
     for i, (client, spec) in enumerate(zip(clients, specs, strict=True)):
-        manifest = await asyncio.to_thread(catalog.manifest, model, source, spec, blob=options.push, packed=packed)
+        push = options.push and not (i < len(options.local) and options.local[i])
+        manifest = await asyncio.to_thread(catalog.manifest, model, source, spec, blob=push, packed=packed)
         req = LoadRequest(
             model_id=model.name, spec=spec, config=source.config, manifest=manifest,
-            local_path=None if options.push else str(model.resolve()), compute_dtype=compute[i],
+            local_path=None if push else str(model.resolve()), compute_dtype=compute[i],
             input_dtype=links[i - 1] if i > 0 else torch.float32,
             output_dtype=links[i] if i < len(links) else torch.float32,
             slots=options.slots, max_len=options.max_len, quantize=options.quantize,
@@ -167,7 +169,7 @@ async def load_pipeline(
         def progress(phase: str, i: int = i) -> Callable[[int, int], None]:
             return lambda done, total: options.on_progress and options.on_progress(i, phase, done, total)
 
-        blob = catalog.blob_path(manifest) if options.push else None
+        blob = catalog.blob_path(manifest) if push else None
         jobs.append(load_shard(client, req, blob, on_push=progress("push"), on_load=progress("load")))
     await asyncio.gather(*jobs)
 
