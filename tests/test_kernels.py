@@ -115,6 +115,27 @@ def test_a_row_is_bitwise_the_same_for_any_m_and_thread_count(qtype: GGMLQuantiz
 
 
 @needs_kernel
+@pytest.mark.parametrize("scalar", PATHS)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_an_output_is_bitwise_the_same_for_any_slice_of_weight_rows(qtype: GGMLQuantizationType, scalar: bool) -> None:
+    """The kernel runs groups of 8 weight rows per pass (a short last group repeats its last row): where a row falls
+    in its group, and whether its group is short, changes none of its bits."""
+    raw, _, _ = _case(qtype, rows=45)
+    x = _activations(5, 512, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        full = kernels.ggml_mm(x, raw, int(qtype), 512, scalar=scalar)
+        for a, b in [(0, 1), (3, 4), (1, 9), (7, 23), (13, 45), (44, 45), (8, 16), (5, 40)]:
+            part = kernels.ggml_mm(x, raw[a:b].contiguous(), int(qtype), 512, scalar=scalar)
+            assert torch.equal(part, full[:, a:b]), (a, b)
+        torch.set_num_threads(1)
+        assert torch.equal(kernels.ggml_mm(x, raw, int(qtype), 512, scalar=scalar), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
 def test_odd_block_counts_and_rows_split_across_threads() -> None:
     """K = 160 (five blocks: the kernel's pairs plus a single one) and N not a multiple of anything."""
     raw, w, _ = _case(Q.Q4_0, rows=37, cols=160)

@@ -2,13 +2,19 @@
 //
 // The activation x [M, K] (fp32) is quantised per row to blocks of 32: int8 codes q, an fp32 scale d = amax/127
 // and s = d * sum(q) (for the mins of Q4_1 / Q4_K). Each weight block is dotted with the matching activation
-// block(s) in integer SIMD (_mm256_maddubs_epi16 + _mm256_madd_epi16), scaled by d_w * d_x in fp32 and added to an
-// 8-lane fp32 accumulator, one per output (row m, column n), summed horizontally at the end.
+// block(s) in integer SIMD (_mm256_maddubs_epi16 + _mm256_madd_epi16) and scaled by d_w * d_x in fp32.
+//
+// Q4_0, Q4_1, Q8_0 on AVX2 (Group8): 8 weight rows per pass, one per fp32 lane. Each block's 32 products are summed
+// exactly in integers for all 8 rows at once (in-lane horizontal adds), then one vector multiply of the scales and
+// one fma per block update the 8 outputs; the unpacked weight block is shared by a tile of 1, 2 or 4 activation rows.
+// Q4_K, Q6_K on AVX2 (Avx2) and every type on the scalar path: one weight row per pass, an 8-lane fp32 accumulator
+// per output (row m, column n), summed horizontally at the end.
 //
 // Row invariance: output (m, n) depends only on x[m] and w[n]: the activation rows are quantised independently,
-// K is never split, the accumulation order over K is fixed, and tiles of rows (1, 2 or 4 rows sharing one
-// unpacked weight block) run the same instructions per row. Threads split N only. Built with -ffp-contract=off so
-// the compiler fuses no multiply-add differently in different tile instantiations.
+// K is never split, the accumulation order over K is fixed, tiles of rows run the same instructions per row, and
+// in Group8 a lane's arithmetic does not depend on the other lanes (a short last group repeats its last row).
+// Threads split N only. Built with -ffp-contract=off so the compiler fuses no multiply-add differently in different
+// tile instantiations (the fmas are explicit, the same in every variant).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -38,6 +44,7 @@ struct Acts {  // one quantised activation row
   const int8_t* q;  // [K]
   const float* d;   // [K / 32]
   const float* s;   // [K / 32]: d * sum(q of the block)
+  const int32_t* sum;  // [K / 32]: sum(q of the block)
 };
 
 inline float f16(const uint8_t* p) {
@@ -48,7 +55,7 @@ inline float f16(const uint8_t* p) {
 
 // ---- activation quantisation (the same bits with or without AVX2) ------------------------------------------------
 
-void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* s) {
+void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* s, int32_t* sums) {
   for (int64_t b = 0; b < k / 32; ++b) {
     const float* xb = x + 32 * b;
     float amax = 0.f;
@@ -62,6 +69,7 @@ void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* s) {
     }
     d[b] = amax / 127.f;
     s[b] = d[b] * static_cast<float>(sum);
+    sums[b] = sum;
   }
 }
 
@@ -328,6 +336,171 @@ struct Avx2 {
     for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]);
   }
 };
+
+// ---- AVX2, 8 weight rows per pass (Q4_0, Q4_1, Q8_0) ----------------------------------------------------------------
+// Lane i of every vector belongs to weight row i of the group: each block's 32 products are summed exactly in
+// integers (in-lane horizontal adds across the 8 rows), so that one block costs per output a single fp32 multiply of
+// the scales, an fma into the accumulator (and for Q4_1 an fma of the min term). Per output (m, n) the fp32 operations
+// are, for blocks b in order:  acc = fma(d_w[b] * d_x[b], float(isum_b), acc);  summ = fma(m_w[b], s_x[b], summ);
+// and finally acc + summ: the same for every group, tile of activation rows, thread count and N tail (a short group
+// repeats its last row in the unused lanes).
+struct Group8 {
+  static constexpr int W = 8;
+
+  static inline uint32_t ld32(const uint8_t* p) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+  }
+  static inline uint16_t ld16(const uint8_t* p) {
+    uint16_t v;
+    std::memcpy(&v, p, 2);
+    return v;
+  }
+  static inline __m128i ld128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+
+  // the fp16 d of the 8 rows at byte offset off, lane i = row i
+  static inline __m256 scales(const uint8_t* const* r, int64_t off) {
+    return _mm256_cvtph_ps(_mm_setr_epi16(ld16(r[0] + off), ld16(r[1] + off), ld16(r[2] + off), ld16(r[3] + off),
+                                          ld16(r[4] + off), ld16(r[5] + off), ld16(r[6] + off), ld16(r[7] + off)));
+  }
+
+  // [row j's 8 int16 | row j + 4's 8 int16] for j = 0..3 -> the 8 rows' int32 sums, lane i = row i
+  static inline __m256i reduce16(__m256i p0, __m256i p1, __m256i p2, __m256i p3) {
+    const __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(p0, p1), _mm256_hadd_epi16(p2, p3));
+    return _mm256_madd_epi16(h, _mm256_set1_epi16(1));
+  }
+
+  // Q4_0 (MIN false) and Q4_1. Codes 0..15 (unsigned: maddubs needs no sign tricks; Q4_0's -8 is subtracted as
+  // 8 * sum(x) from the exact integer sum). Rows j and j + 4 share one vector: their 16 code bytes in the two halves,
+  // low nibbles (elements 0..15) against x[0..15] in both halves, high nibbles against x[16..31]. int16 partial sums
+  // stay exact: 16 products of at most 15 * 127 before the widening madd.
+  // The next group's 8 rows (contiguous: 8 * size bytes per block of ours) are fetched into L1 while this one runs:
+  // the hardware prefetchers lose track of 8 interleaved streams (Q8_0 49152 x 576 from DRAM ran at half speed).
+  template <int size>
+  static inline void prefetch_next(const uint8_t* next, int64_t b) {
+    const char* p = reinterpret_cast<const char*>(next + 8 * size * b);
+    for (int c = 0; c < (8 * size + 63) / 64 + 1; ++c) _mm_prefetch(p + 64 * c, _MM_HINT_T0);
+  }
+
+  template <int T, bool MIN>
+  static void q4(const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out) {
+    constexpr int size = MIN ? 20 : 18;
+    const uint8_t* next = r[0] + 8 * nb * size;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[T], summ[T];
+    for (int t = 0; t < T; ++t) acc[t] = summ[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t off = b * size;
+      prefetch_next<size>(next, b);
+      __m256 dw, mw;
+      if constexpr (MIN) {  // d and m of 4 rows per cvtph: [d m d m ...], rows ordered so that the shuffles give 0..7
+        const __m256 a = _mm256_cvtph_ps(_mm_setr_epi32(ld32(r[0] + off), ld32(r[1] + off), ld32(r[4] + off),
+                                                        ld32(r[5] + off)));
+        const __m256 c = _mm256_cvtph_ps(_mm_setr_epi32(ld32(r[2] + off), ld32(r[3] + off), ld32(r[6] + off),
+                                                        ld32(r[7] + off)));
+        dw = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(2, 0, 2, 0));
+        mw = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(3, 1, 3, 1));
+      } else {
+        dw = scales(r, off);
+        mw = dw;
+      }
+      __m256i lo[4], hi[4];
+      for (int j = 0; j < 4; ++j) {
+        const __m256i v = _mm256_set_m128i(ld128(r[j + 4] + off + size - 16), ld128(r[j] + off + size - 16));
+        lo[j] = _mm256_and_si256(v, m4);
+        hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      }
+      for (int t = 0; t < T; ++t) {
+        const int8_t* q = x[t].q + 32 * b;
+        const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+        const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
+        __m256i p[4];
+        for (int j = 0; j < 4; ++j)
+          p[j] = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], xl), _mm256_maddubs_epi16(hi[j], xh));
+        __m256i isum = reduce16(p[0], p[1], p[2], p[3]);
+        if constexpr (!MIN) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * x[t].sum[b]));
+        const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x[t].d[b]));
+        acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), acc[t]);
+        if constexpr (MIN) summ[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(x[t].s[b]), summ[t]);
+      }
+    }
+    for (int t = 0; t < T; ++t) out[t] = MIN ? _mm256_add_ps(acc[t], summ[t]) : acc[t];
+  }
+
+  // Q8_0: ggml's |w| x sign(x, w) (w = -128 included), int32 per row, then in-lane horizontal adds
+  template <int T>
+  static void q8_0(const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+    const uint8_t* next = r[0] + 8 * nb * 34;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t off = b * 34;
+      prefetch_next<34>(next, b);
+      const __m256 dw = scales(r, off);
+      __m256i wv[8], wa[8];
+      for (int i = 0; i < 8; ++i) {
+        wv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r[i] + off + 2));
+        wa[i] = _mm256_sign_epi8(wv[i], wv[i]);
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m256i xv = load32(x[t].q + 32 * b);
+        __m256i p[8];
+        for (int i = 0; i < 8; ++i)
+          p[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(wa[i], _mm256_sign_epi8(xv, wv[i])), ones);
+        // [rows 0..3 low halves | rows 0..3 high halves] and the same for rows 4..7
+        const __m256i q0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+        const __m256i q1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+        const __m256i isum =
+            _mm256_add_epi32(_mm256_blend_epi32(q0, q1, 0xF0), _mm256_permute2x128_si256(q0, q1, 0x21));
+        const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x[t].d[b]));
+        acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), acc[t]);
+      }
+    }
+    for (int t = 0; t < T; ++t) out[t] = acc[t];
+  }
+
+  template <int T>
+  static void dot(int64_t qtype, const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out) {
+    switch (qtype) {
+      case Q4_0: q4<T, false>(r, nb, x, out); break;
+      case Q4_1: q4<T, true>(r, nb, x, out); break;
+      default: q8_0<T>(r, nb, x, out); break;
+    }
+  }
+};
+
+void mm_group8(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Acts>& x, float* y,
+               int64_t n_out, int64_t k) {
+  const int64_t m_rows = static_cast<int64_t>(x.size()), nb = k / 32, groups = (n_out + 7) / 8;
+  const int64_t grain = std::max<int64_t>(1, 65536 / (8 * row_bytes));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    alignas(32) float buf[8];
+    __m256 out[4];
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t n = 8 * g, valid = std::min<int64_t>(8, n_out - n);
+      const uint8_t* r[8];
+      for (int i = 0; i < 8; ++i) r[i] = w + (n + std::min<int64_t>(i, valid - 1)) * row_bytes;
+      int64_t m = 0;
+      auto put = [&](int rows) {
+        for (int t = 0; t < rows; ++t) {
+          float* dst = y + (m + t) * n_out + n;
+          if (valid == 8) {
+            _mm256_storeu_ps(dst, out[t]);
+          } else {
+            _mm256_store_ps(buf, out[t]);
+            std::memcpy(dst, buf, sizeof(float) * valid);
+          }
+        }
+        m += rows;
+      };
+      for (; m + 4 <= m_rows;) Group8::dot<4>(qtype, r, nb, &x[m], out), put(4);
+      if (m + 2 <= m_rows) Group8::dot<2>(qtype, r, nb, &x[m], out), put(2);
+      if (m < m_rows) Group8::dot<1>(qtype, r, nb, &x[m], out), put(1);
+    }
+  });
+}
 #endif
 
 struct TypeInfo {
@@ -411,16 +584,24 @@ void ggml_mm_into(const float* x, int64_t m_rows, int64_t k, const uint8_t* w, i
   // the quantised activations: per thread, reused across calls (no allocation per matmul)
   thread_local std::vector<int8_t> q;
   thread_local std::vector<float> ds;
+  thread_local std::vector<int32_t> sums;
   q.resize(static_cast<size_t>(m_rows * k));
   ds.resize(static_cast<size_t>(2 * m_rows * nb));
+  sums.resize(static_cast<size_t>(m_rows * nb));
   int8_t* qp = q.data();
   float* dp = ds.data();
+  int32_t* sp = sums.data();
   at::parallel_for(0, m_rows, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) quantize_row(x + m * k, k, qp + m * k, dp + 2 * m * nb, dp + (2 * m + 1) * nb);
+    for (int64_t m = m0; m < m1; ++m)
+      quantize_row(x + m * k, k, qp + m * k, dp + 2 * m * nb, dp + (2 * m + 1) * nb, sp + m * nb);
   });
   std::vector<Acts> acts(m_rows);
-  for (int64_t m = 0; m < m_rows; ++m) acts[m] = {qp + m * k, dp + 2 * m * nb, dp + (2 * m + 1) * nb};
+  for (int64_t m = 0; m < m_rows; ++m) acts[m] = {qp + m * k, dp + 2 * m * nb, dp + (2 * m + 1) * nb, sp + m * nb};
 #if LN_AVX2
+  if (!scalar && (qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0)) {
+    mm_group8(qtype, w, row_bytes, acts, y, n_out, k);
+    return;
+  }
   if (!scalar) {
     mm<Avx2>(qtype, w, row_bytes, acts, y, n_out, k);
     return;
