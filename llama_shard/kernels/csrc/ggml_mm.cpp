@@ -4,10 +4,10 @@
 // and s = d * sum(q) (for the mins of Q4_1 / Q4_K). Each weight block is dotted with the matching activation
 // block(s) in integer SIMD (_mm256_maddubs_epi16 + _mm256_madd_epi16) and scaled by d_w * d_x in fp32.
 //
-// Q4_0, Q4_1, Q8_0 on AVX2 (Group8): 8 weight rows per pass, one per fp32 lane. Each block's 32 products are summed
+// Q4_0, Q4_1, Q8_0, Q4_K on AVX2 (Group8): 8 weight rows per pass, one per fp32 lane. Each block's 32 products are summed
 // exactly in integers for all 8 rows at once (in-lane horizontal adds), then one vector multiply of the scales and
 // one fma per block update the 8 outputs; the unpacked weight block is shared by a tile of 1, 2 or 4 activation rows.
-// Q4_K, Q6_K on AVX2 (Avx2) and every type on the scalar path: one weight row per pass, an 8-lane fp32 accumulator
+// Q6_K on AVX2 (Avx2) and every type on the scalar path: one weight row per pass, an 8-lane fp32 accumulator
 // per output (row m, column n), summed horizontally at the end.
 //
 // Row invariance: output (m, n) depends only on x[m] and w[n]: the activation rows are quantised independently,
@@ -88,6 +88,8 @@ inline void scale_k4(const uint8_t* s, int j, int* sc, int* m) {  // ggml's get_
 
 // weight codes of one 32-block, as ints, and the block's scale terms: w = a * code + c
 struct Scalar {
+  static constexpr bool kAllTypes = true;
+
   template <int T>
   static void q8_0(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
     float acc[T] = {};
@@ -190,108 +192,9 @@ inline float hsum(__m256 x) {
 
 inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-inline __m256i nibbles32(const uint8_t* p) {  // 16 bytes -> 32 codes: low nibbles first, then high nibbles
-  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_and_si256(_mm256_set1_epi8(0x0F), _mm256_set_m128i(_mm_srli_epi16(t, 4), t));
-}
-
-inline __m256i dot_us(__m256i u, __m256i s) {  // unsigned u (< 128 or |u| from sign) x signed s -> 8 int32
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-}
-
-inline __m256 dot_ss(__m256i a, __m256i b) {  // signed x signed, via |a| and sign(b, a)
-  return _mm256_cvtepi32_ps(dot_us(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a)));
-}
-
-// Two blocks per step: their products are summed into a temporary that is then added to the accumulator, so the
-// loop-carried chain is one add per two blocks (one fma per block would bound a single row at ~5 cycles a block).
+// Q6_K: one weight row per pass, an 8-lane fp32 accumulator per output, summed horizontally at the end
 struct Avx2 {
-  template <int T, bool MIN, class Unpack, class Dot>
-  static void blocks32(const uint8_t* w, int64_t nb, int size, const Acts* x, float* out, Unpack unpack, Dot dot) {
-    __m256 acc[T];
-    float summ[T] = {};
-    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2, w += 2 * size) {
-      float d0, m0, d1, m1;
-      const __m256i q0 = unpack(w, &d0, &m0), q1 = unpack(w + size, &d1, &m1);
-      for (int t = 0; t < T; ++t) {
-        const __m256 p0 = dot(q0, load32(x[t].q + 32 * b)), p1 = dot(q1, load32(x[t].q + 32 * b + 32));
-        __m256 tmp = _mm256_mul_ps(_mm256_set1_ps(d0 * x[t].d[b]), p0);
-        tmp = _mm256_fmadd_ps(_mm256_set1_ps(d1 * x[t].d[b + 1]), p1, tmp);
-        acc[t] = _mm256_add_ps(acc[t], tmp);
-        if (MIN) summ[t] += m0 * x[t].s[b] + m1 * x[t].s[b + 1];
-      }
-    }
-    if (b < nb) {
-      float d0, m0;
-      const __m256i q0 = unpack(w, &d0, &m0);
-      for (int t = 0; t < T; ++t) {
-        const __m256 p0 = dot(q0, load32(x[t].q + 32 * b));
-        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * x[t].d[b]), p0, acc[t]);
-        if (MIN) summ[t] += m0 * x[t].s[b];
-      }
-    }
-    for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]) + summ[t];
-  }
-
-  template <int T>
-  static void q8_0(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-    auto unpack = [](const uint8_t* p, float* d, float* m) {
-      *d = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p));
-      *m = 0.f;
-      return load32(reinterpret_cast<const int8_t*>(p + 2));
-    };
-    blocks32<T, false>(w, nb, 34, x, out, unpack, [](__m256i a, __m256i b) { return dot_ss(a, b); });
-  }
-
-  template <int T, bool MIN>
-  static void q4(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-    constexpr int size = MIN ? 20 : 18;
-    auto unpack = [](const uint8_t* p, float* d, float* m) {
-      *d = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p));
-      *m = MIN ? _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p + 2)) : 0.f;
-      const __m256i q = nibbles32(p + size - 16);
-      return MIN ? q : _mm256_sub_epi8(q, _mm256_set1_epi8(8));
-    };
-    if constexpr (MIN) {
-      blocks32<T, true>(w, nb, size, x, out, unpack,
-                        [](__m256i a, __m256i b) { return _mm256_cvtepi32_ps(dot_us(a, b)); });
-    } else {
-      blocks32<T, false>(w, nb, size, x, out, unpack, [](__m256i a, __m256i b) { return dot_ss(a, b); });
-    }
-  }
-
-  template <int T>
-  static void q4_k(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-    __m256 acc[T];
-    float summ[T] = {};
-    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    for (int64_t b = 0; b < nb / 8; ++b, w += 144) {
-      const float d = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(w));
-      const float dmin = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(w + 2));
-      for (int c = 0; c < 4; ++c) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 + 32 * c));
-        const __m256i q[2] = {_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4)};
-        int sc0, mn0, sc1, mn1;
-        scale_k4(w + 4, 2 * c, &sc0, &mn0);
-        scale_k4(w + 4, 2 * c + 1, &sc1, &mn1);
-        const float ds0 = d * static_cast<float>(sc0), dm0 = dmin * static_cast<float>(mn0);
-        const float ds1 = d * static_cast<float>(sc1), dm1 = dmin * static_cast<float>(mn1);
-        const int64_t xb = 8 * b + 2 * c;
-        for (int t = 0; t < T; ++t) {
-          const __m256 p0 = _mm256_cvtepi32_ps(dot_us(q[0], load32(x[t].q + 32 * xb)));
-          const __m256 p1 = _mm256_cvtepi32_ps(dot_us(q[1], load32(x[t].q + 32 * xb + 32)));
-          __m256 tmp = _mm256_mul_ps(_mm256_set1_ps(ds0 * x[t].d[xb]), p0);
-          tmp = _mm256_fmadd_ps(_mm256_set1_ps(ds1 * x[t].d[xb + 1]), p1, tmp);
-          acc[t] = _mm256_add_ps(acc[t], tmp);
-          summ[t] += dm0 * x[t].s[xb] + dm1 * x[t].s[xb + 1];
-        }
-      }
-    }
-    for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]) - summ[t];
-  }
+  static constexpr bool kAllTypes = false;
 
   template <int T>
   static void q6_k(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
@@ -337,7 +240,7 @@ struct Avx2 {
   }
 };
 
-// ---- AVX2, 8 weight rows per pass (Q4_0, Q4_1, Q8_0) ----------------------------------------------------------------
+// ---- AVX2, 8 weight rows per pass (Q4_0, Q4_1, Q8_0, Q4_K) ----------------------------------------------------------------
 // Lane i of every vector belongs to weight row i of the group: each block's 32 products are summed exactly in
 // integers (in-lane horizontal adds across the 8 rows), so that one block costs per output a single fp32 multiply of
 // the scales, an fma into the accumulator (and for Q4_1 an fma of the min term). Per output (m, n) the fp32 operations
@@ -363,6 +266,17 @@ struct Group8 {
   static inline __m256 scales(const uint8_t* const* r, int64_t off) {
     return _mm256_cvtph_ps(_mm_setr_epi16(ld16(r[0] + off), ld16(r[1] + off), ld16(r[2] + off), ld16(r[3] + off),
                                           ld16(r[4] + off), ld16(r[5] + off), ld16(r[6] + off), ld16(r[7] + off)));
+  }
+
+  // the fp16 pairs (d, m) at offset off of the 8 rows as fp32, lane i = row i: 4 rows per cvtph, [d m d m ...], the
+  // rows ordered so that the shuffles give 0..7
+  static inline void scales_min(const uint8_t* const* r, int64_t off, __m256* d, __m256* m) {
+    const __m256 a =
+        _mm256_cvtph_ps(_mm_setr_epi32(ld32(r[0] + off), ld32(r[1] + off), ld32(r[4] + off), ld32(r[5] + off)));
+    const __m256 c =
+        _mm256_cvtph_ps(_mm_setr_epi32(ld32(r[2] + off), ld32(r[3] + off), ld32(r[6] + off), ld32(r[7] + off)));
+    *d = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(2, 0, 2, 0));
+    *m = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(3, 1, 3, 1));
   }
 
   // [row j's 8 int16 | row j + 4's 8 int16] for j = 0..3 -> the 8 rows' int32 sums, lane i = row i
@@ -394,13 +308,8 @@ struct Group8 {
       const int64_t off = b * size;
       prefetch_next<size>(next, b);
       __m256 dw, mw;
-      if constexpr (MIN) {  // d and m of 4 rows per cvtph: [d m d m ...], rows ordered so that the shuffles give 0..7
-        const __m256 a = _mm256_cvtph_ps(_mm_setr_epi32(ld32(r[0] + off), ld32(r[1] + off), ld32(r[4] + off),
-                                                        ld32(r[5] + off)));
-        const __m256 c = _mm256_cvtph_ps(_mm_setr_epi32(ld32(r[2] + off), ld32(r[3] + off), ld32(r[6] + off),
-                                                        ld32(r[7] + off)));
-        dw = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(2, 0, 2, 0));
-        mw = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(3, 1, 3, 1));
+      if constexpr (MIN) {
+        scales_min(r, off, &dw, &mw);
       } else {
         dw = scales(r, off);
         mw = dw;
@@ -461,11 +370,74 @@ struct Group8 {
     for (int t = 0; t < T; ++t) out[t] = acc[t];
   }
 
+  // Q4_K: per super-block of 256 the fp16 (d, dmin) of the 8 rows as for Q4_1, the 6-bit scales and mins of the 8
+  // rows decoded in parallel (bytes 0-3, 4-7, 8-11 of the 12 scale bytes transposed to one dword lane per row), and
+  // each 32-byte run of codes (low nibbles: sub-block 2c, high: 2c + 1) dotted as Q4_1's codes are.
+  // Per output, for each sub-block j in order: acc = fma(d_w * sc_j * d_x, float(isum), acc);
+  // summ = fma(dmin_w * m_j, s_x, summ); and finally acc - summ.
+  template <int T>
+  static void q4_k(const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out) {
+    const uint8_t* next = r[0] + nb * 144;  // 8 rows of nb / 8 super-blocks
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m6 = _mm256_set1_epi8(0x3F), m30 = _mm256_set1_epi8(0x30);
+    __m256 acc[T], summ[T];
+    for (int t = 0; t < T; ++t) acc[t] = summ[t] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nb / 8; ++sb) {
+      const int64_t off = sb * 144;
+      prefetch_next<144>(next, sb);
+      __m256 d, dmin;
+      scales_min(r, off, &d, &dmin);
+      __m256i sm[4];  // 6-bit scales of sub-blocks 0-3, 4-7 and mins of 0-3, 4-7: byte j % 4 of each row's dword
+      {
+        __m256i y[4];
+        for (int j = 0; j < 4; ++j) y[j] = _mm256_set_m128i(ld128(r[j + 4] + off + 4), ld128(r[j] + off + 4));
+        const __m256i t0 = _mm256_unpacklo_epi32(y[0], y[1]), t1 = _mm256_unpacklo_epi32(y[2], y[3]);
+        const __m256i t2 = _mm256_unpackhi_epi32(y[0], y[1]), t3 = _mm256_unpackhi_epi32(y[2], y[3]);
+        const __m256i a = _mm256_unpacklo_epi64(t0, t1), b = _mm256_unpackhi_epi64(t0, t1);
+        const __m256i c = _mm256_unpacklo_epi64(t2, t3);
+        sm[0] = _mm256_and_si256(a, m6);
+        sm[1] = _mm256_or_si256(_mm256_and_si256(c, m4), _mm256_and_si256(_mm256_srli_epi32(a, 2), m30));
+        sm[2] = _mm256_and_si256(b, m6);
+        sm[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(c, 4), m4),
+                                _mm256_and_si256(_mm256_srli_epi32(b, 2), m30));
+      }
+      for (int sj = 0; sj < 8; ++sj) {  // sub-block sj: the low (even sj) or high nibbles of 32 code bytes
+        const __m256i pick = _mm256_setr_epi8(sj % 4, -1, -1, -1, 4 + sj % 4, -1, -1, -1, 8 + sj % 4, -1, -1, -1,
+                                              12 + sj % 4, -1, -1, -1, sj % 4, -1, -1, -1, 4 + sj % 4, -1, -1, -1,
+                                              8 + sj % 4, -1, -1, -1, 12 + sj % 4, -1, -1, -1);
+        const __m256 dsc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_shuffle_epi8(sm[sj / 4], pick)));
+        const __m256 dm = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_shuffle_epi8(sm[2 + sj / 4], pick)));
+        __m256i cl[4], ch[4];
+        for (int j = 0; j < 4; ++j) {
+          const uint8_t* qa = r[j] + off + 16 + 32 * (sj / 2);
+          const uint8_t* qb = r[j + 4] + off + 16 + 32 * (sj / 2);
+          const __m256i lo = _mm256_set_m128i(ld128(qb), ld128(qa));            // elements 0..15
+          const __m256i hi = _mm256_set_m128i(ld128(qb + 16), ld128(qa + 16));  // elements 16..31
+          cl[j] = _mm256_and_si256(sj % 2 ? _mm256_srli_epi16(lo, 4) : lo, m4);
+          ch[j] = _mm256_and_si256(sj % 2 ? _mm256_srli_epi16(hi, 4) : hi, m4);
+        }
+        const int64_t xb = 8 * sb + sj;
+        for (int t = 0; t < T; ++t) {
+          const int8_t* q = x[t].q + 32 * xb;
+          const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+          const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
+          __m256i p[4];
+          for (int j = 0; j < 4; ++j)
+            p[j] = _mm256_add_epi16(_mm256_maddubs_epi16(cl[j], xl), _mm256_maddubs_epi16(ch[j], xh));
+          const __m256 scale = _mm256_mul_ps(dsc, _mm256_set1_ps(x[t].d[xb]));
+          acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(reduce16(p[0], p[1], p[2], p[3])), acc[t]);
+          summ[t] = _mm256_fmadd_ps(dm, _mm256_set1_ps(x[t].s[xb]), summ[t]);
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) out[t] = _mm256_sub_ps(acc[t], summ[t]);
+  }
+
   template <int T>
   static void dot(int64_t qtype, const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out) {
     switch (qtype) {
       case Q4_0: q4<T, false>(r, nb, x, out); break;
       case Q4_1: q4<T, true>(r, nb, x, out); break;
+      case Q4_K: q4_k<T>(r, nb, x, out); break;
       default: q8_0<T>(r, nb, x, out); break;
     }
   }
@@ -521,12 +493,16 @@ TypeInfo type_info(int64_t qtype) {
 // out[t * ldo] for T rows of activations against one weight row
 template <class K, int T>
 void dot_rows(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-  switch (qtype) {
-    case Q4_0: K::template q4<T, false>(w, nb, x, out); break;
-    case Q4_1: K::template q4<T, true>(w, nb, x, out); break;
-    case Q8_0: K::template q8_0<T>(w, nb, x, out); break;
-    case Q4_K: K::template q4_k<T>(w, nb, x, out); break;
-    default: K::template q6_k<T>(w, nb, x, out); break;
+  if constexpr (!K::kAllTypes) {
+    K::template q6_k<T>(w, nb, x, out);  // the AVX2 one-row kernels: Q6_K only (Group8 runs the others)
+  } else {
+    switch (qtype) {
+      case Q4_0: K::template q4<T, false>(w, nb, x, out); break;
+      case Q4_1: K::template q4<T, true>(w, nb, x, out); break;
+      case Q8_0: K::template q8_0<T>(w, nb, x, out); break;
+      case Q4_K: K::template q4_k<T>(w, nb, x, out); break;
+      default: K::template q6_k<T>(w, nb, x, out); break;
+    }
   }
 }
 
@@ -598,7 +574,7 @@ void ggml_mm_into(const float* x, int64_t m_rows, int64_t k, const uint8_t* w, i
   std::vector<Acts> acts(m_rows);
   for (int64_t m = 0; m < m_rows; ++m) acts[m] = {qp + m * k, dp + 2 * m * nb, dp + (2 * m + 1) * nb, sp + m * nb};
 #if LN_AVX2
-  if (!scalar && (qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0)) {
+  if (!scalar && qtype != Q6_K) {
     mm_group8(qtype, w, row_bytes, acts, y, n_out, k);
     return;
   }
