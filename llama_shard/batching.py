@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from llama_shard.fused import decoder as fused_decoder
 from llama_shard.model import Batch, KVCache, RMSNorm, Stage
 from llama_shard.quant import DenseEmbedding, QuantEmbedding
 
@@ -113,6 +114,14 @@ def decode(stage: Stage, cache: KVCache, rows: Sequence[StepRow], scratch: int) 
             raise ValueError(f"a decode row feeds one token, got {r.n_tokens} at {r.start}")
     n = len(rows)
     per_row = row_invariant(stage)
+    fused = fused_decoder(stage, cache) if per_row else None
+    if fused is not None:  # all the layers in one native call (llama_shard.fused)
+        first = stage.spec.has_embed
+        x = torch.cat([r.x for r in rows]) if first else torch.cat([r.x.reshape(1, -1) for r in rows])
+        y = fused(x, cache, [r.slot for r in rows], [r.start for r in rows])
+        if stage.spec.has_head:
+            return [y[j] if r.logits else None for j, r in enumerate(rows)]
+        return [y[j : j + 1] for j in range(n)]
     padded = n if per_row else max(ROW_MULTIPLE, round_up(n, ROW_MULTIPLE))
     pad = padded - n
     x = _pad(stage, [r.x for r in rows], padded, 1)

@@ -118,25 +118,50 @@ def test_kv_writes_as_copies_equal_index_put(stage: Stage) -> None:
         assert int((caches[0][0] != 0).any(-1).any(-1).sum()) == len(slots) * tokens  # wrote exactly those positions
 
 
-def test_packed_decode_step_op_count(packed: Stage) -> None:
-    """Aten ops per layer (all recorded, nested included) of a one-row decode step on a row-invariant stage: 228
-    before issue #8 on SmolLM2 (2 threads), ~150 after; 167 on this 4-layer model, where the step's own ops weigh
-    more. The bound leaves room for other torch versions; what must not come back is an index_put or a mask per
-    layer."""
+def _decode_step_ops(packed: Stage) -> dict[str, int]:
+    """Aten ops (all recorded, nested included) of a one-row decode step after a 37-token prompt."""
     from torch.profiler import ProfilerActivity, profile
 
-    assert batching.row_invariant(packed)
     cache = packed.new_cache(2, batching.cache_len(128))
     run_step(packed, cache, [StepRow(0, 0, torch.arange(3, 40), prefill=True, logits=False)], 1)
     rows = [StepRow(0, 37, torch.tensor([5]), prefill=False)]
     run_step(packed, cache, rows, 1)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run_step(packed, cache, rows, 1)
-    counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
+    return {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
+
+
+def test_packed_decode_step_op_count(packed: Stage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager path (``LLAMA_NODE_FUSED=0``): aten ops per layer of a one-row decode step on a row-invariant stage:
+    228 before issue #8 on SmolLM2 (2 threads), ~150 after; 167 on this 4-layer model, where the step's own ops weigh
+    more. The bound leaves room for other torch versions; what must not come back is an index_put or a mask per
+    layer."""
+    from llama_shard import fused
+
+    assert batching.row_invariant(packed)
+    monkeypatch.setenv("LLAMA_NODE_FUSED", "0")
+    fused._decoders.clear()
+    try:
+        counts = _decode_step_ops(packed)
+    finally:
+        fused._decoders.clear()
     ops = sum(counts.values())
     assert "aten::index_put_" not in counts  # KV writes as copies
     assert counts.get("aten::where", 0) == 1  # the row's mask, made once per step (SDPA made it per layer)
     assert ops / packed.config.n_layers < 200, ops
+
+
+def test_fused_decode_step_op_count(packed: Stage) -> None:
+    """The fused path (``llama_shard.fused``): the layers are one native call, so the step's aten ops do not grow
+    with the layers: the embedding's lookup and dequantisation, the row's concatenation, the RoPE table's slicing
+    (measured: 18 on this model). The eager path's count is the control: it is per layer, ~40x this."""
+    from llama_shard import fused
+
+    fused._decoders.clear()
+    if fused.decoder(packed, packed.new_cache(1, 64)) is None:
+        pytest.skip("no native kernels: the fused path is off")
+    ops = sum(_decode_step_ops(packed).values())
+    assert ops <= 30, ops
 
 
 @torch.inference_mode()

@@ -1,0 +1,104 @@
+"""Decode steps through all of a stage's layers in one native call (``kernels/csrc/decode.cpp``).
+
+A packed stage (every linear a ``GGMLLinear``, fp32 norms and KV cache, on CPU) decodes one token per row through
+a ``DecodePlan``: the layers' math of ``llama_shard.model`` in C++, with the same matmul kernel, so a token costs
+its matmuls plus little else (the eager path spends about half of a SmolLM2 token in ~150 small torch ops and the
+Python between them per layer). Prefill chunks keep the eager path (their time is in the matmuls).
+
+The plan's numerics are its own: fp32 throughout, as the eager packed path, but norms, softmax and SiLU round in
+another order, so its logits differ from the eager path's in the last bits. It is row-invariant as the eager path
+is, and every node of a pipeline uses it for decode rows as a single process does, so N nodes still give one
+node's bits. ``LLAMA_NODE_FUSED=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llama_shard import kernels
+from llama_shard.ggml_linear import GGMLLinear
+from llama_shard.model import Block, KVCache, Stage
+
+log = logging.getLogger(__name__)
+
+
+class FusedDecoder:
+    """A stage's ``DecodePlan`` and the KV cache it is bound to."""
+
+    def __init__(self, stage: Stage, plan: Any) -> None:
+        self.stage, self.plan = stage, plan
+        self._cache: weakref.ref[KVCache] | None = None
+
+    def bind(self, cache: KVCache) -> None:
+        if self._cache is not None and self._cache() is cache:
+            return
+        layers = list(self.stage.spec.layers)
+        self.plan.bind_cache([cache.k[i] for i in layers], [cache.v[i] for i in layers])
+        self._cache = weakref.ref(cache)
+
+    def __call__(self, x: Tensor, cache: KVCache, slots: list[int], positions: list[int]) -> Tensor:
+        """``x``: token ids ``[B]`` on a first stage, activations ``[B, D]`` elsewhere. Returns logits ``[B, V]`` on a
+        last stage, activations ``[B, D]`` elsewhere."""
+        self.bind(cache)
+        stage = self.stage
+        h: Tensor = stage.tok_embeddings(x) if stage.tok_embeddings is not None else x
+        if h.dtype != torch.float32:
+            h = h.float()
+        cos, sin = stage._rope_table(max(positions) + 1, torch.float32)
+        out: Tensor = self.plan.forward(h, slots, positions, cos, sin)
+        return out
+
+
+_decoders: weakref.WeakKeyDictionary[Stage, FusedDecoder | None] = weakref.WeakKeyDictionary()
+
+
+def decoder(stage: Stage, cache: KVCache) -> FusedDecoder | None:
+    """The stage's fused decoder, or None where the stage or cache is not one it computes (then the eager path)."""
+    if stage in _decoders:
+        found = _decoders[stage]
+    else:
+        found = _decoders[stage] = _build(stage)
+    if found is None or any(t.dtype != torch.float32 or not t.is_contiguous() for t in cache.k.values()):
+        return None
+    return found
+
+
+def _linear(module: object) -> GGMLLinear | None:
+    return module if isinstance(module, GGMLLinear) else None
+
+
+def _build(stage: Stage) -> FusedDecoder | None:
+    if os.environ.get("LLAMA_NODE_FUSED", "1") == "0" or stage.inv_freq.device.type != "cpu":
+        return None
+    if not kernels.available() or not hasattr(torch.classes.llama_node, "DecodePlan"):
+        return None
+    c = stage.config
+    tensors: list[Tensor] = []
+    qtypes: list[int] = []
+    for block in stage.layers.values():
+        assert isinstance(block, Block)
+        attn, ffn = block.attention, block.feed_forward
+        found = [_linear(attn.wqkv), _linear(attn.wo), _linear(ffn.w13), _linear(ffn.w2)]
+        linears = [m for m in found if m is not None]
+        norms = [block.attention_norm.weight.detach(), block.ffn_norm.weight.detach()]
+        if len(linears) < 4 or any(n.dtype != torch.float32 for n in norms):
+            return None
+        wqkv, wo, w13, w2 = (m.blocks for m in linears)
+        tensors += [norms[0], wqkv, wo, norms[1], w13, w2]
+        qtypes += [m._qtype for m in linears]
+    plan = torch.classes.llama_node.DecodePlan(
+        c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.norm_eps, tensors, qtypes, False
+    )
+    if stage.spec.has_head:
+        head = _linear(stage.output)
+        if head is None or stage.norm is None or stage.norm.weight.dtype != torch.float32:
+            return None
+        plan.set_head(stage.norm.weight.detach(), head.blocks, head._qtype)
+    log.debug("fused decode for layers %s", stage.spec.layers)
+    return FusedDecoder(stage, plan)

@@ -1,0 +1,266 @@
+// One decode step (one new token per row) through all the layers of a stage, in C++: the same math as
+// llama_shard/model.py's Block on GGMLLinear weights, without ~150 dispatched torch ops and the Python between them
+// per layer (measured: ~10 of the ~20 ms a SmolLM2 token took, the matmuls being ~8).
+//
+// Per layer and row: RMSNorm, the fused q/k/v matmul, RoPE (the stage's cos and sign-folded sin tables, so
+// x·cos + roll(x, E/2)·sin as in model.apply_rope), the new k and v written into the row's KV slot, attention of each
+// query head over the slot's keys 0..position (grouped-query: head h reads KV head h / (H/K)), the output matmul and
+// residual, RMSNorm, the fused gate/up matmul, SiLU(gate)·up, the down matmul and residual. On a last stage, the
+// final norm and the head too.
+//
+// Row invariance: a row's arithmetic never depends on its batch-mates: the matmuls are ggml_mm_into's (threads split
+// output columns only), the norms and element-wise ops run per row, and attention runs per (row, head) with a fixed
+// order over that row's own keys; threads only pick which (row, head) pairs they compute.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include "ggml_mm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LN_DECODE_AVX2 1
+#else
+#define LN_DECODE_AVX2 0
+#endif
+
+namespace {
+
+#if LN_DECODE_AVX2
+inline float hsum8(__m256 x) {
+  __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+#endif
+
+// sum of a[i] * b[i]: 8 lanes then a scalar tail, in a fixed order
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.f;
+#if LN_DECODE_AVX2
+  if (n >= 8) {
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+    for (i = 8; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    sum = hsum8(acc);
+  }
+#endif
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// y[i] += s * x[i]
+inline void axpy(float s, const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+#if LN_DECODE_AVX2
+  const __m256 vs = _mm256_set1_ps(s);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vs, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += s * x[i];
+}
+
+// y = x * rsqrt(mean(x²) + eps) * w, per row, in model.RMSNorm's order of operations
+void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t dim, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    float* yr = y + r * dim;
+    const float scale = 1.f / std::sqrt(dot(xr, xr, dim) / static_cast<float>(dim) + eps);
+    for (int64_t i = 0; i < dim; ++i) yr[i] = (xr[i] * scale) * w[i];
+  }
+}
+
+struct Layer {
+  at::Tensor attn_norm, wqkv, wo, ffn_norm, w13, w2;
+  int64_t t_qkv, t_o, t_13, t_2;
+};
+
+class DecodePlan : public torch::CustomClassHolder {
+ public:
+  // tensors: per layer [attn_norm, wqkv, wo, ffn_norm, w13, w2] (norms fp32 [D], the rest raw GGUF blocks);
+  // qtypes: per layer [wqkv, wo, w13, w2]
+  DecodePlan(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn_dim, double eps,
+             std::vector<at::Tensor> tensors, std::vector<int64_t> qtypes, bool scalar)
+      : dim_(dim), heads_(n_heads), kv_heads_(n_kv_heads), head_dim_(head_dim), ffn_(ffn_dim),
+        eps_(static_cast<float>(eps)), scalar_(scalar) {
+    TORCH_CHECK(tensors.size() % 6 == 0 && qtypes.size() == tensors.size() / 6 * 4, "DecodePlan: 6 tensors and 4 types per layer");
+    TORCH_CHECK(n_heads % n_kv_heads == 0, "DecodePlan: heads ", n_heads, " not a multiple of KV heads ", n_kv_heads);
+    const int64_t qkv = (n_heads + 2 * n_kv_heads) * head_dim;
+    for (size_t l = 0; l < tensors.size() / 6; ++l) {
+      Layer L{tensors[6 * l], tensors[6 * l + 1], tensors[6 * l + 2], tensors[6 * l + 3], tensors[6 * l + 4],
+              tensors[6 * l + 5], qtypes[4 * l], qtypes[4 * l + 1], qtypes[4 * l + 2], qtypes[4 * l + 3]};
+      check_norm(L.attn_norm);
+      check_norm(L.ffn_norm);
+      check_blocks(L.wqkv, L.t_qkv, qkv, dim);
+      check_blocks(L.wo, L.t_o, dim, n_heads * head_dim);
+      check_blocks(L.w13, L.t_13, 2 * ffn_dim, dim);
+      check_blocks(L.w2, L.t_2, dim, ffn_dim);
+      layers_.push_back(std::move(L));
+    }
+  }
+
+  // the final norm and head of a last stage: forward then returns logits [B, V]
+  void set_head(at::Tensor norm, at::Tensor blocks, int64_t qtype) {
+    check_norm(norm);
+    check_blocks(blocks, qtype, blocks.size(0), dim_);
+    head_norm_ = norm;
+    head_ = blocks;
+    head_type_ = qtype;
+  }
+
+  // the KV cache: per layer [slots, max_len, K, E] fp32, in the plan's layer order
+  void bind_cache(std::vector<at::Tensor> k, std::vector<at::Tensor> v) {
+    TORCH_CHECK(k.size() == layers_.size() && v.size() == layers_.size(), "bind_cache: one k and v per layer");
+    for (const auto* list : {&k, &v})
+      for (const auto& t : *list)
+        TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 4 && t.size(2) == kv_heads_ && t.size(3) == head_dim_ &&
+                        t.is_contiguous() && t.sizes() == k[0].sizes(),
+                    "bind_cache: caches must be contiguous fp32 [slots, max_len, ", kv_heads_, ", ", head_dim_, "]");
+    k_ = std::move(k);
+    v_ = std::move(v);
+  }
+
+  // h [B, D] fp32: row b is the token at positions[b] of KV slot slots[b]; cos/sin [N, E] fp32 (N > every
+  // position). Returns the hidden states [B, D], or the logits [B, V] when a head is set.
+  at::Tensor forward(at::Tensor h_in, std::vector<int64_t> slots, std::vector<int64_t> positions, at::Tensor cos,
+                     at::Tensor sin) {
+    const int64_t B = h_in.size(0), D = dim_, H = heads_, K = kv_heads_, E = head_dim_, F = ffn_;
+    TORCH_CHECK(h_in.dim() == 2 && D == h_in.size(1) && h_in.scalar_type() == at::kFloat, "forward: h must be fp32 [B, ", D, "]");
+    TORCH_CHECK(static_cast<int64_t>(slots.size()) == B && static_cast<int64_t>(positions.size()) == B,
+                "forward: one slot and position per row");
+    TORCH_CHECK(layers_.empty() || !k_.empty(), "forward: no KV cache bound");
+    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat && cos.size(1) == E &&
+                    sin.sizes() == cos.sizes(),
+                "forward: cos/sin must be contiguous fp32 [N, ", E, "]");
+    const int64_t slot_count = k_.empty() ? 0 : k_[0].size(0), max_len = k_.empty() ? 0 : k_[0].size(1);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(slots[b] >= 0 && slots[b] < slot_count || layers_.empty(), "forward: slot ", slots[b], " out of range");
+      TORCH_CHECK(positions[b] >= 0 && (positions[b] < max_len || layers_.empty()) && positions[b] < cos.size(0),
+                  "forward: position ", positions[b], " out of range");
+    }
+    at::Tensor h = h_in.contiguous().clone();
+    float* hp = h.data_ptr<float>();
+    const int64_t QKV = (H + 2 * K) * E;
+    std::vector<float> xn(B * D), qkv(B * QKV), attn(B * H * E), out(B * std::max(D, F)), gu(B * 2 * F), act(B * F);
+    const float* cp = cos.data_ptr<float>();
+    const float* sp = sin.data_ptr<float>();
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& L = layers_[l];
+      rms_norm(hp, L.attn_norm.data_ptr<float>(), xn.data(), B, D, eps_);
+      llama_node::ggml_mm_into(xn.data(), B, D, L.wqkv.data_ptr<uint8_t>(), L.t_qkv, QKV, qkv.data(), scalar_);
+      float* kc = k_[l].data_ptr<float>();
+      float* vc = v_[l].data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {
+        float* row = qkv.data() + b * QKV;
+        const int64_t p = positions[b];
+        rope(row, H + K, cp + p * E, sp + p * E);  // q heads then k heads
+        const int64_t at = (slots[b] * max_len + p) * K * E;
+        std::copy(row + H * E, row + (H + K) * E, kc + at);
+        std::copy(row + (H + K) * E, row + (H + 2 * K) * E, vc + at);
+      }
+      attention(qkv.data(), QKV, kc, vc, max_len, slots, positions, attn.data());
+      llama_node::ggml_mm_into(attn.data(), B, H * E, L.wo.data_ptr<uint8_t>(), L.t_o, D, out.data(), scalar_);
+      for (int64_t i = 0; i < B * D; ++i) hp[i] = out[i] + hp[i];
+      rms_norm(hp, L.ffn_norm.data_ptr<float>(), xn.data(), B, D, eps_);
+      llama_node::ggml_mm_into(xn.data(), B, D, L.w13.data_ptr<uint8_t>(), L.t_13, 2 * F, gu.data(), scalar_);
+      for (int64_t b = 0; b < B; ++b) {
+        const float* g = gu.data() + b * 2 * F;
+        float* a = act.data() + b * F;
+        for (int64_t i = 0; i < F; ++i) a[i] = g[i] / (1.f + std::exp(-g[i])) * g[F + i];
+      }
+      llama_node::ggml_mm_into(act.data(), B, F, L.w2.data_ptr<uint8_t>(), L.t_2, D, out.data(), scalar_);
+      for (int64_t i = 0; i < B * D; ++i) hp[i] = out[i] + hp[i];
+    }
+    if (!head_.defined()) return h;
+    rms_norm(hp, head_norm_.data_ptr<float>(), xn.data(), B, D, eps_);
+    at::Tensor logits = at::empty({B, head_.size(0)}, h.options());
+    llama_node::ggml_mm_into(xn.data(), B, D, head_.data_ptr<uint8_t>(), head_type_, head_.size(0),
+                             logits.data_ptr<float>(), scalar_);
+    return logits;
+  }
+
+  int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  static void check_norm(const at::Tensor& t) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.is_contiguous(), "DecodePlan: norms must be fp32 [D]");
+  }
+
+  static void check_blocks(const at::Tensor& t, int64_t qtype, int64_t rows, int64_t k) {
+    TORCH_CHECK(t.scalar_type() == at::kByte && t.dim() == 2 && t.is_contiguous() && t.size(0) == rows &&
+                    t.size(1) == llama_node::ggml_row_bytes(qtype, k),
+                "DecodePlan: blocks must be contiguous uint8 [", rows, ", ", llama_node::ggml_row_bytes(qtype, k), "]");
+  }
+
+  // x[i]·cos[i] + x[(i + E/2) % E]·sin[i] for each of `heads` heads of x, in place
+  void rope(float* x, int64_t heads, const float* c, const float* s) const {
+    const int64_t E = head_dim_, half = E / 2;
+    float tmp[1024];
+    TORCH_CHECK(E <= 1024, "head_dim ", E, " > 1024");
+    for (int64_t hh = 0; hh < heads; ++hh) {
+      float* v = x + hh * E;
+      for (int64_t i = 0; i < E; ++i) tmp[i] = v[i] * c[i] + v[(i + half) % E] * s[i];
+      std::copy(tmp, tmp + E, v);
+    }
+  }
+
+  // each row's query heads over its slot's keys 0..position: softmax(q·k / sqrt(E)) · v
+  void attention(const float* qkv, int64_t stride, const float* kc, const float* vc, int64_t max_len,
+                 const std::vector<int64_t>& slots, const std::vector<int64_t>& positions, float* out) const {
+    const int64_t B = static_cast<int64_t>(slots.size()), H = heads_, K = kv_heads_, E = head_dim_, G = H / K;
+    const float scale = 1.f / std::sqrt(static_cast<float>(E));
+    int64_t work = 0;
+    for (int64_t b = 0; b < B; ++b) work += (positions[b] + 1) * E * H;
+    // a parallel region costs a few µs: worth it only with some work per thread
+    const int64_t grain = work < (1 << 16) ? B * H : 1;
+    at::parallel_for(0, B * H, grain, [&](int64_t t0, int64_t t1) {
+      std::vector<float> scores;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / H, hh = t % H, n = positions[b] + 1;
+        const float* q = qkv + b * stride + hh * E;
+        const float* keys = kc + (slots[b] * max_len * K + hh / G) * E;
+        const float* values = vc + (slots[b] * max_len * K + hh / G) * E;
+        scores.resize(n);
+        float best = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < n; ++j) {
+          scores[j] = dot(q, keys + j * K * E, E) * scale;
+          best = std::max(best, scores[j]);
+        }
+        float total = 0.f;
+        for (int64_t j = 0; j < n; ++j) total += (scores[j] = std::exp(scores[j] - best));
+        float* o = out + b * H * E + hh * E;
+        std::fill(o, o + E, 0.f);
+        for (int64_t j = 0; j < n; ++j) axpy(scores[j], values + j * K * E, o, E);
+        const float inv = 1.f / total;
+        for (int64_t i = 0; i < E; ++i) o[i] *= inv;
+      }
+    });
+  }
+
+  int64_t dim_, heads_, kv_heads_, head_dim_, ffn_;
+  float eps_;
+  bool scalar_;
+  std::vector<Layer> layers_;
+  std::vector<at::Tensor> k_, v_;
+  at::Tensor head_norm_, head_;
+  int64_t head_type_ = 0;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llama_node, m) {
+  m.class_<DecodePlan>("DecodePlan")
+      .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, std::vector<at::Tensor>,
+                       std::vector<int64_t>, bool>())
+      .def("set_head", &DecodePlan::set_head)
+      .def("bind_cache", &DecodePlan::bind_cache)
+      .def("forward", &DecodePlan::forward)
+      .def("n_layers", &DecodePlan::n_layers);
+}
