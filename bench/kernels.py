@@ -5,15 +5,25 @@
 The three run interleaved (A B C A B C ...), each repetition timing a batch of calls, and the median per call is
 reported with the ratios, so a load spike from other processes hits all three alike. The load average is printed.
 
+``--baseline REV`` compares the native kernel only, as built from the kernel sources (``llama_shard/kernels/csrc``)
+of git revision REV against the working tree's: the two builds live in separate processes (one library per
+process), alternated once per repetition (base new base new ...).
+
     python bench/kernels.py                    # M = 1 (decode), 2 threads
     python bench/kernels.py --threads 1 --m 1 --m 16
+    python bench/kernels.py --baseline HEAD~1 --m 1 --m 16 --repeats 9
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -25,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import load_average, median, print_table, setup_logging, warn_if_busy  # noqa: E402
 
 log = logging.getLogger("bench.kernels")
+ROOT = Path(__file__).resolve().parent.parent
 
 # (name, GGUF type, N, K): SmolLM2-135M's linears (wo, fused wqkv, fused w13, w2) and its tied Q8_0 head
 SHAPES = [
@@ -108,13 +119,100 @@ def main(threads: int, rows: list[int], repeats: int, budget_s: float) -> None:
     print(f"load average: {load_before} before, {load_after} after; AVX2 path: {kernels.has_avx2()}")
 
 
+def _ggml_times(threads: int, rows: list[int], budget_s: float) -> dict[str, float]:
+    """One repetition of the native kernel alone: seconds per call for every shape and M (``--worker``)."""
+    import numpy as np
+    import torch
+    from ggml_reference import random_blocks
+    from gguf import GGMLQuantizationType
+
+    from llama_shard import kernels
+
+    torch.set_num_threads(threads)
+    if not kernels.available():
+        raise SystemExit("the native kernel could not be built")
+    rng = np.random.default_rng(0)
+    out = {}
+    with torch.inference_mode():
+        for name, type_name, n, k in SHAPES:
+            qtype = GGMLQuantizationType[type_name]
+            raw = torch.from_numpy(random_blocks(qtype, n, k, rng)).view(n, -1)
+            for m in rows:
+                out[f"{name}|{type_name}|{n}x{k}|{m}"] = _per_call(
+                    partial(kernels.ggml_mm, torch.randn(m, k), raw, int(qtype), k), budget_s
+                )
+    return out
+
+
+def _baseline_tree(rev: str, into: Path) -> Path:
+    """A copy of this checkout's ``llama_shard`` package whose kernel sources are those of git revision ``rev``."""
+    package = into / "llama_shard"
+    shutil.copytree(ROOT / "llama_shard", package, ignore=shutil.ignore_patterns("__pycache__"))
+    csrc = Path("llama_shard/kernels/csrc")
+    for f in (package / "kernels" / "csrc").iterdir():
+        f.unlink()
+    names = subprocess.run(
+        ["git", "ls-tree", "--name-only", rev, f"{csrc}/"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.split()
+    for name in names:
+        blob = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=ROOT, check=True, capture_output=True).stdout
+        (into / name).write_bytes(blob)
+    return into
+
+
+def compare(rev: str, threads: int, rows: list[int], repeats: int, budget_s: float) -> None:
+    """The native kernel of ``rev`` against the working tree's, alternating processes once per repetition."""
+    warn_if_busy("the kernel bench")
+    load_before = load_average()
+    with tempfile.TemporaryDirectory(prefix="kernels-baseline-") as tmp:
+        base_root = _baseline_tree(rev, Path(tmp))
+        envs = {
+            "base": {**os.environ, "PYTHONPATH": str(base_root)},  # its build is cached under its sources' hash
+            "new": {**os.environ, "PYTHONPATH": str(ROOT)},
+        }
+        argv = [sys.executable, __file__, "--worker", "--threads", str(threads), "--budget", str(budget_s)]
+        argv += [a for m in rows for a in ("--m", str(m))]
+
+        def run(which: str) -> dict[str, float]:
+            done = subprocess.run(argv, env=envs[which], check=True, capture_output=True, text=True)
+            return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+        for which in envs:  # builds (~30 s each the first time) and warms up outside the timed repetitions
+            run(which)
+        times: dict[str, dict[str, list[float]]] = {which: {} for which in envs}
+        for _ in range(repeats):
+            for which in envs:
+                for key, seconds in run(which).items():
+                    times[which].setdefault(key, []).append(seconds)
+    load_after = load_average()
+    table = []
+    for key, base in times["base"].items():
+        name, type_name, shape, m = key.split("|")
+        old_us, new_us = median(base) * 1e6, median(times["new"][key]) * 1e6
+        n, k = (int(v) for v in shape.split("x"))
+        gflops = 2 * int(m) * n * k / new_us / 1e3
+        table.append([name, type_name, shape, m, f"{old_us:.1f}", f"{new_us:.1f}", f"{old_us / new_us:.2f}x"])
+        table[-1].append(f"{gflops:.1f}")
+    headers = ["matrix", "type", "NxK", "M", f"{rev} µs", "working tree µs", "speedup", "GFLOP/s"]
+    title = f"native kernel µs per call, {threads} threads, median of {repeats} alternating processes"
+    print_table(title, headers, table)
+    print(f"load average: {load_before} before, {load_after} after")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--m", type=int, action="append", help="rows per call (repeatable; default 1)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget", type=float, default=0.05, help="seconds per timed batch of calls")
+    parser.add_argument("--baseline", metavar="REV", help="compare the native kernel with git revision REV's")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one repetition, JSON out
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     setup_logging(args.verbose)
-    main(args.threads, args.m or [1], args.repeats, args.budget)
+    if args.worker:
+        print(json.dumps(_ggml_times(args.threads, args.m or [1], args.budget)))
+    elif args.baseline:
+        compare(args.baseline, args.threads, args.m or [1], args.repeats, args.budget)
+    else:
+        main(args.threads, args.m or [1], args.repeats, args.budget)
