@@ -73,7 +73,8 @@ def _linear(module: object) -> GGMLLinear | None:
     return module if isinstance(module, GGMLLinear) else None
 
 
-def _build(stage: Stage) -> FusedDecoder | None:
+def _build(stage: Stage, *, scalar: bool = False) -> FusedDecoder | None:
+    """``scalar``: the plan's portable code (what CPUs without AVX2 run), for tests on a machine with it."""
     if os.environ.get("LLAMA_NODE_FUSED", "1") == "0" or stage.inv_freq.device.type != "cpu":
         return None
     if not kernels.available() or not hasattr(torch.classes.llama_node, "DecodePlan"):
@@ -93,7 +94,7 @@ def _build(stage: Stage) -> FusedDecoder | None:
         tensors += [norms[0], wqkv, wo, norms[1], w13, w2]
         qtypes += [m._qtype for m in linears]
     plan = torch.classes.llama_node.DecodePlan(
-        c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.norm_eps, tensors, qtypes, False
+        c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.norm_eps, tensors, qtypes, scalar
     )
     if stage.spec.has_head:
         head = _linear(stage.output)

@@ -15,6 +15,7 @@ where the packed path always was (``tests/test_quant_smollm2.py``): its decode s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="the native kern
 PROMPT = torch.tensor([5, 17, 99, 3, 250, 41, 7, 8, 123, 64, 300, 2, 11])
 FORCED = torch.tensor([9, 44, 181, 6, 73, 210, 15, 99, 31, 5, 260, 140, 77, 20, 1, 66, 7, 3, 301, 48])
 SCRATCH = 7
+_REAL_BUILD = fused._build
 
 
 @pytest.fixture(autouse=True)
@@ -88,6 +90,18 @@ def test_fused_is_as_accurate_as_the_eager_packed_path(
     assert not torch.equal(one, eager)  # the switch really changes the path
     e_eager, e_fused = _error(eager, exact), _error(one, exact)
     assert e_fused <= 1.25 * e_eager + 1e-3, (e_fused, e_eager)
+
+
+def test_the_portable_code_path_is_as_accurate(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan's scalar code (CPUs without AVX2, e.g. Apple's) against the same bound as the AVX2 code."""
+    packed, dense = _stage(tiny, QuantMode.int4), _stage(tiny, None)
+    exact = _teacher_forced([dense], fused_on=True, monkeypatch=monkeypatch)
+    eager = _teacher_forced([packed], fused_on=False, monkeypatch=monkeypatch)
+    avx2 = _teacher_forced([packed], fused_on=True, monkeypatch=monkeypatch)
+    monkeypatch.setattr(fused, "_build", functools.partial(_REAL_BUILD, scalar=True))
+    scalar = _teacher_forced([packed], fused_on=True, monkeypatch=monkeypatch)
+    assert not torch.equal(scalar, avx2)  # really the other code
+    assert _error(scalar, exact) <= 1.25 * _error(eager, exact) + 1e-3
 
 
 def test_the_accuracy_check_catches_a_wrong_layer(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:

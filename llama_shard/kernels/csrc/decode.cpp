@@ -59,13 +59,62 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 // y[i] += s * x[i]
 inline void axpy(float s, const float* x, float* y, int64_t n) {
-  int64_t i = 0;
-#if LN_DECODE_AVX2
-  const __m256 vs = _mm256_set1_ps(s);
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vs, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-#endif
-  for (; i < n; ++i) y[i] += s * x[i];
+  for (int64_t i = 0; i < n; ++i) y[i] += s * x[i];
 }
+
+#if LN_DECODE_AVX2
+// exp(x) on 8 lanes: Cephes' expf (a degree-5 polynomial after range reduction by ln 2; about 1 ulp). Below -87 it
+// is 0, never a denormal (denormal products cost ~100 cycles each: softmax tails and SiLU of large inputs are full of
+// them); above 88 it is exp(88).
+inline __m256 exp8(__m256 x) {
+  const __m256 low = _mm256_set1_ps(-87.f);
+  const __m256 under = _mm256_cmp_ps(x, low, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, low), _mm256_set1_ps(88.f));
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(0.693359375f)));
+  x = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+// o[0, 8C) = inv · Σ_j p[j] · v_j[0, 8C), v_j = values + j · step: C independent accumulators, so the chain of
+// fmas over j is not one 4-cycle latency per 8 values
+template <int C>
+inline void weigh_values(const float* p, const float* values, int64_t n, int64_t step, __m256 inv, float* o) {
+  __m256 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 w = _mm256_set1_ps(p[j]);
+    const float* v = values + j * step;
+    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < C; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], inv));
+}
+
+// the dot products of q with 4 keys (E a multiple of 8), each reduced in the same order whatever its place among
+// the 4, times scale
+inline __m128 dot4(const float* q, const float* k0, const float* k1, const float* k2, const float* k3, int64_t E,
+                   float scale) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t e = 0; e < E; e += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + e);
+    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + e), a0);
+    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + e), a1);
+    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + e), a2);
+    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + e), a3);
+  }
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)), _mm_set1_ps(scale));
+}
+#endif
 
 // y = x * rsqrt(mean(x²) + eps) * w, per row, in model.RMSNorm's order of operations
 void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t dim, float eps) {
@@ -170,11 +219,7 @@ class DecodePlan : public torch::CustomClassHolder {
       for (int64_t i = 0; i < B * D; ++i) hp[i] = out[i] + hp[i];
       rms_norm(hp, L.ffn_norm.data_ptr<float>(), xn.data(), B, D, eps_);
       llama_node::ggml_mm_into(xn.data(), B, D, L.w13.data_ptr<uint8_t>(), L.t_13, 2 * F, gu.data(), scalar_);
-      for (int64_t b = 0; b < B; ++b) {
-        const float* g = gu.data() + b * 2 * F;
-        float* a = act.data() + b * F;
-        for (int64_t i = 0; i < F; ++i) a[i] = g[i] / (1.f + std::exp(-g[i])) * g[F + i];
-      }
+      for (int64_t b = 0; b < B; ++b) silu_mul(gu.data() + b * 2 * F, act.data() + b * F, F);
       llama_node::ggml_mm_into(act.data(), B, F, L.w2.data_ptr<uint8_t>(), L.t_2, D, out.data(), scalar_);
       for (int64_t i = 0; i < B * D; ++i) hp[i] = out[i] + hp[i];
     }
@@ -215,7 +260,6 @@ class DecodePlan : public torch::CustomClassHolder {
   void attention(const float* qkv, int64_t stride, const float* kc, const float* vc, int64_t max_len,
                  const std::vector<int64_t>& slots, const std::vector<int64_t>& positions, float* out) const {
     const int64_t B = static_cast<int64_t>(slots.size()), H = heads_, K = kv_heads_, E = head_dim_, G = H / K;
-    const float scale = 1.f / std::sqrt(static_cast<float>(E));
     int64_t work = 0;
     for (int64_t b = 0; b < B; ++b) work += (positions[b] + 1) * E * H;
     // a parallel region costs a few µs: worth it only with some work per thread
@@ -223,25 +267,73 @@ class DecodePlan : public torch::CustomClassHolder {
     at::parallel_for(0, B * H, grain, [&](int64_t t0, int64_t t1) {
       std::vector<float> scores;
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / H, hh = t % H, n = positions[b] + 1;
-        const float* q = qkv + b * stride + hh * E;
-        const float* keys = kc + (slots[b] * max_len * K + hh / G) * E;
-        const float* values = vc + (slots[b] * max_len * K + hh / G) * E;
-        scores.resize(n);
-        float best = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < n; ++j) {
-          scores[j] = dot(q, keys + j * K * E, E) * scale;
-          best = std::max(best, scores[j]);
-        }
-        float total = 0.f;
-        for (int64_t j = 0; j < n; ++j) total += (scores[j] = std::exp(scores[j] - best));
-        float* o = out + b * H * E + hh * E;
-        std::fill(o, o + E, 0.f);
-        for (int64_t j = 0; j < n; ++j) axpy(scores[j], values + j * K * E, o, E);
-        const float inv = 1.f / total;
-        for (int64_t i = 0; i < E; ++i) o[i] *= inv;
+        const int64_t b = t / H, hh = t % H, kv = (slots[b] * max_len * K + hh / G) * E;
+        attend_one(qkv + b * stride + hh * E, kc + kv, vc + kv, positions[b] + 1, K * E, scores,
+                   out + (b * H + hh) * E);
       }
     });
+  }
+
+  // one query head over n keys (and values) spaced `step` floats apart
+  void attend_one(const float* q, const float* keys, const float* values, int64_t n, int64_t step,
+                  std::vector<float>& scores, float* o) const {
+    const int64_t E = head_dim_;
+    const float scale = 1.f / std::sqrt(static_cast<float>(E));
+    scores.assign((n + 7) / 8 * 8, -std::numeric_limits<float>::infinity());
+#if LN_DECODE_AVX2
+    if (E % 8 == 0 && !scalar_) {
+      for (int64_t j = 0; j < n; j += 4) {  // past the end, the last key again (its lanes are not stored)
+        const float* k[4];
+        for (int i = 0; i < 4; ++i) k[i] = keys + std::min(j + i, n - 1) * step;
+        float four[4];
+        _mm_storeu_ps(four, dot4(q, k[0], k[1], k[2], k[3], E, scale));
+        std::copy(four, four + std::min<int64_t>(4, n - j), scores.data() + j);
+      }
+      __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+      for (size_t j = 0; j < scores.size(); j += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(scores.data() + j));
+      float lanes[8];
+      _mm256_storeu_ps(lanes, best);
+      const __m256 top = _mm256_set1_ps(*std::max_element(lanes, lanes + 8));
+      __m256 total = _mm256_setzero_ps();
+      for (size_t j = 0; j < scores.size(); j += 8) {  // the padding's -inf becomes 0
+        const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + j), top));
+        _mm256_storeu_ps(scores.data() + j, p);
+        total = _mm256_add_ps(total, p);
+      }
+      const __m256 inv = _mm256_set1_ps(1.f / hsum8(total));
+      int64_t e0 = 0;
+      for (; e0 + 64 <= E; e0 += 64) weigh_values<8>(scores.data(), values + e0, n, step, inv, o + e0);
+      for (; e0 < E; e0 += 8) weigh_values<1>(scores.data(), values + e0, n, step, inv, o + e0);
+      return;
+    }
+#endif
+    float best = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) {
+      scores[j] = dot(q, keys + j * step, E) * scale;
+      best = std::max(best, scores[j]);
+    }
+    float total = 0.f;
+    for (int64_t j = 0; j < n; ++j) total += (scores[j] = std::exp(scores[j] - best));
+    std::fill(o, o + E, 0.f);
+    for (int64_t j = 0; j < n; ++j) axpy(scores[j], values + j * step, o, E);
+    const float inv = 1.f / total;
+    for (int64_t i = 0; i < E; ++i) o[i] *= inv;
+  }
+
+  // a[i] = silu(g[i]) · g[F + i] = g[i] / (1 + exp(-g[i])) · g[F + i]
+  void silu_mul(const float* g, float* a, int64_t F) const {
+    int64_t i = 0;
+#if LN_DECODE_AVX2
+    if (!scalar_) {
+      const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+      for (; i + 8 <= F; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, x))));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(silu, _mm256_loadu_ps(g + F + i)));
+      }
+    }
+#endif
+    for (; i < F; ++i) a[i] = g[i] / (1.f + std::exp(-g[i])) * g[F + i];
   }
 
   int64_t dim_, heads_, kv_heads_, head_dim_, ffn_;
