@@ -60,6 +60,7 @@ class FakeCluster:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     state: str = "ready"
     stage_nodes: list[tuple[str, str, int, int]] = field(default_factory=lambda: [("a", "x:1", 0, 1)])
+    depth: int = 1  # frames in flight through the current pipeline (``Cluster.depth``)
 
 
 @dataclass
