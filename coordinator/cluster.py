@@ -102,7 +102,14 @@ def device_profiles(records: Sequence[NodeRecord]) -> tuple[list[DeviceProfile],
 
 def pipeline_depth(stages: Sequence[NodeRecord]) -> int:
     """Frames to keep in flight through ``stages``: one per stage, but stages on one machine count for no more
-    than the frames its cores compute at once (``cores // threads``; see ``coordinator.pipeline_executor``)."""
+    than the frames its cores compute at once (``cores // threads``).
+
+    One frame per stage keeps every stage busy when each stage has its own cores (a cluster of machines). But every
+    frame pays a fixed cost per layer (kernel calls, Python, gRPC), and the packed kernel's cost grows well under
+    linearly with rows (SmolLM2, 10 layers: 1 row 17 ms, 8 rows 43 ms), so when node processes share a machine's
+    cores, fewer, fuller frames give more tokens per second: on 2 cores with 3 local nodes, 8 streams decode at 63
+    tok/s in one frame, 51 in two, 34 in three (median of 3, load average 6).
+    """
     per_host: dict[str, list[NodeRecord]] = {}
     depth = 0
     for r in stages:

@@ -1,7 +1,7 @@
-"""The scheduler's steps on the cluster's current pipeline (``llama-node serve`` over joined nodes).
+"""The scheduler's steps on the cluster's current pipeline (``llama-node serve``: joined nodes and ``--nodes N``).
 
-Like ``PipelineExecutor``, a step is handed to the pipeline client's event loop (the ``ClusterRuntime``'s) with
-``run_coroutine_threadsafe`` and awaited from the HTTP server's loop. What differs is that the pipeline changes:
+A step is handed to the pipeline client's event loop (the ``ClusterRuntime``'s) with ``run_coroutine_threadsafe``
+and awaited from the HTTP server's loop, so neither loop ever waits on the other. The pipeline changes:
 when a node joins (or a peer stops answering) the runtime re-plans, loads the new stages and opens a new
 ``PipelineClient``. The executor picks the new client up between steps. The new stages' KV caches are empty, so
 before a request's next row goes there, the rows it already fed are *replayed* into it, cut exactly as they were

@@ -221,7 +221,6 @@ def test_weight_mode_and_the_planners_bytes(make_hf_llama: Callable[..., Path]) 
     and dense ones at 4 bytes a weight."""
     from coordinator.cluster import node_profile
     from coordinator.pipeline.local import weight_mode
-    from coordinator.pipeline_executor import local_depth
     from coordinator.planner.loaders import load_model_profile
 
     hf = make_hf_llama(num_hidden_layers=2)
@@ -236,4 +235,18 @@ def test_weight_mode_and_the_planners_bytes(make_hf_llama: Callable[..., Path]) 
     assert dense.stored.layer_bytes[0] == 4 * profile.layer_params(0)
     assert sum(profile.stored.layer_bytes) < sum(dense.stored.layer_bytes) / 5  # Q4_1: ~5 bits a weight
 
-    assert 1 <= local_depth(3, 1) <= 3 and local_depth(3, 10**6) == 1
+
+def test_pipeline_depth_counts_a_machines_stages_up_to_its_cores() -> None:
+    """A frame per stage, but the stages on one machine no more than its cores compute at once."""
+    from coordinator.cluster import pipeline_depth
+    from coordinator.discovery import NodeRecord
+    from protos.llama_node.v1 import cluster_pb2 as cpb
+
+    def node(host: str, cores: int, threads: int = 1) -> NodeRecord:
+        device = cpb.DeviceInfo(kind="cpu", host_id=host, host_cores=cores, threads=threads)
+        return NodeRecord(f"{host}-{id(device)}", "x:1", "peer", cpb.NodeDescription(device=device), 0.0)
+
+    assert pipeline_depth([node("h", 2), node("h", 2), node("h", 2)]) == 2
+    assert pipeline_depth([node("h", 2), node("h", 2), node("other", 8)]) == 3
+    assert pipeline_depth([node("h", 16, threads=10**6)] * 3) == 1
+    assert pipeline_depth([node("", 0), node("", 0)]) == 2  # nodes that name no machine: one frame each
