@@ -80,7 +80,11 @@ def cluster_command(
     path = resolve_model(model)
     settings = cluster_settings(path, peer, insecure, state_dir, join_port, min_nodes, context, no_mdns,
                                 quantize=weight_mode(path, dtype.value))  # fmt: skip
-    runtime = ClusterRuntime(settings)
+    try:
+        runtime = ClusterRuntime(settings)
+    except OSError as e:  # the join port is taken (another coordinator?)
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     try:
         announce(runtime, insecure)
         if prompt is None and prompt_ids is None:

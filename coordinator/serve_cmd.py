@@ -58,7 +58,9 @@ def serve_command(
     kv_budget_mb: int = typer.Option(2048, "--kv-budget-mb", min=1, help="KV cache memory; caps --slots"),
     max_queue: int | None = typer.Option(None, "--max-queue", min=0, help="waiting requests (default 4 x slots)"),
     prefill_chunk: int = typer.Option(32, "--prefill-chunk", min=1, help="prompt tokens per step"),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: all cores)"),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="torch threads: --local (default: all cores), each --nodes node (default 1)"
+    ),
     dtype: DType = typer.Option(
         DType.auto, "--dtype", help="auto: a GGUF's blocks stay packed (on the nodes too); float32: the exact path"
     ),
