@@ -12,6 +12,7 @@ generation only (model loaded once, KV cache cleared before each repetition).
 
     python bench/decode.py                       # packaged SmolLM2-135M Q4_1, 2 threads, 5 repetitions
     python bench/decode.py --dtype auto --dtype float32 --plot bench/out/decode.png
+    python bench/decode.py --dtype auto --dtype auto-eager   # the fused step (llama_shard.fused) on and off
     python bench/decode.py --engines llama.cpp    # llama.cpp alone (prompt tokenised by llama.cpp)
 """
 
@@ -160,15 +161,19 @@ class LlamaNodeEngine:
             "--ignore-eos",
             "--json",
             "--dtype",
-            dtype,
+            dtype.removesuffix("-eager"),
         ]
+        # auto-eager: the packed weights without the fused step (llama_shard.fused), to show what it is worth
+        self.env = {**os.environ, "LLAMA_NODE_FUSED": "0"} if dtype.endswith("-eager") else None
         self.dtype = dtype
         self.timeout = timeout
 
     def generate(self) -> Sample:
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(self.argv, capture_output=True, text=True, timeout=self.timeout, check=False)
+            proc = subprocess.run(
+                self.argv, capture_output=True, text=True, timeout=self.timeout, check=False, env=self.env
+            )
         except subprocess.TimeoutExpired as exc:
             raise RuntimeError(f"llama-node run (dtype={self.dtype}) timed out after {self.timeout:.0f} s") from exc
         wall = time.perf_counter() - t0
@@ -241,8 +246,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dtype",
         action="append",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="llama-node --dtype; repeat to compare paths, e.g. --dtype auto --dtype float32 (default auto)",
+        choices=["auto", "auto-eager", "float32", "bfloat16", "float16"],
+        help="llama-node --dtype; repeat to compare paths, e.g. --dtype auto --dtype float32 (default auto); "
+        "auto-eager: packed weights without the fused step (LLAMA_NODE_FUSED=0)",
     )
     p.add_argument(
         "--engines",

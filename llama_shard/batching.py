@@ -21,10 +21,15 @@ A token fed as a decode row and the same token fed as a one-token prompt chunk g
 may differ in the last bits, so callers say which a row is (``StepRow.prefill``); a chunk of several tokens is
 always prefill. Every stage of a pipeline applies the same convention, so a middle or last stage pads its
 ``[rows, tokens, D]`` activations exactly as the first stage padded the token ids.
+
+A packed stage on CPU (``llama_shard.fused``) needs none of this: a step's tokens, decode rows and prompt chunks
+alike, are rows of one native call, unpadded, each computed from its own token, position and slot only. There a
+token's bits are the same in any step, any chunking, decoded or prefilled.
 """
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from llama_shard.fused import FusedDecoder
 from llama_shard.fused import decoder as fused_decoder
 from llama_shard.model import Batch, KVCache, RMSNorm, Stage
 from llama_shard.quant import DenseEmbedding, QuantEmbedding
@@ -116,12 +122,7 @@ def decode(stage: Stage, cache: KVCache, rows: Sequence[StepRow], scratch: int) 
     per_row = row_invariant(stage)
     fused = fused_decoder(stage, cache) if per_row else None
     if fused is not None:  # all the layers in one native call (llama_shard.fused)
-        first = stage.spec.has_embed
-        x = torch.cat([r.x for r in rows]) if first else torch.cat([r.x.reshape(1, -1) for r in rows])
-        y = fused(x, cache, [r.slot for r in rows], [r.start for r in rows])
-        if stage.spec.has_head:
-            return [y[j] if r.logits else None for j, r in enumerate(rows)]
-        return [y[j : j + 1] for j in range(n)]
+        return _fused_step(fused, stage, cache, rows)
     padded = n if per_row else max(ROW_MULTIPLE, round_up(n, ROW_MULTIPLE))
     pad = padded - n
     x = _pad(stage, [r.x for r in rows], padded, 1)
@@ -138,6 +139,9 @@ def prefill(stage: Stage, cache: KVCache, row: StepRow) -> Tensor | None:
     n = row.n_tokens
     if n == 0:
         raise ValueError(f"empty prompt chunk at {row.start}")
+    fused = fused_decoder(stage, cache) if row_invariant(stage) else None
+    if fused is not None:
+        return _fused_step(fused, stage, cache, [row])[0]
     padded = round_up(n, ROW_MULTIPLE)
     x = _pad(stage, [row.x], 1, padded)
     batch = _batch(stage, [row.slot], [row.start], padded, row_invariant(stage))
@@ -151,10 +155,33 @@ def prefill(stage: Stage, cache: KVCache, row: StepRow) -> Tensor | None:
     return stage(x, batch, cache, last_only=False)[0, n - 1]
 
 
+def _fused_step(fused: FusedDecoder, stage: Stage, cache: KVCache, rows: Sequence[StepRow]) -> list[Tensor | None]:
+    """All the rows' tokens as rows of one fused call, unpadded: per row, the logits ``[V]`` after its last token on a
+    last stage (``None`` where not wanted), its activations ``[T, D]`` elsewhere."""
+    x = torch.cat([r.x if stage.spec.has_embed else r.x.reshape(r.n_tokens, -1) for r in rows])
+    slots = [r.slot for r in rows for _ in range(r.n_tokens)]
+    positions = [p for r in rows for p in range(r.start, r.start + r.n_tokens)]
+    ends = list(itertools.accumulate(r.n_tokens for r in rows))
+    if stage.spec.has_head:
+        wanted = [i for i, r in enumerate(rows) if r.logits]
+        logits = iter(fused(x, cache, slots, positions, [ends[i] - 1 for i in wanted]))
+        return [next(logits) if r.logits else None for r in rows]
+    h = fused(x, cache, slots, positions)
+    return [h[end - r.n_tokens : end] for r, end in zip(rows, ends, strict=True)]
+
+
 @torch.inference_mode()
 def run_step(stage: Stage, cache: KVCache, rows: Sequence[StepRow], scratch: int) -> list[Tensor | None]:
-    """Run a step's rows: the decode rows together, each prompt chunk alone. ``scratch`` is a KV slot of ``cache``
-    that no real row uses. Per row, in order: see ``decode`` and ``prefill``."""
+    """Run a step's rows: the decode rows together, each prompt chunk alone (on a fused stage, all in one call).
+    ``scratch`` is a KV slot of ``cache`` that no real row uses. Per row, in order: see ``decode`` and ``prefill``."""
+    fused = fused_decoder(stage, cache) if row_invariant(stage) else None
+    if fused is not None:
+        for r in rows:
+            if r.n_tokens == 0 or (not r.prefill and r.n_tokens != 1):
+                raise ValueError(
+                    f"bad {'prompt chunk' if r.prefill else 'decode row'}: {r.n_tokens} tokens at {r.start}"
+                )
+        return _fused_step(fused, stage, cache, rows)
     out: list[Tensor | None] = [None] * len(rows)
     singles = [i for i, r in enumerate(rows) if not r.prefill]
     if singles:

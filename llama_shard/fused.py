@@ -1,14 +1,16 @@
-"""Decode steps through all of a stage's layers in one native call (``kernels/csrc/decode.cpp``).
+"""Steps through all of a stage's layers in one native call (``kernels/csrc/decode.cpp``).
 
-A packed stage (every linear a ``GGMLLinear``, fp32 norms and KV cache, on CPU) decodes one token per row through
-a ``DecodePlan``: the layers' math of ``llama_shard.model`` in C++, with the same matmul kernel, so a token costs
-its matmuls plus little else (the eager path spends about half of a SmolLM2 token in ~150 small torch ops and the
-Python between them per layer). Prefill chunks keep the eager path (their time is in the matmuls).
+A packed stage (every linear a ``GGMLLinear``, fp32 norms and KV cache, on CPU) runs a step through a
+``DecodePlan``: the layers' math of ``llama_shard.model`` in C++, with the same matmul kernel, so a token costs its
+matmuls plus little else (the eager path spent about half of a SmolLM2 token in ~150 small torch ops and the
+Python between them per layer). Every token of a step is one row of the plan at its own position, decode rows and
+the tokens of prompt chunks alike (``llama_shard.batching.run_step``): the plan writes all rows' keys before any
+row attends, and a row's arithmetic depends only on its own token, position and slot, so a token's bits do not
+depend on what shares its step, on how its prompt was chunked, or on whether it was decoded or prefilled.
 
 The plan's numerics are its own: fp32 throughout, as the eager packed path, but norms, softmax and SiLU round in
-another order, so its logits differ from the eager path's in the last bits. It is row-invariant as the eager path
-is, and every node of a pipeline uses it for decode rows as a single process does, so N nodes still give one
-node's bits. ``LLAMA_NODE_FUSED=0`` turns it off.
+another order, so its logits differ from the eager path's in the last bits. Every node of a pipeline uses it as a
+single process does, so N nodes still give one node's bits. ``LLAMA_NODE_FUSED=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -42,16 +44,20 @@ class FusedDecoder:
         self.plan.bind_cache([cache.k[i] for i in layers], [cache.v[i] for i in layers])
         self._cache = weakref.ref(cache)
 
-    def __call__(self, x: Tensor, cache: KVCache, slots: list[int], positions: list[int]) -> Tensor:
-        """``x``: token ids ``[B]`` on a first stage, activations ``[B, D]`` elsewhere. Returns logits ``[B, V]`` on a
-        last stage, activations ``[B, D]`` elsewhere."""
+    def __call__(
+        self, x: Tensor, cache: KVCache, slots: list[int], positions: list[int], head_rows: list[int] | None = None
+    ) -> Tensor:
+        """Rows ``b`` of ``x`` (token ids ``[B]`` on a first stage, activations ``[B, D]`` elsewhere) at
+        ``positions[b]`` of KV slot ``slots[b]``; rows may share a slot (a prompt chunk's tokens). Returns activations
+        ``[B, D]``, or on a last stage the logits ``[R, V]`` of the rows ``head_rows`` (default: all)."""
         self.bind(cache)
         stage = self.stage
         h: Tensor = stage.tok_embeddings(x) if stage.tok_embeddings is not None else x
         if h.dtype != torch.float32:
             h = h.float()
         cos, sin = stage._rope_table(max(positions) + 1, torch.float32)
-        out: Tensor = self.plan.forward(h, slots, positions, cos, sin)
+        wanted = list(range(len(slots))) if head_rows is None else head_rows
+        out: Tensor = self.plan.forward(h, slots, positions, cos, sin, wanted)
         return out
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pipeline_helpers import local_greedy
 from torch import Tensor, nn
 
-from llama_shard import batching
+from llama_shard import batching, fused
 from llama_shard.batching import StepRow, run_step
 from llama_shard.generate import LocalEngine
 from llama_shard.ggml_linear import GGMLLinear
@@ -131,7 +131,8 @@ def test_prompt_logits_do_not_depend_on_chunking(packed: Stage) -> None:
 @torch.inference_mode()
 def test_control_plain_calls_are_not_invariant(packed: Stage, cache: KVCache, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the convention the checks above fail on this stage: plain batched decode (one attention call over the
-    batch's key count) changes a row's logits, and prompt chunks not padded to 16 tokens change the prompt's."""
+    batch's key count) changes a row's logits, and on the eager path (``LLAMA_NODE_FUSED=0``; the fused path has no
+    padding to take away) prompt chunks not padded to 16 tokens change the prompt's."""
     tokens = torch.tensor([[1234 + s] for s in range(8)])
 
     def plain(slots: list[int]) -> Tensor:
@@ -144,8 +145,13 @@ def test_control_plain_calls_are_not_invariant(packed: Stage, cache: KVCache, mo
 
     unpadded = packed.new_cache(1, batching.cache_len(128))
     monkeypatch.setattr(batching, "ROW_MULTIPLE", 1)  # prompt chunks unpadded; decode rows are unpadded anyway
-    whole, _ = _prompt_logits(packed, unpadded, len(PROMPT))
-    assert not all(torch.equal(_prompt_logits(packed, unpadded, c)[0], whole) for c in (1, 4, 7))
+    monkeypatch.setenv("LLAMA_NODE_FUSED", "0")
+    fused._decoders.clear()
+    try:
+        whole, _ = _prompt_logits(packed, unpadded, len(PROMPT))
+        assert not all(torch.equal(_prompt_logits(packed, unpadded, c)[0], whole) for c in (1, 4, 7))
+    finally:
+        fused._decoders.clear()
 
 
 def _engine_greedy(engine: LocalEngine, prompt: Sequence[int], steps: int) -> tuple[list[int], list[Tensor]]:

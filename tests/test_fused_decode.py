@@ -54,7 +54,13 @@ def _stage(path: Path, quantize: QuantMode | None, layers: tuple[int, int] = (0,
     return load_stage(open_source(path), ShardSpec(layers[0], layers[1], 4), quantize=quantize)
 
 
-def _teacher_forced(stages: list[Stage], *, fused_on: bool, monkeypatch: pytest.MonkeyPatch) -> Tensor:
+def _teacher_forced(
+    stages: list[Stage],
+    *,
+    fused_on: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    after_prefill: Callable[[list[KVCache]], None] = lambda caches: None,
+) -> Tensor:
     """Prefill PROMPT, then decode FORCED one token at a time: the logits of each decode step ``[len(FORCED), V]``."""
     monkeypatch.setenv("LLAMA_NODE_FUSED", "1" if fused_on else "0")
     fused._decoders.clear()
@@ -69,6 +75,7 @@ def _teacher_forced(stages: list[Stage], *, fused_on: bool, monkeypatch: pytest.
         return x
 
     step(StepRow(0, 0, PROMPT, prefill=True))
+    after_prefill(caches)
     out = [step(StepRow(0, len(PROMPT) + i, t.view(1), prefill=False)) for i, t in enumerate(FORCED)]
     return torch.stack([o.reshape(-1) for o in out])
 
@@ -105,20 +112,18 @@ def test_the_portable_code_path_is_as_accurate(tiny: Path, monkeypatch: pytest.M
 
 
 def test_the_accuracy_check_catches_a_wrong_layer(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Control: a fused plan that reads layer 1's cache for layer 2 (and the reverse) is far outside the bound."""
+    """Control: decoding with layers 1 and 2 reading each other's keys and values is far outside the bound."""
     packed, dense = _stage(tiny, QuantMode.int8), _stage(tiny, None)
     exact = _teacher_forced([dense], fused_on=True, monkeypatch=monkeypatch)
     eager = _teacher_forced([packed], fused_on=False, monkeypatch=monkeypatch)
-    real_bind = fused.FusedDecoder.bind
 
-    def swapped_bind(self: fused.FusedDecoder, cache: KVCache) -> None:
-        real_bind(self, cache)
-        k, v = [cache.k[i] for i in range(4)], [cache.v[i] for i in range(4)]
-        k[1], k[2], v[1], v[2] = k[2], k[1], v[2], v[1]
-        self.plan.bind_cache(k, v)
+    def swap(caches: list[KVCache]) -> None:
+        for kv in (caches[0].k, caches[0].v):
+            first = kv[1].clone()
+            kv[1].copy_(kv[2])
+            kv[2].copy_(first)
 
-    monkeypatch.setattr(fused.FusedDecoder, "bind", swapped_bind)
-    wrong = _teacher_forced([packed], fused_on=True, monkeypatch=monkeypatch)
+    wrong = _teacher_forced([packed], fused_on=True, monkeypatch=monkeypatch, after_prefill=swap)
     assert _error(wrong, exact) > 1.25 * _error(eager, exact) + 1e-3
 
 
@@ -166,3 +171,26 @@ def test_the_plan_rejects_a_cache_of_another_shape(tiny: Path) -> None:
     wrong = [torch.zeros(2, 64, 3, 8) for _ in range(4)]  # 3 KV heads of 8, not 2 of 8
     with pytest.raises(RuntimeError, match="caches must be contiguous fp32"):
         decoder.plan.bind_cache(wrong, wrong)
+
+
+def test_a_token_is_the_same_in_any_chunking_decoded_or_prefilled(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the fused path a prompt's last logits are the same for any chunk size, and a token fed as a decode row
+    gives the same bits as fed as a one-token chunk (the eager path keeps these apart: ``llama_shard.batching``)."""
+    stage = _stage(tiny, QuantMode.int4)
+    monkeypatch.setenv("LLAMA_NODE_FUSED", "1")
+
+    def last_logits(chunk: int, *, decode_last: bool = False) -> Tensor:
+        cache = stage.new_cache(2, batching.cache_len(64))
+        tokens = PROMPT[:-1] if decode_last else PROMPT
+        out = None
+        for at in range(0, len(tokens), chunk):
+            (out,) = run_step(stage, cache, [StepRow(0, at, tokens[at : at + chunk], prefill=True)], 1)
+        if decode_last:
+            (out,) = run_step(stage, cache, [StepRow(0, len(tokens), PROMPT[-1:], prefill=False)], 1)
+        assert out is not None
+        return out
+
+    whole = last_logits(len(PROMPT))
+    for chunk in (1, 2, 5, 8):
+        assert torch.equal(last_logits(chunk), whole), chunk
+    assert torch.equal(last_logits(4, decode_last=True), whole)

@@ -177,9 +177,11 @@ class DecodePlan : public torch::CustomClassHolder {
   }
 
   // h [B, D] fp32: row b is the token at positions[b] of KV slot slots[b]; cos/sin [N, E] fp32 (N > every
-  // position). Returns the hidden states [B, D], or the logits [B, V] when a head is set.
+  // position). Rows may share a slot (the tokens of a prompt chunk): every row's keys and values are written before
+  // any row attends, so row b sees all keys 0..positions[b] of its slot. Returns the hidden states [B, D], or with a
+  // head the logits [R, V] of the rows head_rows (R of them).
   at::Tensor forward(at::Tensor h_in, std::vector<int64_t> slots, std::vector<int64_t> positions, at::Tensor cos,
-                     at::Tensor sin) {
+                     at::Tensor sin, std::vector<int64_t> head_rows) {
     const int64_t B = h_in.size(0), D = dim_, H = heads_, K = kv_heads_, E = head_dim_, F = ffn_;
     TORCH_CHECK(h_in.dim() == 2 && D == h_in.size(1) && h_in.scalar_type() == at::kFloat, "forward: h must be fp32 [B, ", D, "]");
     TORCH_CHECK(static_cast<int64_t>(slots.size()) == B && static_cast<int64_t>(positions.size()) == B,
@@ -224,9 +226,13 @@ class DecodePlan : public torch::CustomClassHolder {
       for (int64_t i = 0; i < B * D; ++i) hp[i] = out[i] + hp[i];
     }
     if (!head_.defined()) return h;
-    rms_norm(hp, head_norm_.data_ptr<float>(), xn.data(), B, D, eps_);
-    at::Tensor logits = at::empty({B, head_.size(0)}, h.options());
-    llama_node::ggml_mm_into(xn.data(), B, D, head_.data_ptr<uint8_t>(), head_type_, head_.size(0),
+    const int64_t R = static_cast<int64_t>(head_rows.size());
+    for (int64_t r = 0; r < R; ++r) {
+      TORCH_CHECK(head_rows[r] >= 0 && head_rows[r] < B, "forward: head row ", head_rows[r], " out of range");
+      rms_norm(hp + head_rows[r] * D, head_norm_.data_ptr<float>(), xn.data() + r * D, 1, D, eps_);
+    }
+    at::Tensor logits = at::empty({R, head_.size(0)}, h.options());
+    llama_node::ggml_mm_into(xn.data(), R, D, head_.data_ptr<uint8_t>(), head_type_, head_.size(0),
                              logits.data_ptr<float>(), scalar_);
     return logits;
   }
