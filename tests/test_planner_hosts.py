@@ -59,6 +59,24 @@ def test_more_threads_than_cores_share_the_cores() -> None:
     assert shared["d"].tflops == pytest.approx(0.3) and shared["d"].membw_gbs == pytest.approx(9.0)
 
 
+def test_nodes_on_one_machine_get_its_best_measured_speed_and_equal_layers() -> None:
+    # arrange: 3 one-thread nodes on a 2-core machine measured it at different moments (the others, or other work,
+    # took part of the cores while each probed), as on a busy machine where `serve --nodes 3` starts them together
+    model = preset("smollm2-135m")
+    measured = {"a": (0.05, 12.0), "b": (0.02, 4.0), "c": (0.09, 20.0)}
+    devices = [DeviceProfile.declare(n, Memory(8 * GB), tflops=t, membw_gbs=bw) for n, (t, bw) in measured.items()]
+    shares = {n: HostShare("h", Memory(8 * GB), cores=2) for n in measured}
+    options = PlanOptions(context=2048, batch=16, objective=Objective.THROUGHPUT)
+    # act
+    shared = share_hosts(devices, shares)
+    chosen = plan(model, shared, options, require=set(measured))
+    # assert: one machine, one speed (the best figure, scaled by 2 cores / 3 threads), so the layers are shared out
+    # by the work they cost, not by which node probed at a quiet moment
+    assert [d.tflops for d in shared] == pytest.approx([0.06] * 3)
+    assert [d.membw_gbs for d in shared] == pytest.approx([40.0 / 3] * 3)
+    assert max(s.compute_ms for s in chosen.stages) <= 1.2 * min(s.compute_ms for s in chosen.stages)
+
+
 def test_a_node_alone_or_of_unknown_host_is_unchanged() -> None:
     devices = [DeviceProfile.declare("a", Memory(8 * GB)), DeviceProfile.declare("b", Memory(8 * GB))]
     assert share_hosts(devices, {"a": HostShare("", Memory(8 * GB)), "b": HostShare("", Memory(8 * GB))}) == devices

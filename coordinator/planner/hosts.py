@@ -9,9 +9,13 @@ claim no more than the machine has:
   the same memory at different moments) is split by water-filling. A node capped below an equal share (``join
   --memory``) keeps its cap, and the others split the rest equally. Each node still keeps its own runtime reserve
   out of its share (``DeviceProfile.reserve``): every process has its own Python and torch.
-- **Compute** (CPU nodes): the nodes' compute threads together may exceed the machine's cores. Then each node's
-  measured compute and memory bandwidth is scaled by ``cores / threads of all nodes on the machine``. Nodes on one
-  GPU (``cuda:i``, ``mps``) take turns on it: each gets ``1/k`` of it.
+- **Compute** (CPU nodes): they measured the same cores, each at a moment when the others (and whatever else runs
+  there) took a different part of them, so each is given the best figures any of them measured (compute and memory
+  bandwidth): planned by their own, noisy, figures, identical nodes got very unequal layer ranges (SmolLM2 on 2 cores,
+  3 nodes: [0, 24) [24, 28) [28, 30) in one start, [0, 8) [8, 22) [22, 30) in the next), and a pipeline runs at the
+  pace of its slowest stage. The nodes' compute threads together may exceed the machine's cores; then those figures
+  are scaled by ``cores / threads of all nodes on the machine``. Nodes on one GPU (``cuda:i``, ``mps``) take turns
+  on it: each gets ``1/k`` of it.
 
 A node that names no host (an older node, ``host == ""``) shares with no one. Pure: no I/O, no torch.
 """
@@ -84,10 +88,16 @@ def share_hosts(devices: Sequence[DeviceProfile], shares: Mapping[str, HostShare
         cores = max(shares[devices[i].name].cores for i in members)
         demand = sum(shares[devices[i].name].threads for i in members)
         cpu_factor, gpu_factor = min(1.0, cores / demand) if cores else 1.0, 1.0 / len(members)
+        cpus = [devices[i] for i in members if devices[i].kind is DeviceKind.CPU]
+        tflops = max((d.tflops for d in cpus), default=0.0)
+        membw = max((d.membw_gbs for d in cpus), default=0.0)
         for i, memory in zip(members, given, strict=True):
             d = devices[i]
-            factor = cpu_factor if d.kind is DeviceKind.CPU else gpu_factor
-            out[i] = replace(d, memory=Memory(memory), tflops=d.tflops * factor, membw_gbs=d.membw_gbs * factor)
+            if d.kind is DeviceKind.CPU:
+                out[i] = replace(d, memory=Memory(memory), tflops=tflops * cpu_factor, membw_gbs=membw * cpu_factor)
+            else:
+                out[i] = replace(d, memory=Memory(memory), tflops=d.tflops * gpu_factor,
+                                 membw_gbs=d.membw_gbs * gpu_factor)  # fmt: skip
     return out
 
 
