@@ -13,12 +13,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from coordinator.pipeline.local import stop_processes
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,5 @@ class LocalMembers:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the processes (SIGTERM, then SIGKILL after ``timeout``) and remove their caches; idempotent."""
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs, timeout)
         self._tmp.cleanup()  # a no-op the second time

@@ -30,6 +30,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def stop_processes(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    """SIGTERM to each process still running, then SIGKILL to those not gone ``timeout`` seconds later."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 class LocalNodes:
     """``n`` node processes on 127.0.0.1; ``addresses`` once they listen. Stop with ``stop()`` (or ``with``)."""
 
@@ -71,15 +84,7 @@ class LocalNodes:
         return [p.pid for p in self.procs]
 
     def stop(self, timeout: float = 10.0) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs, timeout)
         self._tmp.cleanup()
 
     def __enter__(self) -> LocalNodes:
