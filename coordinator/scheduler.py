@@ -138,7 +138,9 @@ class Scheduler:
         self._active: dict[int, Request] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.steps = 0
+        self.steps = 0  # steps handed to the executor, and their decode rows and prompt tokens (``/stats``)
+        self.decode_rows = 0
+        self.prefill_tokens = 0
 
     # ------------------------------------------------------------------------------------------------ public
     @property
@@ -152,6 +154,8 @@ class Scheduler:
             "free_slots": len(self._free),
             "slots": self.executor.n_slots,
             "steps": self.steps,
+            "decode_rows": self.decode_rows,
+            "prefill_tokens": self.prefill_tokens,
         }
 
     def start(self) -> None:
@@ -309,6 +313,8 @@ class Scheduler:
                         break
                     in_flight[asyncio.ensure_future(self.executor.run(rows))] = rows
                     self.steps += 1
+                    self.decode_rows += sum(not r.prefill for r in rows)
+                    self.prefill_tokens += sum(len(r.tokens) for r in rows if r.prefill)
                 if wake is None:
                     self._wake.clear()
                     wake = asyncio.ensure_future(self._wake.wait())

@@ -68,6 +68,10 @@ async def test_requests_join_and_leave_between_steps() -> None:
     assert chunks == [(0, 4), (4, 4), (8, 1)]
     # decode rows of different requests shared steps
     assert any(sum(not r.prefill for r in step) == 2 for step in ex.steps)
+    # /stats counts the steps, their decode rows and their prompt tokens
+    assert s.stats()["steps"] == len(ex.steps)
+    assert s.stats()["decode_rows"] == sum(not r.prefill for step in ex.steps for r in step)
+    assert s.stats()["prefill_tokens"] == 3 + 9 + 1 + 2
     await s.stop()
 
 
@@ -101,7 +105,8 @@ async def test_cancel_frees_the_slot_and_a_waiting_request_runs() -> None:
             s.cancel(long)
     assert long.finish_reason == "cancelled" and len(got) <= 4
     assert [t async for t in waiting.tokens()] == [501, 502]
-    assert s.stats() | {"steps": 0} == {"active": 0, "waiting": 0, "free_slots": 1, "slots": 1, "steps": 0}
+    counters = {"steps": 0, "decode_rows": 0, "prefill_tokens": 0}
+    assert s.stats() | counters == {"active": 0, "waiting": 0, "free_slots": 1, "slots": 1, **counters}
     await s.stop()
 
 
