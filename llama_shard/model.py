@@ -219,6 +219,9 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    """One decoder layer. ``kernels/csrc/decode.cpp`` computes the same math for packed stages
+    (``llama_shard.fused``): a change here must be made there too, or ``fused._build`` must decline the stage."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
