@@ -31,11 +31,22 @@ log = logging.getLogger(__name__)
 
 
 class FusedDecoder:
-    """A stage's ``DecodePlan`` and the KV cache it is bound to."""
+    """A stage's ``DecodePlan`` and the KV cache it is bound to.
+
+    It refers to its stage weakly: it is the value of ``_decoders``, whose key is the stage, and a strong reference
+    would keep every stage a node ever loaded (and its weights) alive.
+    """
 
     def __init__(self, stage: Stage, plan: Any) -> None:
-        self.stage, self.plan = stage, plan
+        self._stage, self.plan = weakref.ref(stage), plan
         self._cache: weakref.ref[KVCache] | None = None
+
+    @property
+    def stage(self) -> Stage:
+        stage = self._stage()
+        if stage is None:
+            raise RuntimeError("the stage of this fused decoder is gone")
+        return stage
 
     def bind(self, cache: KVCache) -> None:
         if self._cache is not None and self._cache() is cache:

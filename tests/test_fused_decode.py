@@ -16,6 +16,8 @@ where the packed path always was (``tests/test_quant_smollm2.py``): its decode s
 from __future__ import annotations
 
 import functools
+import gc
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -162,6 +164,17 @@ def test_two_fused_stages_equal_one(tiny: Path, monkeypatch: pytest.MonkeyPatch)
     whole = _teacher_forced([_stage(tiny, QuantMode.int4)], fused_on=True, monkeypatch=monkeypatch)
     halves = [_stage(tiny, QuantMode.int4, (0, 2)), _stage(tiny, QuantMode.int4, (2, 4))]
     assert torch.equal(_teacher_forced(halves, fused_on=True, monkeypatch=monkeypatch), whole)
+
+
+def test_a_stage_is_freed_with_its_decoder(tiny: Path) -> None:
+    """The decoders are cached per stage: a node that loads another slice must not keep the old one alive."""
+    stage = _stage(tiny, QuantMode.int4)
+    cache = stage.new_cache(2, 64)
+    assert fused.decoder(stage, cache) is not None
+    gone = weakref.ref(stage)
+    del stage, cache
+    gc.collect()
+    assert gone() is None and len(fused._decoders) == 0
 
 
 def test_the_plan_rejects_a_cache_of_another_shape(tiny: Path) -> None:
