@@ -162,7 +162,9 @@ def main() -> None:
         for n in levels:
             cpu0 = cpu_seconds(proc.pid) if proc is not None else (float("nan"), float("nan"))
             stats0 = scheduler_stats(url)
+            client0 = time.process_time()
             tps, results = asyncio.run(level(url, args.model, n, args.max_tokens))
+            client_ms = (time.process_time() - client0) * 1e3
             cpu1 = cpu_seconds(proc.pid) if proc is not None else cpu0
             stats1 = scheduler_stats(url)
             steps = stats1.get("steps", 0) - stats0.get("steps", 0)
@@ -170,15 +172,16 @@ def main() -> None:
             rows_per_step = decode_rows / steps if steps else float("nan")
             tokens = sum(r.tokens for r in results)
             serve_ms, nodes_ms = ((b - a) * 1e3 / tokens for a, b in zip(cpu0, cpu1, strict=True))
+            client_ms /= tokens
             base = base or tps
             ttfts = [r.ttft_s for r in results]
             data[n] = {"tokens_per_s": tps, "speedup": tps / base, "ttft_p50_s": percentile(ttfts, 50),
                        "ttft_p95_s": percentile(ttfts, 95), "serve_cpu_ms_per_token": serve_ms,
-                       "nodes_cpu_ms_per_token": nodes_ms, "steps": steps,
+                       "nodes_cpu_ms_per_token": nodes_ms, "client_cpu_ms_per_token": client_ms, "steps": steps,
                        "decode_rows_per_step": rows_per_step}  # fmt: skip
             log.info("%d streams: %.1f tok/s", n, tps)
             rows.append([n, fmt(tps), fmt(tps / base, 2, "x"), fmt(data[n]["ttft_p50_s"] * 1e3, 0),
-                         fmt(data[n]["ttft_p95_s"] * 1e3, 0), fmt(nodes_ms), fmt(serve_ms), steps,
+                         fmt(data[n]["ttft_p95_s"] * 1e3, 0), fmt(nodes_ms), fmt(serve_ms), fmt(client_ms), steps,
                          fmt(rows_per_step)])  # fmt: skip
     finally:
         if proc is not None:
@@ -191,7 +194,7 @@ def main() -> None:
         caption = (f"{args.nodes}-node loopback pipeline, --dtype {args.dtype}, --micro-batches {args.micro_batches}, "
                    f"{args.max_tokens} tokens/stream, load avg {load_average() or 0:.1f}; goal at 8: 6x")  # fmt: skip
         columns = ["streams", "tok/s", "÷ 1 stream", "TTFT p50 ms", "TTFT p95 ms", "nodes CPU ms/tok",
-                   "serve CPU ms/tok", "steps", "decode rows/step"]  # fmt: skip
+                   "serve CPU ms/tok", "bench CPU ms/tok", "steps", "decode rows/step"]  # fmt: skip
         print_table("Concurrent streams", columns, rows, caption)
     if args.plot:
         import matplotlib
