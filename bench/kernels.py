@@ -1,8 +1,9 @@
 """Microseconds per call of the quantised matmuls on SmolLM2-135M's shapes: the native kernel over raw GGUF blocks
-(``llama_node::ggml_mm``), torch's int4 kernel on repacked planes (``QuantLinear``, the fallback) and fp32
-``F.linear`` on the dequantised weight.
+(``llama_node::ggml_mm``), torch's int4 kernel on repacked planes (``QuantLinear``, the fallback without the native
+kernel, for the types it takes), the bf16 ``DenseLinear`` that types without a packed kernel are dequantised into, and
+fp32 ``F.linear`` on the dequantised weight.
 
-The three run interleaved (A B C A B C ...), each repetition timing a batch of calls, and the median per call is
+They run interleaved (A B C D A B C D ...), each repetition timing a batch of calls, and the median per call is
 reported with the ratios, so a load spike from other processes hits all three alike. The load average is printed.
 
 ``--baseline REV`` compares the native kernel only, as built from the kernel sources (``llama_shard/kernels/csrc``)
@@ -11,6 +12,7 @@ process), alternated once per repetition (base new base new ...).
 
     python bench/kernels.py                    # M = 1 (decode), 2 threads
     python bench/kernels.py --threads 1 --m 1 --m 16
+    python bench/kernels.py --threads 1 --type Q5_0 --type Q5_1 --type Q5_K   # only the shapes of these types
     python bench/kernels.py --baseline HEAD~1 --m 1 --m 16 --repeats 9
     python bench/kernels.py --baseline HEAD~1 --m 1 --m 16 --budget 0.003 --best-of 20   # on a busy machine
 """
@@ -48,7 +50,15 @@ SHAPES = [
     ("w13 Q4_0", "Q4_0", 3072, 576),
     ("w13 Q4_K", "Q4_K", 3072, 768),
     ("w13 Q6_K", "Q6_K", 3072, 768),
+    ("w13 Q5_0", "Q5_0", 3072, 576),
+    ("w13 Q5_1", "Q5_1", 3072, 576),
+    ("w13 Q5_K", "Q5_K", 3072, 768),
+    ("8B w2 Q5_K", "Q5_K", 4096, 14336),  # a Llama-3-8B ffn_down: weights from DRAM, not cache
 ]
+
+
+def _shapes(types: list[str] | None) -> list[tuple[str, str, int, int]]:
+    return [s for s in SHAPES if not types or s[1] in types]
 
 
 def _per_call(fn: Callable[[], object], budget_s: float) -> float:
@@ -63,7 +73,7 @@ def _per_call(fn: Callable[[], object], budget_s: float) -> float:
             return elapsed / calls
 
 
-def main(threads: int, rows: list[int], repeats: int, budget_s: float) -> None:
+def main(threads: int, rows: list[int], repeats: int, budget_s: float, types: list[str] | None) -> None:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -72,7 +82,7 @@ def main(threads: int, rows: list[int], repeats: int, budget_s: float) -> None:
 
     from llama_shard import kernels
     from llama_shard.ggml_linear import GGMLLinear
-    from llama_shard.quant import PACKED_TYPES, QuantLinear, dequantize_rows
+    from llama_shard.quant import PACKED_TYPES, DenseLinear, QuantLinear, dequantize_rows
 
     torch.set_num_threads(threads)
     if not kernels.available():
@@ -81,15 +91,17 @@ def main(threads: int, rows: list[int], repeats: int, budget_s: float) -> None:
     load_before = load_average()
     table = []
     rng = np.random.default_rng(0)
-    for name, type_name, n, k in SHAPES:
+    for name, type_name, n, k in _shapes(types):
         qtype = GGMLQuantizationType[type_name]
         raw = torch.from_numpy(random_blocks(qtype, n, k, rng)).view(n, -1)
         ggml = GGMLLinear(raw, qtype, k)
         int4 = QuantLinear.from_gguf(raw, qtype, k) if qtype in PACKED_TYPES else None
         w = dequantize_rows(raw, qtype, k)
+        bf16 = DenseLinear(w)
         for m in rows:
             x = torch.randn(m, k)
-            fns: dict[str, Callable[[], object]] = {"ggml": partial(ggml, x), "fp32": partial(F.linear, x, w)}
+            fns: dict[str, Callable[[], object]] = {"ggml": partial(ggml, x), "bf16": partial(bf16, x)}
+            fns["fp32"] = partial(F.linear, x, w)
             if int4 is not None:
                 fns["int4pack"] = partial(int4, x)
             times: dict[str, list[float]] = {key: [] for key in fns}
@@ -107,22 +119,26 @@ def main(threads: int, rows: list[int], repeats: int, budget_s: float) -> None:
                     str(m),
                     f"{us['ggml']:.1f}",
                     f"{int4_us:.1f}" if int4_us else "-",
+                    f"{us['bf16']:.1f}",
                     f"{us['fp32']:.1f}",
                     f"{int4_us / us['ggml']:.2f}x" if int4_us else "-",
+                    f"{us['bf16'] / us['ggml']:.2f}x",
                     f"{us['fp32'] / us['ggml']:.2f}x",
                     f"{2 * m * n * k / us['ggml'] / 1e3:.1f}",
                 ]
             )
     load_after = load_average()
-    headers = ["matrix", "type", "NxK", "M", "ggml µs", "int4pack µs", "fp32 µs"]
-    headers += ["int4pack/ggml", "fp32/ggml", "GFLOP/s"]
+    headers = ["matrix", "type", "NxK", "M", "ggml µs", "int4pack µs", "bf16 µs", "fp32 µs"]
+    headers += ["int4pack/ggml", "bf16/ggml", "fp32/ggml", "GFLOP/s"]
     print_table(f"µs per call, {threads} threads, median of {repeats} interleaved repetitions", headers, table)
     print(f"load average: {load_before} before, {load_after} after; AVX2 path: {kernels.has_avx2()}")
 
 
-def _ggml_times(threads: int, rows: list[int], budget_s: float, best_of: int) -> dict[str, float]:
+def _ggml_times(
+    threads: int, rows: list[int], budget_s: float, best_of: int, types: list[str] | None
+) -> dict[str, float]:
     """One repetition of the native kernel alone: seconds per call for every shape and M, the fastest of ``best_of``
-    batches (``--worker``)."""
+    batches (``--worker``). Shapes of a type this build has no kernel for are left out."""
     import numpy as np
     import torch
     from ggml_reference import random_blocks
@@ -136,9 +152,13 @@ def _ggml_times(threads: int, rows: list[int], budget_s: float, best_of: int) ->
     rng = np.random.default_rng(0)
     out = {}
     with torch.inference_mode():
-        for name, type_name, n, k in SHAPES:
+        for name, type_name, n, k in _shapes(types):
             qtype = GGMLQuantizationType[type_name]
             raw = torch.from_numpy(random_blocks(qtype, n, k, rng)).view(n, -1)
+            try:
+                kernels.ggml_mm(torch.randn(1, k), raw[:1], int(qtype), k)
+            except RuntimeError:  # an older build: unsupported GGML type
+                continue
             for m in rows:
                 call = partial(kernels.ggml_mm, torch.randn(m, k), raw, int(qtype), k)
                 out[f"{name}|{type_name}|{n}x{k}|{m}"] = min(_per_call(call, budget_s) for _ in range(best_of))
@@ -161,7 +181,9 @@ def _baseline_tree(rev: str, into: Path) -> Path:
     return into
 
 
-def compare(rev: str, threads: int, rows: list[int], repeats: int, budget_s: float, best_of: int) -> None:
+def compare(
+    rev: str, threads: int, rows: list[int], repeats: int, budget_s: float, best_of: int, types: list[str] | None
+) -> None:
     """The native kernel of ``rev`` against the working tree's, alternating processes once per repetition."""
     warn_if_busy("the kernel bench")
     load_before = load_average()
@@ -174,6 +196,7 @@ def compare(rev: str, threads: int, rows: list[int], repeats: int, budget_s: flo
         argv = [sys.executable, __file__, "--worker", "--threads", str(threads), "--budget", str(budget_s)]
         argv += ["--best-of", str(best_of)]
         argv += [a for m in rows for a in ("--m", str(m))]
+        argv += [a for t in types or [] for a in ("--type", t)]
 
         def run(which: str) -> dict[str, float]:
             done = subprocess.run(argv, env=envs[which], check=True, capture_output=True, text=True)
@@ -189,6 +212,8 @@ def compare(rev: str, threads: int, rows: list[int], repeats: int, budget_s: flo
     load_after = load_average()
     table = []
     for key, base in times["base"].items():
+        if key not in times["new"]:
+            continue
         name, type_name, shape, m = key.split("|")
         old_us, new_us = median(base) * 1e6, median(times["new"][key]) * 1e6
         n, k = (int(v) for v in shape.split("x"))
@@ -206,6 +231,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--m", type=int, action="append", help="rows per call (repeatable; default 1)")
+    parser.add_argument("--type", action="append", help="only the shapes of this GGUF type (repeatable)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget", type=float, default=0.05, help="seconds per timed batch of calls")
     parser.add_argument("--baseline", metavar="REV", help="compare the native kernel with git revision REV's")
@@ -221,8 +247,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     setup_logging(args.verbose)
     if args.worker:
-        print(json.dumps(_ggml_times(args.threads, args.m or [1], args.budget, args.best_of)))
+        print(json.dumps(_ggml_times(args.threads, args.m or [1], args.budget, args.best_of, args.type)))
     elif args.baseline:
-        compare(args.baseline, args.threads, args.m or [1], args.repeats, args.budget, args.best_of)
+        compare(args.baseline, args.threads, args.m or [1], args.repeats, args.budget, args.best_of, args.type)
     else:
-        main(args.threads, args.m or [1], args.repeats, args.budget)
+        main(args.threads, args.m or [1], args.repeats, args.budget, args.type)

@@ -4,10 +4,11 @@ Error bound. The kernel rounds each activation row to 8 bits per block ``b`` of 
 ``q = round(x · 127/amax_b)``, so ``x̂ = d_b q`` and ``|x - x̂| ≤ d_b / 2`` per element (round to nearest, no clamping
 since ``|x| ≤ amax_b``; plus a few fp32 roundings of ``127/amax`` and the product, ≤ 2^-21 amax_b). Weight codes
 and activation codes then multiply exactly in integers (pair sums of ``maddubs`` stay below 2^15: at most
-2 · 128 · 127), each block's integer sum is scaled by ``d_w · d_x`` in fp32, and the fp32 sum over K has at most
-``K/32 + 8`` roundings per term (8 lanes, pairs of blocks, a horizontal sum of 3 levels, and the scalar sum of the
-Q4_1/Q4_K min terms). So, with ``u = 2^-24`` and ``|w|ₐ = |w - z| + |z|`` (``z``: the min term, that cancels
-against the codes in Q4_1/Q4_K; 0 for the symmetric types):
+2 · 128 · 127; the int16 partial sums too: 16 products of 4-bit codes or 8 of 5-bit ones), each block's integer sum
+is scaled by ``d_w · d_x`` in fp32, and the fp32 sum over K has at most ``K/32 + 8`` roundings per term (8 lanes,
+pairs of blocks, a horizontal sum of 3 levels, and the scalar sum of the Q4_1/Q5_1/Q4_K/Q5_K min terms). So, with
+``u = 2^-24`` and ``|w|ₐ = |w - z| + |z|`` (``z``: the min term, that cancels against the codes in those types; 0
+for the symmetric ones):
 
     |y - x·w| ≤ Σ_k (d_b(k)/2 + 2^-21 amax_b(k)) |w_k|  +  (K/32 + 16) · u · Σ_k |x̂_k| |w|ₐ_k
 
@@ -27,21 +28,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from llama_shard import kernels
+from llama_shard import batching, fused, kernels
 from llama_shard.ggml_linear import KERNEL_TYPES, GGMLLinear, quantize_blocks
 from llama_shard.loading import load_stage, open_source
-from llama_shard.quant import QuantEmbedding, QuantLinear, QuantMode
+from llama_shard.model import Stage
+from llama_shard.quant import DenseLinear, QuantEmbedding, QuantLinear, QuantMode
 from llama_shard.shard import ShardSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ggml_reference import random_blocks, reference_dequantize  # noqa: E402
+from gguf_util import hf_to_gguf  # noqa: E402
 
 Q = GGMLQuantizationType
 TYPES = sorted(KERNEL_TYPES, key=int)
 U = 2.0**-24
-CODE_BYTES = {Q.Q4_1: slice(4, 20), Q.Q4_K: slice(16, 144)}  # zeroing the codes leaves the min term z
+# zeroing the codes (and fifth bits) leaves the min term z
+CODE_BYTES = {Q.Q4_1: slice(4, 20), Q.Q5_1: slice(4, 24), Q.Q4_K: slice(16, 144), Q.Q5_K: slice(16, 176)}
 
 needs_kernel = pytest.mark.skipif(
     not kernels.available(), reason="the native kernel is disabled (LLAMA_NODE_KERNELS=0) or could not be built"
@@ -55,7 +59,7 @@ def _case(qtype: GGMLQuantizationType, rows: int = 48, cols: int = 512, seed: in
     w = reference_dequantize(raw, qtype, (rows, cols))
     z = np.zeros_like(w)
     if qtype in CODE_BYTES:
-        blocks = raw.reshape(-1, raw.size // (rows * cols // (256 if qtype == Q.Q4_K else 32))).copy()
+        blocks = raw.reshape(-1, GGML_QUANT_SIZES[qtype][1]).copy()
         blocks[:, CODE_BYTES[qtype]] = 0
         z = reference_dequantize(blocks, qtype, (rows, cols))
     w_abs = np.abs(w - z) + np.abs(z)
@@ -214,3 +218,47 @@ def test_smollm2_tied_head_is_held_once() -> None:
     held = sum(m.blocks.numel() for m in linears)
     norms = sum(t.numel() * 4 for n, t in stage.state_dict().items() if n.endswith("norm.weight"))
     assert held + norms == file_bytes  # the file's bytes (F32 norms, quantised blocks), none repacked or duplicated
+
+
+# the type of every matrix, and single tensors of another: q5_k_m as llama.cpp mixes in Q6_K (head, some ffn_down)
+Q5_FILES = {
+    "q5_0": (Q.Q5_0, {}),
+    "q5_1": (Q.Q5_1, {}),
+    "q5_k_m": (Q.Q5_K, {"output.weight": Q.Q6_K, "blk.1.ffn_down.weight": Q.Q6_K}),
+}
+
+
+def _logits(stage: Stage, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return stage(ids, stage.batch(torch.tensor([0]), torch.tensor([0]), ids.shape[1]), stage.new_cache(1, 64))
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", Q5_FILES)
+def test_a_q5_gguf_stays_packed_and_tracks_the_fp32_model(
+    make_hf_llama: Callable[..., Path], tmp_path: Path, name: str
+) -> None:
+    """A Q5_0 / Q5_1 / Q5_K file loads with every linear as the file's blocks (no bf16 ``DenseLinear``), and its
+    logits stay close to the exact path's (the same file, dequantised to fp32): the error budget of
+    ``tests/test_quant.py`` for the 8-bit activation rounding of 17 linears in sequence (≈ 2% expected, 3% allowed)."""
+    qtype, overrides = Q5_FILES[name]
+    hf = make_hf_llama(hidden_size=256, intermediate_size=512)  # K-quants need rows of 256
+    source = open_source(hf_to_gguf(hf, tmp_path / "m.gguf", weight_type=qtype, type_overrides=overrides))
+    exact = load_stage(source, ShardSpec.whole(4))
+    packed = load_stage(source, ShardSpec.whole(4), quantize=QuantMode.gguf)
+    linears = {n: m for n, m in packed.named_modules() if isinstance(m, GGMLLinear | QuantLinear | DenseLinear)}
+    assert len(linears) == 4 * 4 + 1 and all(isinstance(m, GGMLLinear) for m in linears.values()), linears
+    types = {n: m.qtype for n, m in linears.items() if isinstance(m, GGMLLinear)}
+    assert types["output"] == overrides.get("output.weight", qtype)
+    assert types["layers.1.feed_forward.w2"] == overrides.get("blk.1.ffn_down.weight", qtype)
+    assert {types[f"layers.0.{m}"] for m in ("attention.wqkv", "attention.wo", "feed_forward.w13")} == {qtype}
+    ids = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(7))
+    a, b = _logits(exact, ids), _logits(packed, ids)
+    assert ((a - b).norm() / a.norm()).item() < 0.03
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
+    # the serving path: the whole stage in one native call (``llama_shard.fused``) takes the Q5 blocks too
+    cache = packed.new_cache(2, batching.cache_len(64))
+    assert fused.decoder(packed, cache) is not None
+    (last,) = batching.run_step(packed, cache, [batching.StepRow(0, 0, ids[0], prefill=True)], 1)
+    assert last is not None
+    assert ((last.reshape(-1) - a[0, -1]).norm() / a[0, -1].norm()).item() < 0.03

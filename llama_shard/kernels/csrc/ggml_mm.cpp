@@ -1,12 +1,13 @@
-// y = x @ w.T over raw GGUF blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), the way ggml computes it on AVX2.
+// y = x @ w.T over raw GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), the way ggml computes it on AVX2.
 //
 // The activation x [M, K] (fp32) is quantised per row to blocks of 32: int8 codes q, an fp32 scale d = amax/127
-// and s = d * sum(q) (for the mins of Q4_1 / Q4_K). Each weight block is dotted with the matching activation
-// block(s) in integer SIMD (_mm256_maddubs_epi16 + _mm256_madd_epi16) and scaled by d_w * d_x in fp32.
+// and s = d * sum(q) (for the mins of Q4_1 / Q5_1 / Q4_K / Q5_K). Each weight block is dotted with the matching
+// activation block(s) in integer SIMD (_mm256_maddubs_epi16 + _mm256_madd_epi16) and scaled by d_w * d_x in fp32.
 //
-// Q4_0, Q4_1, Q8_0, Q4_K on AVX2 (Group8): 8 weight rows per pass, one per fp32 lane. Each block's 32 products are summed
-// exactly in integers for all 8 rows at once (in-lane horizontal adds), then one vector multiply of the scales and
-// one fma per block update the 8 outputs; the unpacked weight block is shared by a tile of 1, 2 or 4 activation rows.
+// Q4_0, Q4_1, Q8_0, Q4_K (and Q5_0, Q5_1, Q5_K: ggml_q5.cpp) on AVX2 (Group8): 8 weight rows per pass, one per fp32
+// lane. Each block's 32 products are summed exactly in integers for all 8 rows at once (in-lane horizontal adds),
+// then one vector multiply of the scales and one fma per block update the 8 outputs; the unpacked weight block is
+// shared by a tile of 1, 2 or 4 activation rows.
 // Q6_K on AVX2 (Avx2) and every type on the scalar path: one weight row per pass, an 8-lane fp32 accumulator
 // per output (row m, column n), summed horizontally at the end.
 //
@@ -17,9 +18,9 @@
 // tile instantiations (the fmas are explicit, the same in every variant).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "ggml_kernels.h"
 #include "ggml_mm.h"
 
 #include <algorithm>
@@ -28,30 +29,9 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define LN_AVX2 1
-#else
-#define LN_AVX2 0
-#endif
-
 namespace {
 
-// GGMLQuantizationType values
-constexpr int64_t Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14;
-
-struct Acts {  // one quantised activation row
-  const int8_t* q;  // [K]
-  const float* d;   // [K / 32]
-  const float* s;   // [K / 32]: d * sum(q of the block)
-  const int32_t* sum;  // [K / 32]: sum(q of the block)
-};
-
-inline float f16(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return c10::detail::fp16_ieee_to_fp32_value(h);
-}
+using namespace llama_node::detail;  // the type ids, Acts and the shared helpers (ggml_kernels.h)
 
 // ---- activation quantisation (the same bits with or without AVX2) ------------------------------------------------
 
@@ -76,19 +56,10 @@ void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* s, int3
 // ---- scalar kernels ----------------------------------------------------------------------------------------------
 // Each computes T outputs: row w (nb blocks of its type) against T activation rows.
 
-inline void scale_k4(const uint8_t* s, int j, int* sc, int* m) {  // ggml's get_scale_min_k4
-  if (j < 4) {
-    *sc = s[j] & 63;
-    *m = s[j + 4] & 63;
-  } else {
-    *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-    *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-  }
-}
-
 // weight codes of one 32-block, as ints, and the block's scale terms: w = a * code + c
 struct Scalar {
-  static constexpr bool kAllTypes = true;
+  template <int T>
+  static void dot(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out);
 
   template <int T>
   static void q8_0(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
@@ -194,7 +165,10 @@ inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_c
 
 // Q6_K: one weight row per pass, an 8-lane fp32 accumulator per output, summed horizontally at the end
 struct Avx2 {
-  static constexpr bool kAllTypes = false;
+  template <int T>  // the one-row AVX2 kernel: Q6_K only (Group8 runs the others)
+  static void dot(int64_t /*qtype*/, const uint8_t* w, int64_t nb, const Acts* x, float* out) {
+    q6_k<T>(w, nb, x, out);
+  }
 
   template <int T>
   static void q6_k(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
@@ -240,7 +214,7 @@ struct Avx2 {
   }
 };
 
-// ---- AVX2, 8 weight rows per pass (Q4_0, Q4_1, Q8_0, Q4_K) ----------------------------------------------------------------
+// ---- AVX2, 8 weight rows per pass (Q4_0, Q4_1, Q8_0, Q4_K) ---------------------------------------------------------
 // Lane i of every vector belongs to weight row i of the group: each block's 32 products are summed exactly in
 // integers (in-lane horizontal adds across the 8 rows), so that one block costs per output a single fp32 multiply of
 // the scales, an fma into the accumulator (and for Q4_1 an fma of the min term). Per output (m, n) the fp32 operations
@@ -249,35 +223,6 @@ struct Avx2 {
 // repeats its last row in the unused lanes).
 struct Group8 {
   static constexpr int W = 8;
-
-  static inline uint32_t ld32(const uint8_t* p) {
-    uint32_t v;
-    std::memcpy(&v, p, 4);
-    return v;
-  }
-  static inline uint16_t ld16(const uint8_t* p) {
-    uint16_t v;
-    std::memcpy(&v, p, 2);
-    return v;
-  }
-  static inline __m128i ld128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
-
-  // the fp16 d of the 8 rows at byte offset off, lane i = row i
-  static inline __m256 scales(const uint8_t* const* r, int64_t off) {
-    return _mm256_cvtph_ps(_mm_setr_epi16(ld16(r[0] + off), ld16(r[1] + off), ld16(r[2] + off), ld16(r[3] + off),
-                                          ld16(r[4] + off), ld16(r[5] + off), ld16(r[6] + off), ld16(r[7] + off)));
-  }
-
-  // the fp16 pairs (d, m) at offset off of the 8 rows as fp32, lane i = row i: 4 rows per cvtph, [d m d m ...], the
-  // rows ordered so that the shuffles give 0..7
-  static inline void scales_min(const uint8_t* const* r, int64_t off, __m256* d, __m256* m) {
-    const __m256 a =
-        _mm256_cvtph_ps(_mm_setr_epi32(ld32(r[0] + off), ld32(r[1] + off), ld32(r[4] + off), ld32(r[5] + off)));
-    const __m256 c =
-        _mm256_cvtph_ps(_mm_setr_epi32(ld32(r[2] + off), ld32(r[3] + off), ld32(r[6] + off), ld32(r[7] + off)));
-    *d = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(2, 0, 2, 0));
-    *m = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(3, 1, 3, 1));
-  }
 
   // [row j's 8 int16 | row j + 4's 8 int16] for j = 0..3 -> the 8 rows' int32 sums, lane i = row i
   static inline __m256i reduce16(__m256i p0, __m256i p1, __m256i p2, __m256i p3) {
@@ -289,14 +234,6 @@ struct Group8 {
   // 8 * sum(x) from the exact integer sum). Rows j and j + 4 share one vector: their 16 code bytes in the two halves,
   // low nibbles (elements 0..15) against x[0..15] in both halves, high nibbles against x[16..31]. int16 partial sums
   // stay exact: 16 products of at most 15 * 127 before the widening madd.
-  // The next group's 8 rows (contiguous: 8 * size bytes per block of ours) are fetched into L1 while this one runs:
-  // the hardware prefetchers lose track of 8 interleaved streams (Q8_0 49152 x 576 from DRAM ran at half speed).
-  template <int size>
-  static inline void prefetch_next(const uint8_t* next, int64_t b) {
-    const char* p = reinterpret_cast<const char*>(next + 8 * size * b);
-    for (int c = 0; c < (8 * size + 63) / 64 + 1; ++c) _mm_prefetch(p + 64 * c, _MM_HINT_T0);
-  }
-
   template <int T, bool MIN>
   static void q4(const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out) {
     constexpr int size = MIN ? 20 : 18;
@@ -306,12 +243,12 @@ struct Group8 {
     for (int t = 0; t < T; ++t) acc[t] = summ[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t off = b * size;
-      prefetch_next<size>(next, b);
+      prefetch_next8<size>(next, b);
       __m256 dw, mw;
       if constexpr (MIN) {
-        scales_min(r, off, &dw, &mw);
+        scales_min8(r, off, &dw, &mw);
       } else {
-        dw = scales(r, off);
+        dw = scales8(r, off);
         mw = dw;
       }
       __m256i lo[4], hi[4];
@@ -346,8 +283,8 @@ struct Group8 {
     const uint8_t* next = r[0] + 8 * nb * 34;
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t off = b * 34;
-      prefetch_next<34>(next, b);
-      const __m256 dw = scales(r, off);
+      prefetch_next8<34>(next, b);
+      const __m256 dw = scales8(r, off);
       __m256i wv[8], wa[8];
       for (int i = 0; i < 8; ++i) {
         wv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r[i] + off + 2));
@@ -378,42 +315,30 @@ struct Group8 {
   template <int T>
   static void q4_k(const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out) {
     const uint8_t* next = r[0] + nb * 144;  // 8 rows of nb / 8 super-blocks
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m6 = _mm256_set1_epi8(0x3F), m30 = _mm256_set1_epi8(0x30);
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256 acc[T], summ[T];
     for (int t = 0; t < T; ++t) acc[t] = summ[t] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < nb / 8; ++sb) {
       const int64_t off = sb * 144;
-      prefetch_next<144>(next, sb);
+      prefetch_next8<144>(next, sb);
       __m256 d, dmin;
-      scales_min(r, off, &d, &dmin);
-      __m256i sm[4];  // 6-bit scales of sub-blocks 0-3, 4-7 and mins of 0-3, 4-7: byte j % 4 of each row's dword
-      {
-        __m256i y[4];
-        for (int j = 0; j < 4; ++j) y[j] = _mm256_set_m128i(ld128(r[j + 4] + off + 4), ld128(r[j] + off + 4));
-        const __m256i t0 = _mm256_unpacklo_epi32(y[0], y[1]), t1 = _mm256_unpacklo_epi32(y[2], y[3]);
-        const __m256i t2 = _mm256_unpackhi_epi32(y[0], y[1]), t3 = _mm256_unpackhi_epi32(y[2], y[3]);
-        const __m256i a = _mm256_unpacklo_epi64(t0, t1), b = _mm256_unpackhi_epi64(t0, t1);
-        const __m256i c = _mm256_unpacklo_epi64(t2, t3);
-        sm[0] = _mm256_and_si256(a, m6);
-        sm[1] = _mm256_or_si256(_mm256_and_si256(c, m4), _mm256_and_si256(_mm256_srli_epi32(a, 2), m30));
-        sm[2] = _mm256_and_si256(b, m6);
-        sm[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(c, 4), m4),
-                                _mm256_and_si256(_mm256_srli_epi32(b, 2), m30));
-      }
-      for (int sj = 0; sj < 8; ++sj) {  // sub-block sj: the low (even sj) or high nibbles of 32 code bytes
-        const __m256i pick = _mm256_setr_epi8(sj % 4, -1, -1, -1, 4 + sj % 4, -1, -1, -1, 8 + sj % 4, -1, -1, -1,
-                                              12 + sj % 4, -1, -1, -1, sj % 4, -1, -1, -1, 4 + sj % 4, -1, -1, -1,
-                                              8 + sj % 4, -1, -1, -1, 12 + sj % 4, -1, -1, -1);
-        const __m256 dsc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_shuffle_epi8(sm[sj / 4], pick)));
-        const __m256 dm = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_shuffle_epi8(sm[2 + sj / 4], pick)));
+      scales_min8(r, off, &d, &dmin);
+      __m256i sm[4];
+      kscales8(r, off + 4, sm);
+      // sub-block sj: the low (even sj) or high nibbles of 32 code bytes. The compiler does not unroll this loop:
+      // shifts by register counts, no branches on sj
+      for (int sj = 0; sj < 8; ++sj) {
+        const __m256 dsc = _mm256_mul_ps(d, kscale8(sm[sj / 4], sj));
+        const __m256 dm = _mm256_mul_ps(dmin, kscale8(sm[2 + sj / 4], sj));
+        const __m128i nibble = _mm_cvtsi32_si128(4 * (sj % 2));
         __m256i cl[4], ch[4];
         for (int j = 0; j < 4; ++j) {
           const uint8_t* qa = r[j] + off + 16 + 32 * (sj / 2);
           const uint8_t* qb = r[j + 4] + off + 16 + 32 * (sj / 2);
           const __m256i lo = _mm256_set_m128i(ld128(qb), ld128(qa));            // elements 0..15
           const __m256i hi = _mm256_set_m128i(ld128(qb + 16), ld128(qa + 16));  // elements 16..31
-          cl[j] = _mm256_and_si256(sj % 2 ? _mm256_srli_epi16(lo, 4) : lo, m4);
-          ch[j] = _mm256_and_si256(sj % 2 ? _mm256_srli_epi16(hi, 4) : hi, m4);
+          cl[j] = _mm256_and_si256(_mm256_srl_epi16(lo, nibble), m4);
+          ch[j] = _mm256_and_si256(_mm256_srl_epi16(hi, nibble), m4);
         }
         const int64_t xb = 8 * sb + sj;
         for (int t = 0; t < T; ++t) {
@@ -443,6 +368,14 @@ struct Group8 {
   }
 };
 
+struct Group8Q5 {
+  template <int T>
+  static void dot(int64_t qtype, const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out) {
+    group8_q5<T>(qtype, r, nb, x, out);
+  }
+};
+
+template <class D>
 void mm_group8(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Acts>& x, float* y,
                int64_t n_out, int64_t k) {
   const int64_t m_rows = static_cast<int64_t>(x.size()), nb = k / 32, groups = (n_out + 7) / 8;
@@ -467,9 +400,9 @@ void mm_group8(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::ve
         }
         m += rows;
       };
-      for (; m + 4 <= m_rows;) Group8::dot<4>(qtype, r, nb, &x[m], out), put(4);
-      if (m + 2 <= m_rows) Group8::dot<2>(qtype, r, nb, &x[m], out), put(2);
-      if (m < m_rows) Group8::dot<1>(qtype, r, nb, &x[m], out), put(1);
+      for (; m + 4 <= m_rows;) D::template dot<4>(qtype, r, nb, &x[m], out), put(4);
+      if (m + 2 <= m_rows) D::template dot<2>(qtype, r, nb, &x[m], out), put(2);
+      if (m < m_rows) D::template dot<1>(qtype, r, nb, &x[m], out), put(1);
     }
   });
 }
@@ -483,28 +416,36 @@ TypeInfo type_info(int64_t qtype) {
   switch (qtype) {
     case Q4_0: return {32, 18};
     case Q4_1: return {32, 20};
+    case Q5_0: return {32, 22};
+    case Q5_1: return {32, 24};
     case Q8_0: return {32, 34};
     case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
     case Q6_K: return {256, 210};
     default: TORCH_CHECK(false, "ggml_mm: unsupported GGML type ", qtype);
   }
 }
 
-// out[t * ldo] for T rows of activations against one weight row
-template <class K, int T>
-void dot_rows(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-  if constexpr (!K::kAllTypes) {
-    K::template q6_k<T>(w, nb, x, out);  // the AVX2 one-row kernels: Q6_K only (Group8 runs the others)
-  } else {
-    switch (qtype) {
-      case Q4_0: K::template q4<T, false>(w, nb, x, out); break;
-      case Q4_1: K::template q4<T, true>(w, nb, x, out); break;
-      case Q8_0: K::template q8_0<T>(w, nb, x, out); break;
-      case Q4_K: K::template q4_k<T>(w, nb, x, out); break;
-      default: K::template q6_k<T>(w, nb, x, out); break;
-    }
+template <int T>
+void Scalar::dot(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out) {
+  switch (qtype) {
+    case Q4_0: q4<T, false>(w, nb, x, out); break;
+    case Q4_1: q4<T, true>(w, nb, x, out); break;
+    case Q8_0: q8_0<T>(w, nb, x, out); break;
+    case Q4_K: q4_k<T>(w, nb, x, out); break;
+    default: q6_k<T>(w, nb, x, out); break;
   }
 }
+
+// The Q5 types (ggml_q5.cpp) have drivers of their own (mm<ScalarQ5>, mm_group8<Group8Q5>): a call to another file
+// inside the other types' inlined loops made the compiler spill the constants it keeps in registers across them
+// (measured: Q4_1 at M = 1 took 20% longer).
+struct ScalarQ5 {
+  template <int T>
+  static void dot(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out) {
+    scalar_q5<T>(qtype, w, nb, x, out);
+  }
+};
 
 template <class K>
 void mm(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Acts>& x, float* y, int64_t n_out,
@@ -521,9 +462,9 @@ void mm(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Ac
         for (int t = 0; t < rows; ++t) y[(m + t) * n_out + n] = out[t];
         m += rows;
       };
-      for (; m + 4 <= m_rows;) dot_rows<K, 4>(qtype, wr, nb, &x[m], out), put(4);
-      if (m + 2 <= m_rows) dot_rows<K, 2>(qtype, wr, nb, &x[m], out), put(2);
-      if (m < m_rows) dot_rows<K, 1>(qtype, wr, nb, &x[m], out), put(1);
+      for (; m + 4 <= m_rows;) K::template dot<4>(qtype, wr, nb, &x[m], out), put(4);
+      if (m + 2 <= m_rows) K::template dot<2>(qtype, wr, nb, &x[m], out), put(2);
+      if (m < m_rows) K::template dot<1>(qtype, wr, nb, &x[m], out), put(1);
     }
   });
 }
@@ -573,9 +514,14 @@ void ggml_mm_into(const float* x, int64_t m_rows, int64_t k, const uint8_t* w, i
   });
   std::vector<Acts> acts(m_rows);
   for (int64_t m = 0; m < m_rows; ++m) acts[m] = {qp + m * k, dp + 2 * m * nb, dp + (2 * m + 1) * nb, sp + m * nb};
+  const bool q5 = qtype == Q5_0 || qtype == Q5_1 || qtype == Q5_K;
 #if LN_AVX2
+  if (!scalar && q5) {
+    mm_group8<Group8Q5>(qtype, w, row_bytes, acts, y, n_out, k);
+    return;
+  }
   if (!scalar && qtype != Q6_K) {
-    mm_group8(qtype, w, row_bytes, acts, y, n_out, k);
+    mm_group8<Group8>(qtype, w, row_bytes, acts, y, n_out, k);
     return;
   }
   if (!scalar) {
@@ -583,6 +529,10 @@ void ggml_mm_into(const float* x, int64_t m_rows, int64_t k, const uint8_t* w, i
     return;
   }
 #endif
+  if (q5) {
+    mm<ScalarQ5>(qtype, w, row_bytes, acts, y, n_out, k);
+    return;
+  }
   mm<Scalar>(qtype, w, row_bytes, acts, y, n_out, k);
 }
 
