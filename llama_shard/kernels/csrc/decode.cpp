@@ -85,6 +85,15 @@ inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
 
+// Keys and values ahead of the one in use are prefetched: each is a few cache lines, `step` floats apart, and the KV
+// cache comes from DRAM every token (the weights stream through the caches in between). Without it attention was
+// bound by load latency: ~25 ns per key and head (measured on SmolLM2, 1023 keys: 6.6 ms of a token).
+constexpr int64_t kPrefetch = 16;
+
+inline void prefetch_row(const float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+}
+
 // o[0, 8C) = inv · Σ_j p[j] · v_j[0, 8C), v_j = values + j · step: C independent accumulators, so the chain of
 // fmas over j is not one 4-cycle latency per 8 values
 template <int C>
@@ -94,6 +103,7 @@ inline void weigh_values(const float* p, const float* values, int64_t n, int64_t
   for (int64_t j = 0; j < n; ++j) {
     const __m256 w = _mm256_set1_ps(p[j]);
     const float* v = values + j * step;
+    prefetch_row(values + std::min(j + kPrefetch, n - 1) * step, 8 * C);
     for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
   }
   for (int c = 0; c < C; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], inv));
@@ -290,7 +300,10 @@ class DecodePlan : public torch::CustomClassHolder {
     if (E % 8 == 0 && !scalar_) {
       for (int64_t j = 0; j < n; j += 4) {  // past the end, the last key again (its lanes are not stored)
         const float* k[4];
-        for (int i = 0; i < 4; ++i) k[i] = keys + std::min(j + i, n - 1) * step;
+        for (int i = 0; i < 4; ++i) {
+          k[i] = keys + std::min(j + i, n - 1) * step;
+          prefetch_row(keys + std::min(j + kPrefetch + i, n - 1) * step, E);
+        }
         float four[4];
         _mm_storeu_ps(four, dot4(q, k[0], k[1], k[2], k[3], E, scale));
         std::copy(four, four + std::min<int64_t>(4, n - j), scores.data() + j);
