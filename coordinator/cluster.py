@@ -4,7 +4,7 @@ discovered nodes → plan → loaded stages → a pipeline client. When the node
 ``ClusterRuntime`` runs all of it on a background event loop, for ``llama-node serve``/``cluster``:
 
     rt = ClusterRuntime(ClusterSettings(model=path, state_dir=dir))
-    print(rt.join_command())          # the exact `llama-node join --token …` line
+    line = rt.join_command()          # the exact `llama-node join --token …` line, for the user
     rt.wait_ready(timeout=60)         # planned and loaded
     engine = rt.engine(params, max_len)            # a TokenEngine for llama_shard.generate.generate
     rows = await rt.forward(rows)                  # or: one micro-batch, from any event loop (the scheduler)

@@ -14,6 +14,7 @@ import grpc
 from grpc import aio
 
 from coordinator.cluster import plan_options
+from coordinator.pipeline.local import stop_processes
 from coordinator.pki import ClusterCA
 from coordinator.planner import DeviceProfile, Memory, PlanError, plan
 from coordinator.planner.loaders import load_model_profile
@@ -37,15 +38,7 @@ def start_join(args: Sequence[str], log_path: Path, env: dict[str, str] | None =
 
 
 def stop(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    stop_processes(procs, timeout)
 
 
 def wait_for_log(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> str:
