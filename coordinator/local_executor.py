@@ -19,7 +19,7 @@ from coordinator.scheduler import RowWork
 from llama_shard import batching
 from llama_shard.batching import StepRow
 from llama_shard.model import Stage
-from llama_shard.sampling import sample
+from llama_shard.sampling import SlotHistories, sample
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class LocalExecutor:
         self.cache_len = batching.cache_len(max_len)
         self.scratch = n_slots  # one more slot, written by padding rows and never read by a real one
         self.cache = stage.new_cache(n_slots + 1, self.cache_len)
+        self.histories = SlotHistories()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="stage")
         log.info("KV cache: %d slots x %d tokens, %.1f MB", n_slots, max_len, self.cache.nbytes / 1e6)
 
@@ -49,10 +50,14 @@ class LocalExecutor:
 
     def run_sync(self, rows: Sequence[RowWork]) -> list[int | None]:
         logits = batching.run_step(self.stage, self.cache, [self._row(r) for r in rows], self.scratch)
-        return [
-            sample(last, r.params, r.start + len(r.tokens), r.history) if r.sample and last is not None else None
-            for r, last in zip(rows, logits, strict=True)
-        ]
+        out: list[int | None] = []
+        for r, last in zip(rows, logits, strict=True):
+            history = self.histories.feed(r.slot, r.start, r.tokens)
+            if last is None or not r.sample:
+                out.append(None)
+            else:
+                out.append(sample(last, r.params, r.start + len(r.tokens), history))
+        return out
 
     # ------------------------------------------------------------------------------------------------ forward
     def _row(self, row: RowWork) -> StepRow:

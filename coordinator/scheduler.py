@@ -53,8 +53,8 @@ class NotReadyError(SchedulerError):
 class RowWork:
     """One request's part of a step: ``tokens`` fed at positions ``start..start+len-1`` of KV slot ``slot``.
 
-    ``sample`` asks for the token after them (the last prompt chunk, and every decode row); ``history`` is what the
-    repetition penalty looks at.
+    ``sample`` asks for the token after them (the last prompt chunk, and every decode row). The penalties' history
+    is kept where the sampling happens (``llama_shard.sampling.SlotHistories``), not shipped with every step.
     """
 
     request_id: int
@@ -64,7 +64,6 @@ class RowWork:
     prefill: bool
     sample: bool
     params: SamplingParams
-    history: tuple[int, ...] = ()
 
 
 class StepExecutor(Protocol):
@@ -246,7 +245,6 @@ class Scheduler:
                     False,
                     True,
                     r.params,
-                    tuple(r.prompt + r.generated),
                 )
             )
         # prompt chunks: the oldest first, as many as fit in a budget of prefill_chunk tokens (at least one), so a
@@ -261,7 +259,7 @@ class Scheduler:
             budget -= end - r.fed
             chunk = tuple(r.prompt[r.fed : end])
             last = end == len(r.prompt)
-            rows.append(RowWork(r.id, r.slot, r.fed, chunk, True, last, r.params, tuple(r.prompt) if last else ()))
+            rows.append(RowWork(r.id, r.slot, r.fed, chunk, True, last, r.params))
             if budget <= 0:
                 break
         for row in rows:

@@ -19,7 +19,7 @@ count generated tokens only (it is the prompt's length), while Ollama's, as llam
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +101,21 @@ def apply_penalties(logits: Tensor, history: Iterable[int], params: SamplingPara
         return logits
     counts = torch.bincount(torch.tensor(counted, dtype=torch.long), minlength=logits.numel()).to(logits.dtype)
     return logits - counts * params.frequency_penalty - (counts > 0).to(logits.dtype) * params.presence_penalty
+
+
+class SlotHistories:
+    """The tokens fed so far to each KV slot, which the penalties look at: ``feed(slot, start, tokens)`` puts
+    ``tokens`` at positions ``start..`` of the slot's sequence, dropping what it held from ``start`` on (a reused slot
+    starts again at 0). Kept where the sampling happens, so nobody ships a whole context with every step."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, list[int]] = {}
+
+    def feed(self, slot: int, start: int, tokens: Sequence[int]) -> list[int]:
+        history = self._slots.setdefault(slot, [])
+        del history[start:]
+        history.extend(tokens)
+        return history
 
 
 def sample(logits: Tensor, params: SamplingParams, position: int, history: Iterable[int] = ()) -> int:
