@@ -6,14 +6,19 @@ Files under ``state_dir`` (keys mode 0600, the directory 0700):
   ``node.identity.fetch_pinned_ca``), so it carries the DNS name ``llama-node-coordinator``.
 * ``token`` — the join token (secret + CA hash); kept, so nodes can rejoin after a coordinator restart.
 * ``coordinator.key`` / ``coordinator.pem`` — the coordinator's own client certificate, for calling nodes.
+* ``.lock`` — held (``flock``) while these are read or created, so that processes starting at once on a new
+  directory (two ``serve``, ``serve`` and ``run``) make one CA: the first creates it, the others load it. The kernel
+  drops the lock when its holder dies, so a crash leaves no stale lock.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,11 +49,29 @@ class JoinRefusedError(Exception):
 
 
 def _write(path: Path, data: bytes, secret: bool) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """Write ``path`` whole or not at all (a temporary file of this process, flushed to disk, then renamed)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    """Hold ``state_dir``'s lock: one process at a time reads or creates the CA there."""
+    fd = os.open(state_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBuilder:
@@ -109,30 +132,44 @@ class ClusterCA:
 
     @classmethod
     def load_or_create(cls, state_dir: Path) -> ClusterCA:
-        """The CA kept in ``state_dir``, created (with its token and the coordinator's certificate) on first use."""
+        """The CA kept in ``state_dir``, created (with its token and the coordinator's certificate) on first use.
+
+        Safe to call from several processes at once: creation is serialised by ``state_dir``'s lock, so all of them
+        get the same CA, the one on disk.
+        """
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with _locked(state_dir):
+            ca_key, ca_pem, token = state_dir / "ca.key", state_dir / "ca.pem", state_dir / "token"
+            if ca_key.exists() and ca_pem.exists() and token.exists():
+                ca = cls._load(state_dir)
+            else:
+                # the token is written last: a CA with no token never served a join (a crash between the writes)
+                ca = cls.create()
+                ca.state_dir = state_dir
+                _write(ca_key, ca.key_pem, secret=True)
+                _write(ca_pem, ca.cert_pem, secret=False)
+                _write(token, str(ca.token).encode(), secret=True)
+                log.info("new cluster CA created in %s", state_dir)
+            role = Role.coordinator
+            if not (state_dir / f"{role.value}.pem").exists():
+                ident = ca.issue(role.value, role)
+                _write(state_dir / f"{role.value}.key", ident.key_pem, secret=True)
+                _write(state_dir / f"{role.value}.pem", ident.cert_pem, secret=False)
+        return ca
+
+    @classmethod
+    def _load(cls, state_dir: Path) -> ClusterCA:
         ca_key, ca_pem, token = state_dir / "ca.key", state_dir / "ca.pem", state_dir / "token"
-        if ca_key.exists() and ca_pem.exists() and token.exists():
-            key = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
-            if not isinstance(key, ec.EllipticCurvePrivateKey):
-                raise ValueError(f"{ca_key} is not an EC key")
-            ca = cls(key, x509.load_pem_x509_certificate(ca_pem.read_bytes()),
-                     JoinToken.parse(token.read_text()), state_dir)  # fmt: skip
-            if ca.token.ca_sha256 != cert_sha256(ca.cert_pem):
-                raise ValueError(f"{token} does not belong to {ca_pem}; remove {state_dir} to start a new cluster")
-            log.info("cluster CA loaded from %s", state_dir)
-        else:
-            ca = cls.create()
-            ca.state_dir = state_dir
-            _write(ca_key, ca.key_pem, secret=True)
-            _write(ca_pem, ca.cert_pem, secret=False)
-            _write(token, str(ca.token).encode(), secret=True)
-            log.info("new cluster CA created in %s", state_dir)
-        role = Role.coordinator
-        if not (state_dir / f"{role.value}.pem").exists():
-            ident = ca.issue(role.value, role)
-            _write(state_dir / f"{role.value}.key", ident.key_pem, secret=True)
-            _write(state_dir / f"{role.value}.pem", ident.cert_pem, secret=False)
+        key = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{ca_key} is not an EC key")
+        ca = cls(key, x509.load_pem_x509_certificate(ca_pem.read_bytes()),
+                 JoinToken.parse(token.read_text()), state_dir)  # fmt: skip
+        if ca.token.ca_sha256 != cert_sha256(ca.cert_pem):
+            raise ValueError(f"{token} does not belong to {ca_pem}; remove {state_dir} to start a new cluster")
+        if key.public_key() != ca.cert.public_key():
+            raise ValueError(f"{ca_key} is not the key of {ca_pem}; remove {state_dir} to start a new cluster")
+        log.info("cluster CA loaded from %s", state_dir)
         return ca
 
     def identity(self, role: Role) -> Identity:
