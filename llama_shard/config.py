@@ -16,6 +16,33 @@ from llama_shard.errors import ModelFormatError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
+#: bytes per element of each KV cache dtype (torch's names)
+KV_CACHE_BYTES: Mapping[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
+#: ``--kv-cache`` choices (llama.cpp's short names) and the dtype each means
+KV_CACHE_CHOICES: Mapping[str, str] = {"f16": "float16", "f32": "float32"}
+
+
+def kv_cache_dtype(*, quantised: bool, compute: str = "float32", requested: str | None = None) -> str:
+    """The element type of a stage's KV cache, by torch dtype name: the one place that decides it, for the stage
+    that allocates the cache (``llama_shard.loading.load_stage``) and the coordinator that sizes it.
+
+    ``requested`` (``--kv-cache``, a ``KV_CACHE_BYTES`` name) wins. Otherwise a stage with quantised weights (packed
+    GGUF blocks or int4/int8; fp32 activations) keeps float16, as llama.cpp does by default: half the bytes, and at
+    long context attention reads the cache from DRAM every token. Keys and values are rounded to nearest even once,
+    when written (a relative error of at most 2^-11, 8x below the 8-bit rounding every activation of such a stage
+    already gets before each matmul) and read back exactly. A dense stage caches in its compute dtype: float32 is the
+    exact path, which must keep matching the reference; bfloat16 and float16 stages keep theirs.
+
+    Raises:
+        ValueError: an unknown ``compute`` or ``requested`` name.
+    """
+    for name in (compute, requested):
+        if name is not None and name not in KV_CACHE_BYTES:
+            raise ValueError(f"unknown KV cache dtype {name!r} (known: {', '.join(KV_CACHE_BYTES)})")
+    if requested is not None:
+        return requested
+    return "float16" if quantised and compute == "float32" else compute
+
 
 @dataclass(frozen=True, slots=True)
 class RopeScaling:
@@ -83,10 +110,9 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ModelFormatError(f"head_dim ({self.head_dim}) must be even for RoPE")
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """fp32 K and V bytes one token costs in every layer together."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
+    def kv_bytes_per_token(self, kv_dtype: str = "float32") -> int:
+        """K and V bytes one token costs in every layer together, in a cache of ``kv_dtype`` (``kv_cache_dtype``)."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * KV_CACHE_BYTES[kv_dtype]
 
     # ---- readers -------------------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Steps through all of a stage's layers in one native call (``kernels/csrc/decode.cpp``).
 
-A packed stage (every linear a ``GGMLLinear``, fp32 norms and KV cache, on CPU) runs a step through a
+A packed stage (every linear a ``GGMLLinear``, fp32 norms, an fp32 or f16 KV cache, on CPU) runs a step through a
 ``DecodePlan``: the layers' math of ``llama_shard.model`` in C++, with the same matmul kernel, so a token costs its
 matmuls plus little else (the eager path spent about half of a SmolLM2 token in ~150 small torch ops and the
 Python between them per layer). Every token of a step is one row of the plan at its own position, decode rows and
@@ -9,7 +9,9 @@ row attends, and a row's arithmetic depends only on its own token, position and 
 depend on what shares its step, on how its prompt was chunked, or on whether it was decoded or prefilled.
 
 The plan's numerics are its own: fp32 throughout, as the eager packed path, but norms, softmax and SiLU round in
-another order, so its logits differ from the eager path's in the last bits. Every node of a pipeline uses it as a
+another order, so its logits differ from the eager path's in the last bits. An f16 cache (the packed stages'
+default, ``llama_shard.config.kv_cache_dtype``) is rounded as the eager path rounds it: to nearest even on write,
+exactly back to fp32 on read. Every node of a pipeline uses it as a
 single process does, so N nodes still give one node's bits. ``LLAMA_NODE_FUSED=0`` turns it off.
 """
 
@@ -72,6 +74,8 @@ class FusedDecoder:
         return out
 
 
+#: KV cache element types the plan reads and writes (a bf16 cache, of a bf16 stage, is the eager path's)
+_CACHE_DTYPES = (torch.float32, torch.float16)
 _decoders: weakref.WeakKeyDictionary[Stage, FusedDecoder | None] = weakref.WeakKeyDictionary()
 
 
@@ -81,7 +85,7 @@ def decoder(stage: Stage, cache: KVCache) -> FusedDecoder | None:
         found = _decoders[stage]
     else:
         found = _decoders[stage] = _build(stage)
-    if found is None or any(t.dtype != torch.float32 or not t.is_contiguous() for t in cache.k.values()):
+    if found is None or cache.dtype not in _CACHE_DTYPES or any(not t.is_contiguous() for t in cache.k.values()):
         return None
     return found
 

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from llama_shard import kernels
-from llama_shard.config import ModelConfig
+from llama_shard.config import ModelConfig, kv_cache_dtype
 from llama_shard.errors import ModelFormatError
 from llama_shard.ggml_linear import KERNEL_TYPES, GGMLLinear, quantize_blocks
 from llama_shard.gguf_file import GGUF_TO_NATIVE, GGUFFile
@@ -234,14 +234,25 @@ def load_stage(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     quantize: QuantMode | None = None,
+    kv_cache: str | None = None,
 ) -> Stage:
     """Build the stage for ``spec`` and fill it with its own tensors, and nothing else, from ``source``.
 
     With ``quantize`` the linear weights stay (or become) packed low-bit weights and ``dtype`` is ignored: see
     ``load_quantised_stage``. Without it every weight is dequantised to ``dtype`` (float32: the exact path).
+    ``kv_cache``: the KV cache dtype by name (``--kv-cache``); None: ``kv_cache_dtype``'s choice for the stage
+    (float16 when quantised, else ``dtype``). It becomes ``stage.kv_dtype``, what ``Stage.new_cache`` allocates.
     """
     if quantize is not None:
-        return load_quantised_stage(source, spec, quantize, device=device)
+        stage = load_quantised_stage(source, spec, quantize, device=device)
+    else:
+        stage = _load_dense(source, spec, dtype, device)
+    compute = "float32" if quantize is not None else str(dtype).removeprefix("torch.")  # quantised: fp32 activations
+    stage.kv_dtype = getattr(torch, kv_cache_dtype(quantised=quantize is not None, compute=compute, requested=kv_cache))
+    return stage
+
+
+def _load_dense(source: WeightSource, spec: ShardSpec, dtype: torch.dtype, device: torch.device | str) -> Stage:
     config = source.config
     with torch.device("meta"):
         stage = Stage(config, spec)

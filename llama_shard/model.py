@@ -80,14 +80,16 @@ class KVCache:
     """Preallocated keys and values for the layers of one stage.
 
     ``k[layer]`` and ``v[layer]`` are ``[slots, max_len, K, E]``: one slot per sequence in flight. Positions come
-    before heads so that writing T new tokens of B rows is one indexed assignment.
+    before heads so that writing T new tokens of B rows is one indexed assignment. Of ``dtype`` (the stage's
+    ``kv_dtype``): new keys and values are cast to it when written (rounded to nearest even, for float16) and read
+    back in the activation dtype, so attention computes in the activations' precision on the rounded values.
     """
 
     def __init__(
         self, config: ModelConfig, layers: range, slots: int, max_len: int, dtype: torch.dtype, device: torch.device
     ) -> None:
         shape = (slots, max_len, config.n_kv_heads, config.head_dim)
-        self.max_len = max_len
+        self.max_len, self.dtype = max_len, dtype
         self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
         self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
 
@@ -146,6 +148,7 @@ class Attention(nn.Module):
             q = apply_rope(self.wq(x).view(B, T, H, E), cos, sin)
             k = apply_rope(self.wk(x).view(B, T, K, E), cos, sin)
             v = self.wv(x).view(B, T, K, E)
+        # into the cache's dtype: a float16 cache rounds to nearest even, as the fused plan (kernels/csrc/decode.cpp)
         if batch.spans is not None:  # contiguous positions per row: a narrow copy_ is cheaper than an index_put
             for b, (slot, start) in enumerate(batch.spans):
                 k_cache[slot, start : start + T].copy_(k[b])
@@ -261,6 +264,10 @@ class Stage(nn.Module):
         self.inv_freq = torch.empty(0)
         self._rope: tuple[Tensor, Tensor] | None = None  # see _rope_table
 
+    #: the KV cache's element type (``new_cache``); None: the compute dtype. ``llama_shard.loading.load_stage``
+    #: sets it from ``llama_shard.config.kv_cache_dtype``: float16 for quantised stages, else the compute dtype.
+    kv_dtype: torch.dtype | None = None
+
     #: decode rows of a row-by-row step (T = 1) attend by two small matmuls (``Attention._decode_row``), not SDPA.
     #: Off: it pays ~3% of a token at 1 thread, but at 2 threads MKL runs each tiny bmm as parallel regions, which on
     #: a busy 2-core machine cost milliseconds each (measured 13.7 ms per bmm vs 0.7 ms per SDPA call at load 7).
@@ -296,7 +303,8 @@ class Stage(nn.Module):
         return next(self.parameters()).dtype
 
     def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        return KVCache(self.config, self.spec.layers, slots, max_len, dtype or self.dtype, self.device)
+        """A zeroed cache of ``slots`` x ``max_len`` positions, in ``dtype`` (default: ``kv_dtype``)."""
+        return KVCache(self.config, self.spec.layers, slots, max_len, dtype or self.kv_dtype or self.dtype, self.device)
 
     def batch(
         self,

@@ -11,6 +11,11 @@
 // Row invariance: a row's arithmetic never depends on its batch-mates: the matmuls are ggml_mm_into's (threads split
 // output columns only), the norms and element-wise ops run per row, and attention runs per (row, head) with a fixed
 // order over that row's own keys; threads only pick which (row, head) pairs they compute.
+//
+// The KV cache is fp32 or f16 (at::Half; llama_shard.config.kv_cache_dtype picks it). f16 keys and values are
+// rounded to nearest even when written (F16C's _mm256_cvtps_ph, or c10::Half: the same rounding as torch's
+// .to(float16) on the eager path) and converted exactly to fp32 when read, so attention's arithmetic is the same
+// fp32 arithmetic on the rounded values.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
@@ -24,7 +29,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define LN_DECODE_AVX2 1
 #else
@@ -57,9 +62,35 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// a KV cache element as fp32 (exact for f16)
+inline float kv_float(float x) { return x; }
+inline float kv_float(at::Half x) { return static_cast<float>(x); }
+
+// sum of q[i] * k[i] over a cached key: fp32 keys as dot(), f16 keys converted one by one
+inline float dot_kv(const float* q, const float* k, int64_t n) { return dot(q, k, n); }
+inline float dot_kv(const float* q, const at::Half* k, int64_t n) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) sum += q[i] * static_cast<float>(k[i]);
+  return sum;
+}
+
 // y[i] += s * x[i]
-inline void axpy(float s, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += s * x[i];
+template <typename T>
+inline void axpy(float s, const T* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += s * kv_float(x[i]);
+}
+
+// the cache's copy of n fp32 values: as they are, or rounded to the nearest f16 (ties to even)
+inline void store_kv(const float* x, float* out, int64_t n, bool) { std::copy(x, x + n, out); }
+inline void store_kv(const float* x, at::Half* out, int64_t n, bool scalar) {
+  int64_t i = 0;
+#if LN_DECODE_AVX2
+  if (!scalar)
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; i < n; ++i) out[i] = at::Half(x[i]);
 }
 
 #if LN_DECODE_AVX2
@@ -85,41 +116,50 @@ inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
 
-// Keys and values ahead of the one in use are prefetched: each is a few cache lines, `step` floats apart, and the KV
-// cache comes from DRAM every token (the weights stream through the caches in between). Without it attention was
+// 8 cached elements as fp32 lanes
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Keys and values ahead of the one in use are prefetched: each is a few cache lines, `step` elements apart, and the
+// KV cache comes from DRAM every token (the weights stream through the caches in between). Without it attention was
 // bound by load latency: ~25 ns per key and head (measured on SmolLM2, 1023 keys: 6.6 ms of a token).
 constexpr int64_t kPrefetch = 16;
 
-inline void prefetch_row(const float* p, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+// the cache lines of n elements from p
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(T)); i += 64) _mm_prefetch(bytes + i, _MM_HINT_T0);
 }
 
 // o[0, 8C) = inv · Σ_j p[j] · v_j[0, 8C), v_j = values + j · step: C independent accumulators, so the chain of
 // fmas over j is not one 4-cycle latency per 8 values
-template <int C>
-inline void weigh_values(const float* p, const float* values, int64_t n, int64_t step, __m256 inv, float* o) {
+template <int C, typename T>
+inline void weigh_values(const float* p, const T* values, int64_t n, int64_t step, __m256 inv, float* o) {
   __m256 acc[C];
   for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
     const __m256 w = _mm256_set1_ps(p[j]);
-    const float* v = values + j * step;
+    const T* v = values + j * step;
     prefetch_row(values + std::min(j + kPrefetch, n - 1) * step, 8 * C);
-    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
+    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(w, load8(v + 8 * c), acc[c]);
   }
   for (int c = 0; c < C; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], inv));
 }
 
 // the dot products of q with 4 keys (E a multiple of 8), each reduced in the same order whatever its place among
 // the 4, times scale
-inline __m128 dot4(const float* q, const float* k0, const float* k1, const float* k2, const float* k3, int64_t E,
-                   float scale) {
+template <typename T>
+inline __m128 dot4(const float* q, const T* k0, const T* k1, const T* k2, const T* k3, int64_t E, float scale) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int64_t e = 0; e < E; e += 8) {
     const __m256 qv = _mm256_loadu_ps(q + e);
-    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + e), a0);
-    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + e), a1);
-    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + e), a2);
-    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + e), a3);
+    a0 = _mm256_fmadd_ps(qv, load8(k0 + e), a0);
+    a1 = _mm256_fmadd_ps(qv, load8(k1 + e), a1);
+    a2 = _mm256_fmadd_ps(qv, load8(k2 + e), a2);
+    a3 = _mm256_fmadd_ps(qv, load8(k3 + e), a3);
   }
   const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
   return _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)), _mm_set1_ps(scale));
@@ -174,16 +214,20 @@ class DecodePlan : public torch::CustomClassHolder {
     head_type_ = qtype;
   }
 
-  // the KV cache: per layer [slots, max_len, K, E] fp32, in the plan's layer order
+  // the KV cache: per layer [slots, max_len, K, E], all fp32 or all f16, in the plan's layer order
   void bind_cache(std::vector<at::Tensor> k, std::vector<at::Tensor> v) {
     TORCH_CHECK(k.size() == layers_.size() && v.size() == layers_.size(), "bind_cache: one k and v per layer");
+    const auto type = k.empty() ? at::kFloat : k[0].scalar_type();
     for (const auto* list : {&k, &v})
       for (const auto& t : *list)
-        TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 4 && t.size(2) == kv_heads_ && t.size(3) == head_dim_ &&
-                        t.is_contiguous() && t.sizes() == k[0].sizes(),
-                    "bind_cache: caches must be contiguous fp32 [slots, max_len, ", kv_heads_, ", ", head_dim_, "]");
+        TORCH_CHECK((type == at::kFloat || type == at::kHalf) && t.scalar_type() == type && t.dim() == 4 &&
+                        t.size(2) == kv_heads_ && t.size(3) == head_dim_ && t.is_contiguous() &&
+                        t.sizes() == k[0].sizes(),
+                    "bind_cache: caches must be contiguous fp32 or f16 (all one type) [slots, max_len, ", kv_heads_,
+                    ", ", head_dim_, "]");
     k_ = std::move(k);
     v_ = std::move(v);
+    half_kv_ = type == at::kHalf;
   }
 
   // h [B, D] fp32: row b is the token at positions[b] of KV slot slots[b]; cos/sin [N, E] fp32 (N > every
@@ -216,17 +260,14 @@ class DecodePlan : public torch::CustomClassHolder {
       const Layer& L = layers_[l];
       rms_norm(hp, L.attn_norm.data_ptr<float>(), xn.data(), B, D, eps_);
       llama_node::ggml_mm_into(xn.data(), B, D, L.wqkv.data_ptr<uint8_t>(), L.t_qkv, QKV, qkv.data(), scalar_);
-      float* kc = k_[l].data_ptr<float>();
-      float* vc = v_[l].data_ptr<float>();
       for (int64_t b = 0; b < B; ++b) {
-        float* row = qkv.data() + b * QKV;
         const int64_t p = positions[b];
-        rope(row, H + K, cp + p * E, sp + p * E);  // q heads then k heads
-        const int64_t at = (slots[b] * max_len + p) * K * E;
-        std::copy(row + H * E, row + (H + K) * E, kc + at);
-        std::copy(row + (H + K) * E, row + (H + 2 * K) * E, vc + at);
+        rope(qkv.data() + b * QKV, H + K, cp + p * E, sp + p * E);  // q heads then k heads
       }
-      attention(qkv.data(), QKV, kc, vc, max_len, slots, positions, attn.data());
+      if (half_kv_)
+        write_and_attend<at::Half>(l, qkv.data(), max_len, slots, positions, attn.data());
+      else
+        write_and_attend<float>(l, qkv.data(), max_len, slots, positions, attn.data());
       llama_node::ggml_mm_into(attn.data(), B, H * E, L.wo.data_ptr<uint8_t>(), L.t_o, D, out.data(), scalar_);
       for (int64_t i = 0; i < B * D; ++i) hp[i] = out[i] + hp[i];
       rms_norm(hp, L.ffn_norm.data_ptr<float>(), xn.data(), B, D, eps_);
@@ -272,10 +313,21 @@ class DecodePlan : public torch::CustomClassHolder {
     }
   }
 
-  // each row's query heads over its slot's keys 0..position: softmax(q·k / sqrt(E)) · v
-  void attention(const float* qkv, int64_t stride, const float* kc, const float* vc, int64_t max_len,
-                 const std::vector<int64_t>& slots, const std::vector<int64_t>& positions, float* out) const {
+  // every row's new key and value (rows of qkv [B, (H + 2K)·E], after RoPE) into layer l's cache, then each row's
+  // query heads over its slot's keys 0..position: softmax(q·k / sqrt(E)) · v into out [B, H·E]
+  template <typename T>
+  void write_and_attend(size_t l, const float* qkv, int64_t max_len, const std::vector<int64_t>& slots,
+                        const std::vector<int64_t>& positions, float* out) const {
     const int64_t B = static_cast<int64_t>(slots.size()), H = heads_, K = kv_heads_, E = head_dim_, G = H / K;
+    const int64_t stride = (H + 2 * K) * E;
+    T* kc = k_[l].data_ptr<T>();
+    T* vc = v_[l].data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b) {
+      const float* row = qkv + b * stride;
+      const int64_t at = (slots[b] * max_len + positions[b]) * K * E;
+      store_kv(row + H * E, kc + at, K * E, scalar_);
+      store_kv(row + (H + K) * E, vc + at, K * E, scalar_);
+    }
     int64_t work = 0;
     for (int64_t b = 0; b < B; ++b) work += (positions[b] + 1) * E * H;
     // a parallel region costs a few µs: worth it only with some work per thread
@@ -290,8 +342,9 @@ class DecodePlan : public torch::CustomClassHolder {
     });
   }
 
-  // one query head over n keys (and values) spaced `step` floats apart
-  void attend_one(const float* q, const float* keys, const float* values, int64_t n, int64_t step,
+  // one query head over n keys (and values) spaced `step` elements apart
+  template <typename T>
+  void attend_one(const float* q, const T* keys, const T* values, int64_t n, int64_t step,
                   std::vector<float>& scores, float* o) const {
     const int64_t E = head_dim_;
     const float scale = 1.f / std::sqrt(static_cast<float>(E));
@@ -299,7 +352,7 @@ class DecodePlan : public torch::CustomClassHolder {
 #if LN_DECODE_AVX2
     if (E % 8 == 0 && !scalar_) {
       for (int64_t j = 0; j < n; j += 4) {  // past the end, the last key again (its lanes are not stored)
-        const float* k[4];
+        const T* k[4];
         for (int i = 0; i < 4; ++i) {
           k[i] = keys + std::min(j + i, n - 1) * step;
           prefetch_row(keys + std::min(j + kPrefetch + i, n - 1) * step, E);
@@ -328,7 +381,7 @@ class DecodePlan : public torch::CustomClassHolder {
 #endif
     float best = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < n; ++j) {
-      scores[j] = dot(q, keys + j * step, E) * scale;
+      scores[j] = dot_kv(q, keys + j * step, E) * scale;
       best = std::max(best, scores[j]);
     }
     float total = 0.f;
@@ -358,6 +411,7 @@ class DecodePlan : public torch::CustomClassHolder {
   int64_t dim_, heads_, kv_heads_, head_dim_, ffn_;
   float eps_;
   bool scalar_;
+  bool half_kv_ = false;  // the bound cache is f16 (else fp32)
   std::vector<Layer> layers_;
   std::vector<at::Tensor> k_, v_;
   at::Tensor head_norm_, head_;
