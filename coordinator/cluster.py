@@ -67,20 +67,31 @@ class ClusterSettings:
     settle_s: float = 1.0
     push: bool = True  # stream slices from the coordinator (nodes need no copy of the model)
     quantize: QuantMode | None = None  # gguf: the nodes hold the file's blocks packed; None: dense float32
+    kv_cache: str | None = None  # the nodes' KV cache dtype by name (--kv-cache); None: see ``kv_dtype``
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def kv_dtype(self) -> str:
+        """The KV cache dtype every stage allocates and the plan sizes (``llama_shard.config.kv_cache_dtype``)."""
+        from llama_shard.config import kv_cache_dtype
 
-def plan_options(profile: ModelProfile, context: int, slots: int) -> PlanOptions:
-    """What the cluster plans for: the engine computes and caches in fp32 (4-byte KV and activations); weights are
-    sized as ``profile`` stores them (a GGUF header, or ``node_profile``'s), else as bf16 (an HF checkpoint, held
-    in fp32 by dense stages: undercounted by half). With more than one slot the scheduler keeps a frame per stage
-    in flight, so the plan minimises the slowest stage (throughput); with one, the time through all of them."""
+        compute = self.compute_dtype or "float32"
+        return kv_cache_dtype(quantised=self.quantize is not None, compute=compute, requested=self.kv_cache)
+
+
+def plan_options(profile: ModelProfile, context: int, slots: int, kv_dtype: str) -> PlanOptions:
+    """What the cluster plans for: the engine computes in fp32 (4-byte activations) and caches keys and values in
+    ``kv_dtype`` (``ClusterSettings.kv_dtype``); weights are sized as ``profile`` stores them (a GGUF header, or
+    ``node_profile``'s), else as bf16 (an HF checkpoint, held in fp32 by dense stages: undercounted by half). With
+    more than one slot the scheduler keeps a frame per stage in flight, so the plan minimises the slowest stage
+    (throughput); with one, the time through all of them."""
     from coordinator.planner import Objective, PlanOptions, WeightFormat
+    from llama_shard.config import KV_CACHE_BYTES
 
     weights = None if profile.stored is not None else WeightFormat.BF16
     objective = Objective.THROUGHPUT if slots > 1 else Objective.LATENCY
-    return PlanOptions(context=context, batch=slots, kv_bytes_per_element=4, activation_bytes=4, weights=weights,
-                       objective=objective)  # fmt: skip
+    return PlanOptions(context=context, batch=slots, kv_bytes_per_element=KV_CACHE_BYTES[kv_dtype],
+                       activation_bytes=4, weights=weights, objective=objective)  # fmt: skip
 
 
 def device_profiles(records: Sequence[NodeRecord]) -> tuple[list[DeviceProfile], dict[str, HostShare]]:
@@ -236,11 +247,13 @@ class Cluster:
         profile = node_profile(load_model_profile(str(self.s.model)), packed)
         devices, shares = device_profiles(list(records.values()))
         required = {r.node_id for r in records.values() if r.address in set(self.s.required)}
-        chosen = plan(profile, share_hosts(devices, shares), plan_options(profile, self.s.context, self.s.slots),
-                      keep=self.plan, require=required)  # fmt: skip
+        options = plan_options(profile, self.s.context, self.s.slots, self.s.kv_dtype)
+        chosen = plan(profile, share_hosts(devices, shares), options, keep=self.plan, require=required)
         stages = [(s.node, records[s.node].address, s.start, s.end) for s in chosen.stages]
-        where = "; ".join(f"{n} at {a} holds layers [{b}, {e})" for n, a, b, e in stages)
-        log.info("plan over %d node(s): %s; predicted %.1f ms/token", len(records), where, chosen.predicted_ms)
+        where = "; ".join(f"{n} at {a} holds layers [{b}, {e}) and {s.kv_bytes / 1e6:.1f} MB of KV"
+                          for (n, a, b, e), s in zip(stages, chosen.stages, strict=True))
+        log.info("plan over %d node(s): %s (%s KV cache); predicted %.1f ms/token", len(records), where,
+                 self.s.kv_dtype, chosen.predicted_ms)  # fmt: skip
         self.state = "loading"
         specs = [ShardSpec(b, e, profile.n_layers) for _, _, b, e in stages]
         clients = [NodeClient(a, self.credentials) for _, a, _, _ in stages]
@@ -248,7 +261,7 @@ class Cluster:
         local = [a in set(self.s.required) for _, a, _, _ in stages]  # this machine's nodes read the file itself
         stage_options = StageOptions(dtypes, slots=self.s.slots, max_len=self.s.context, push=self.s.push,
                                      local=local, catalog_dir=self.s.state_dir / "catalog",
-                                     quantize=self.s.quantize)  # fmt: skip
+                                     quantize=self.s.quantize, kv_cache=self.s.kv_dtype)  # fmt: skip
         try:
             await load_pipeline(clients, self.s.model, specs, stage_options)
             client = PipelineClient([a for _, a, _, _ in stages], credentials=self.credentials)

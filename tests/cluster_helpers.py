@@ -100,11 +100,14 @@ def foreign_ca() -> ClusterCA:
     return ClusterCA.create("stranger")
 
 
-def memory_cap_for(model: Path, nodes: int, context: int, slots: int, upper: int = 8 * 10**9) -> int:
+def memory_cap_for(
+    model: Path, nodes: int, context: int, slots: int, upper: int = 8 * 10**9, kv_dtype: str = "float16"
+) -> int:
     """A per-node memory cap at which ``nodes`` equal nodes hold the model and ``nodes - 1`` cannot (bisection over
-    the planner, whatever the nodes' speeds)."""
+    the planner, whatever the nodes' speeds). ``kv_dtype``: the cluster's KV cache (a GGUF at ``--dtype auto`` is
+    packed: float16)."""
     profile = load_model_profile(str(model))
-    options = plan_options(profile, context, slots)
+    options = plan_options(profile, context, slots, kv_dtype)
 
     def fits(cap: int, n: int) -> bool:
         try:

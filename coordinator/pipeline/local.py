@@ -109,6 +109,7 @@ class StageOptions:
     push: bool = False  # stream the slices from the coordinator instead of the nodes' own copies
     local: Sequence[bool] = ()  # with push: stage i reads the model file itself (a node on this machine)
     quantize: QuantMode | None = None
+    kv_cache: str | None = None  # the KV cache dtype by name; None: kv_cache_dtype's choice for each stage
     catalog_dir: Path | None = None
     on_progress: Callable[[int, str, int, int], None] | None = field(default=None, repr=False)
 
@@ -145,6 +146,7 @@ async def load_pipeline(
     import torch
 
     from coordinator.pipeline.weights import SliceCatalog, load_shard
+    from llama_shard.config import kv_cache_dtype
     from llama_shard.loading import open_source
     from llama_shard.quant import QuantMode
     from node.wire import LoadRequest
@@ -163,12 +165,14 @@ async def load_pipeline(
     for i, (client, spec) in enumerate(zip(clients, specs, strict=True)):
         push = options.push and not (i < len(options.local) and options.local[i])
         manifest = await asyncio.to_thread(catalog.manifest, model, source, spec, blob=push, packed=packed)
+        compute_name = str(compute[i]).removeprefix("torch.")
+        kv = kv_cache_dtype(quantised=options.quantize is not None, compute=compute_name, requested=options.kv_cache)
         req = LoadRequest(
             model_id=model.name, spec=spec, config=source.config, manifest=manifest,
             local_path=None if push else str(model.resolve()), compute_dtype=compute[i],
             input_dtype=links[i - 1] if i > 0 else torch.float32,
             output_dtype=links[i] if i < len(links) else torch.float32,
-            slots=options.slots, max_len=options.max_len, quantize=options.quantize,
+            slots=options.slots, max_len=options.max_len, quantize=options.quantize, kv_dtype=getattr(torch, kv),
         )  # fmt: skip
 
         def progress(phase: str, i: int = i) -> Callable[[int, int], None]:

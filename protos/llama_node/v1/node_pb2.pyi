@@ -353,6 +353,7 @@ class LoadShardRequest(_message.Message):
     MAX_LEN_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     QUANTIZE_FIELD_NUMBER: _builtins.int
+    KV_DTYPE_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     local_path: _builtins.str
     """the node's own copy (GGUF file or HF directory), verified against the manifest"""
@@ -373,6 +374,11 @@ class LoadShardRequest(_message.Message):
     """How the weights are held. "": dense in compute_dtype. "gguf": the GGUF blocks stay packed (a .gguf local_path,
     or a pushed packed slice: every manifest tensor has a gguf_type); "int4"/"int8": float weights quantised
     group-wise at load. Packed stages compute and exchange float32 activations (input/output dtype as always).
+    """
+    kv_dtype: Global___DType.ValueType
+    """The KV cache's element type (float32, float16 or bfloat16), as the coordinator sized it for the plan
+    (llama_shard.config.kv_cache_dtype); unspecified: the node picks it the same way (float16 for quantised weights,
+    else compute_dtype).
     """
     @_builtins.property
     def spec(self) -> Global___ShardSpec: ...
@@ -396,10 +402,11 @@ class LoadShardRequest(_message.Message):
         max_len: _builtins.int = ...,
         device: _builtins.str = ...,
         quantize: _builtins.str = ...,
+        kv_dtype: Global___DType.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "local_path", b"local_path", "manifest", b"manifest", "pushed", b"pushed", "source", b"source", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_dtype", b"compute_dtype", "config", b"config", "device", b"device", "input_dtype", b"input_dtype", "local_path", b"local_path", "manifest", b"manifest", "max_len", b"max_len", "model_id", b"model_id", "output_dtype", b"output_dtype", "pushed", b"pushed", "quantize", b"quantize", "slots", b"slots", "source", b"source", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_dtype", b"compute_dtype", "config", b"config", "device", b"device", "input_dtype", b"input_dtype", "kv_dtype", b"kv_dtype", "local_path", b"local_path", "manifest", b"manifest", "max_len", b"max_len", "model_id", b"model_id", "output_dtype", b"output_dtype", "pushed", b"pushed", "quantize", b"quantize", "slots", b"slots", "source", b"source", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["local_path", "pushed"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
