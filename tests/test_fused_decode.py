@@ -62,11 +62,13 @@ def _teacher_forced(
     fused_on: bool,
     monkeypatch: pytest.MonkeyPatch,
     after_prefill: Callable[[list[KVCache]], None] = lambda caches: None,
+    kv_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Prefill PROMPT, then decode FORCED one token at a time: the logits of each decode step ``[len(FORCED), V]``."""
+    """Prefill PROMPT, then decode FORCED one token at a time: the logits of each decode step ``[len(FORCED), V]``.
+    ``kv_dtype``: the caches' (default: each stage's ``kv_dtype``, float16 for a packed one)."""
     monkeypatch.setenv("LLAMA_NODE_FUSED", "1" if fused_on else "0")
     fused._decoders.clear()
-    caches = [s.new_cache(SCRATCH + 1, batching.cache_len(64)) for s in stages]
+    caches = [s.new_cache(SCRATCH + 1, batching.cache_len(64), kv_dtype) for s in stages]
 
     def step(row: StepRow) -> Tensor:
         x: Tensor | None = None
@@ -91,6 +93,7 @@ def test_fused_is_as_accurate_as_the_eager_packed_path(
     tiny: Path, quantize: QuantMode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     packed, dense = _stage(tiny, quantize), _stage(tiny, None)
+    assert packed.kv_dtype == torch.float16 and dense.kv_dtype == torch.float32  # fused and eager: both on f16 KV
     assert fused.decoder(packed, packed.new_cache(1, 64)) is not None
     assert fused.decoder(dense, dense.new_cache(1, 64)) is None  # nn.Linear: the eager path
     exact = _teacher_forced([dense], fused_on=True, monkeypatch=monkeypatch)

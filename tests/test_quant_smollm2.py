@@ -61,6 +61,7 @@ def stages() -> tuple[Stage, Stage, Tokenizer]:
     spec = ShardSpec.whole(source.config.n_layers)
     exact = load_stage(source, spec)
     packed = load_stage(source, spec, quantize=QuantMode.gguf)
+    assert exact.kv_dtype == torch.float32 and packed.kv_dtype == torch.float16  # the checks below are on f16 KV
     return exact, packed, load_tokenizer(source)
 
 
