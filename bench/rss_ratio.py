@@ -2,7 +2,7 @@
 
 - peak RSS: ``ru_maxrss`` of the ``llama-node run --prompt ... --dtype auto`` child process;
 - quantised weights: the bytes of the GGUF's tensors (what llama.cpp would hold);
-- KV cache: ``2 · layers · positions · kv_heads · head_dim · 4`` bytes (fp32, as the stage allocates it), where
+- KV cache: ``2 · layers · positions · kv_heads · head_dim · 2`` bytes (f16, as a packed stage allocates it), where
   ``run --prompt`` reserves the prompt + ``--tokens`` positions (``llama_shard.batching.cache_len``);
 - runtime: ``ru_maxrss`` of a child that does everything ``run`` does but hold weights and KV: imports torch and
   llama-node, opens the GGUF, builds the tokenizer, runs one attention op.
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     from llama_shard.batching import cache_len
 
     positions = cache_len(min(args.context, len(json.loads(out)["prompt_ids"]) + args.tokens))
-    kv_mb = 2 * layers * positions * kv_heads * head_dim * 4 / 2**20
+    kv_mb = 2 * layers * positions * kv_heads * head_dim * 2 / 2**20  # f16: llama_shard.config.kv_cache_dtype
     ratio = peak_mb / (weights_mb + kv_mb + runtime_mb)
     rows = [[f"{weights_mb:.1f}", f"{kv_mb:.1f}", f"{runtime_mb:.1f}", f"{peak_mb:.1f}", f"{ratio:.3f}"]]
     print_table(
