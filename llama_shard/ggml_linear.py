@@ -1,8 +1,10 @@
-"""Linears over raw GGUF blocks, computed by ``llama_shard.kernels`` (ggml's AVX2 dot products): no repacking.
+"""Linears over GGUF blocks, computed by ``llama_shard.kernels`` (ggml's AVX2 dot products).
 
-A ``GGMLLinear`` holds a matrix exactly as the file stores it: uint8 ``[N, bytes per row]`` of Q4_0, Q4_1, Q5_0,
-Q5_1, Q8_0, Q4_K, Q5_K or Q6_K blocks, so its memory is the file's size for that tensor, and fusing wq/wk/wv or
-w1/w3 is concatenating rows. ``--quantize int4|int8`` writes float weights into the same formats (Q4_1, Q8_0).
+A ``GGMLLinear`` holds a matrix as the file's bytes: uint8 ``[N, bytes per row]`` of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+Q4_K, Q5_K or Q6_K blocks, so its memory is the file's size for that tensor, and fusing wq/wk/wv or w1/w3 is
+concatenating rows. Q4_0 and Q4_1 are reordered at load 8 rows at a time (``repack_x8``: the same bytes, laid out
+for the AVX2 kernel, see ``csrc/ggml_x8.cpp``); the other types stay as the file stores them. ``--quantize
+int4|int8`` writes float weights into the same formats (Q4_1, Q8_0).
 
 Numerics, as llama.cpp's: each activation row is rounded to 8 bits per block of 32 (scale ``amax/127``), products
 are exact integers, and each block's integer sum is scaled by ``d_w · d_x`` in fp32. So the error against
@@ -27,6 +29,46 @@ KERNEL_TYPES: frozenset[GGMLQuantizationType] = frozenset(
 )
 
 
+#: GGUF types repacked 8 rows at a time at load (``repack_x8``)
+X8_TYPES: frozenset[GGMLQuantizationType] = frozenset({QT.Q4_0, QT.Q4_1})
+X8 = 0x100  # the kernel's type id of a repacked matrix: the GGUF id | X8
+
+
+def _x8_parts(qtype: GGMLQuantizationType) -> tuple[int, int]:
+    """(bytes per block, bytes of fp16 scale fields before the 16 code bytes) of an ``X8_TYPES`` type."""
+    size = GGML_QUANT_SIZES[qtype][1]
+    return size, size - 16
+
+
+def repack_x8(blocks: Tensor, qtype: GGMLQuantizationType) -> Tensor:
+    """Raw ``qtype`` blocks ``[N, bytes per row]`` -> the same shape, each full group of 8 rows reordered by block.
+
+    Group-block b of rows 8g..8g+7 (8 blocks' bytes): the 8 rows' fp16 ``d``, then (Q4_1) their ``m``, then 4 chunks
+    of 32 bytes, chunk h holding the 8 rows' code bytes 4h..4h+3 in row order. Rows after the last full group are
+    kept as they are. One copy; the input is not modified.
+    """
+    n, width = blocks.shape
+    size, head = _x8_parts(qtype)
+    full, nb = n // 8 * 8, width // size
+    v = blocks[:full].view(full // 8, 8, nb, size)
+    scales = [v[..., f : f + 2].permute(0, 2, 1, 3).reshape(full // 8, nb, 16) for f in range(0, head, 2)]
+    codes = v[..., head:].reshape(full // 8, 8, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(full // 8, nb, 128)
+    packed = torch.cat([*scales, codes], dim=-1).view(full, width)
+    return torch.cat((packed, blocks[full:])) if full < n else packed
+
+
+def unrepack_x8(blocks: Tensor, qtype: GGMLQuantizationType) -> Tensor:
+    """The inverse of ``repack_x8``: the raw GGUF blocks, a new tensor."""
+    n, width = blocks.shape
+    size, head = _x8_parts(qtype)
+    full, nb = n // 8 * 8, width // size
+    p = blocks[:full].view(full // 8, nb, 8 * size)
+    scales = [p[..., 8 * f : 8 * f + 16].reshape(full // 8, nb, 8, 2).permute(0, 2, 1, 3) for f in range(0, head, 2)]
+    codes = p[..., 8 * head :].reshape(full // 8, nb, 4, 8, 4).permute(0, 3, 1, 2, 4).reshape(full // 8, 8, nb, 16)
+    raw = torch.cat([*scales, codes], dim=-1).view(full, width)
+    return torch.cat((raw, blocks[full:])) if full < n else raw
+
+
 def row_bytes(qtype: GGMLQuantizationType, cols: int) -> int:
     """Bytes of one row of ``cols`` values in ``qtype`` blocks."""
     block, size = GGML_QUANT_SIZES[qtype]
@@ -47,7 +89,9 @@ class GGMLLinear(nn.Module):
 
     row_invariant = True
 
-    def __init__(self, blocks: Tensor, qtype: GGMLQuantizationType, in_features: int) -> None:
+    def __init__(
+        self, blocks: Tensor, qtype: GGMLQuantizationType, in_features: int, *, repack: bool | None = None
+    ) -> None:
         super().__init__()
         if qtype not in KERNEL_TYPES:
             raise ValueError(f"no kernel for {qtype.name}; supported: {sorted(t.name for t in KERNEL_TYPES)}")
@@ -55,8 +99,12 @@ class GGMLLinear(nn.Module):
         if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != expected:
             raise ValueError(f"{qtype.name} blocks for {in_features} columns must be uint8 [N, {expected}]")
         self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
-        self._qtype = int(qtype)
-        self.register_buffer("blocks", blocks.contiguous())
+        if repack is None:  # the repacked layout pays on the AVX2 path only (the scalar one unpacks it per call)
+            repack = qtype in X8_TYPES and blocks.shape[0] >= 8 and kernels.has_avx2()
+        #: whether ``blocks`` is in the ``repack_x8`` layout (the kernel's type id then carries ``X8``)
+        self.repacked = bool(repack) and qtype in X8_TYPES
+        self._qtype = int(qtype) | (X8 if self.repacked else 0)
+        self.register_buffer("blocks", repack_x8(blocks, qtype) if self.repacked else blocks.contiguous())
 
     blocks: Tensor
 
@@ -68,12 +116,24 @@ class GGMLLinear(nn.Module):
             y = y.view(x.shape[:-1] + (self.out_features,))
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
+    def raw_blocks(self) -> Tensor:
+        """The blocks as the GGUF file lays them out (a copy if ``repacked``, else ``blocks`` itself)."""
+        return unrepack_x8(self.blocks, self.qtype) if self.repacked else self.blocks
+
+    def unrepack_(self) -> GGMLLinear:
+        """Back to the file's layout in place (for a matrix that other code reads by rows: a tied embedding)."""
+        if self.repacked:
+            self.blocks = unrepack_x8(self.blocks, self.qtype)
+            self.repacked, self._qtype = False, int(self.qtype)
+        return self
+
     def dequantize(self) -> Tensor:
         """The fp32 weight ``[N, K]`` the blocks stand for."""
-        return dequantize_rows(self.blocks, self.qtype, self.in_features)
+        return dequantize_rows(self.raw_blocks(), self.qtype, self.in_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
+        layout = ", repacked x8" if self.repacked else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}{layout}"
 
 
 def _f16_bytes(v: Tensor) -> Tensor:

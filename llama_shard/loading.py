@@ -396,8 +396,8 @@ def load_quantised_stage(
     if spec.has_embed:
         head_module = stage.output if spec.has_head else None
         if isinstance(head_module, GGMLLinear) and isinstance(source, GGUFSource) and not source.has("output.weight"):
-            # one copy of the tied matrix: the embedding looks its rows up in the head's blocks
-            stage.tok_embeddings = QuantEmbedding(head_module.blocks, head_module.qtype, config.dim)
+            # one copy of the tied matrix: the embedding looks its rows up in the head's blocks (the file's layout)
+            stage.tok_embeddings = QuantEmbedding(head_module.unrepack_().blocks, head_module.qtype, config.dim)
         else:
             stage.tok_embeddings = _embedding(source, dev)
     leftover = [n for n, t in stage.state_dict().items() if t.is_meta]

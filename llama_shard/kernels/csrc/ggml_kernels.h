@@ -18,6 +18,8 @@ namespace llama_node::detail {
 
 // GGMLQuantizationType values
 constexpr int64_t Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14;
+// a type id | X8: the blocks repacked 8 rows at a time (ggml_x8.cpp; Q4_0 and Q4_1)
+constexpr int64_t X8 = 0x100;
 
 struct Acts {  // one quantised activation row
   const int8_t* q;     // [K]
@@ -57,6 +59,9 @@ inline void scale_k4(const uint8_t* s, int j, int* sc, int* m) {  // ggml's get_
 // The scalar kernels of the Q5 types (ggml_q5.cpp): T outputs, one weight row against T activation rows.
 template <int T>
 void scalar_q5(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out);
+
+// The 8 rows of an x8 group at g (Q4_0 or Q4_1, nb blocks each) as raw rows, row i at raw + i * row bytes.
+void unrepack_x8(int64_t qtype, const uint8_t* g, int64_t nb, uint8_t* raw);
 
 #if LN_AVX2
 inline __m128i ld128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
@@ -116,6 +121,10 @@ inline __m256 kscale8(__m256i v, int sj) {
 // the output of row i against activation row t.
 template <int T>
 void group8_q5(int64_t qtype, const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out);
+
+// The AVX2 kernels of the x8 layout (ggml_x8.cpp): g the group's first byte, out[t] lane i as for group8_q5.
+template <int T>
+void group8_x8(int64_t qtype, const uint8_t* g, int64_t nb, const Acts* x, __m256* out);
 #endif
 
 }  // namespace llama_node::detail

@@ -375,9 +375,17 @@ struct Group8Q5 {
   }
 };
 
+struct Group8X8 {
+  template <int T>
+  static void dot(int64_t qtype, const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out) {
+    group8_x8<T>(qtype, r[0], nb, x, out);
+  }
+};
+
+// y [M, ldy]: columns 0..n_out - 1 are written
 template <class D>
 void mm_group8(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Acts>& x, float* y,
-               int64_t n_out, int64_t k) {
+               int64_t n_out, int64_t ldy, int64_t k) {
   const int64_t m_rows = static_cast<int64_t>(x.size()), nb = k / 32, groups = (n_out + 7) / 8;
   const int64_t grain = std::max<int64_t>(1, 65536 / (8 * row_bytes));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
@@ -390,7 +398,7 @@ void mm_group8(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::ve
       int64_t m = 0;
       auto put = [&](int rows) {
         for (int t = 0; t < rows; ++t) {
-          float* dst = y + (m + t) * n_out + n;
+          float* dst = y + (m + t) * ldy + n;
           if (valid == 8) {
             _mm256_storeu_ps(dst, out[t]);
           } else {
@@ -413,6 +421,7 @@ struct TypeInfo {
 };
 
 TypeInfo type_info(int64_t qtype) {
+  if (qtype == (Q4_0 | X8) || qtype == (Q4_1 | X8)) qtype &= ~X8;
   switch (qtype) {
     case Q4_0: return {32, 18};
     case Q4_1: return {32, 20};
@@ -449,7 +458,7 @@ struct ScalarQ5 {
 
 template <class K>
 void mm(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Acts>& x, float* y, int64_t n_out,
-        int64_t k) {
+        int64_t ldy, int64_t k) {
   const int64_t m_rows = static_cast<int64_t>(x.size()), nb = k / 32;
   // ~64 KiB of weights per task at least, so small matrices do not pay for thread wake-ups per row
   const int64_t grain = std::max<int64_t>(1, 65536 / row_bytes);
@@ -459,12 +468,38 @@ void mm(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Ac
       const uint8_t* wr = w + n * row_bytes;
       int64_t m = 0;
       auto put = [&](int rows) {
-        for (int t = 0; t < rows; ++t) y[(m + t) * n_out + n] = out[t];
+        for (int t = 0; t < rows; ++t) y[(m + t) * ldy + n] = out[t];
         m += rows;
       };
       for (; m + 4 <= m_rows;) K::template dot<4>(qtype, wr, nb, &x[m], out), put(4);
       if (m + 2 <= m_rows) K::template dot<2>(qtype, wr, nb, &x[m], out), put(2);
       if (m < m_rows) K::template dot<1>(qtype, wr, nb, &x[m], out), put(1);
+    }
+  });
+}
+
+// x8 groups on the scalar path: each group's 8 rows unpacked to raw rows, then Scalar's kernels
+void mm_scalar_x8(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Acts>& x, float* y,
+                  int64_t groups, int64_t ldy, int64_t k) {
+  const int64_t m_rows = static_cast<int64_t>(x.size()), nb = k / 32;
+  const int64_t grain = std::max<int64_t>(1, 65536 / (8 * row_bytes));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    std::vector<uint8_t> raw(static_cast<size_t>(8 * row_bytes));
+    float out[4];
+    for (int64_t g = g0; g < g1; ++g) {
+      unrepack_x8(qtype, w + 8 * g * row_bytes, nb, raw.data());
+      for (int i = 0; i < 8; ++i) {
+        const uint8_t* wr = raw.data() + i * row_bytes;
+        const int64_t n = 8 * g + i;
+        int64_t m = 0;
+        auto put = [&](int rows) {
+          for (int t = 0; t < rows; ++t) y[(m + t) * ldy + n] = out[t];
+          m += rows;
+        };
+        for (; m + 4 <= m_rows;) Scalar::dot<4>(qtype, wr, nb, &x[m], out), put(4);
+        if (m + 2 <= m_rows) Scalar::dot<2>(qtype, wr, nb, &x[m], out), put(2);
+        if (m < m_rows) Scalar::dot<1>(qtype, wr, nb, &x[m], out), put(1);
+      }
     }
   });
 }
@@ -480,6 +515,30 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int6
   llama_node::ggml_mm_into(xc.data_ptr<float>(), xc.size(0), k, w.data_ptr<uint8_t>(), qtype, w.size(0),
                            y.data_ptr<float>(), scalar);
   return y;
+}
+
+void mm_raw(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Acts>& acts, float* y,
+            int64_t n_out, int64_t ldy, int64_t k, bool scalar) {
+  const bool q5 = qtype == Q5_0 || qtype == Q5_1 || qtype == Q5_K;
+#if LN_AVX2
+  if (!scalar && q5) {
+    mm_group8<Group8Q5>(qtype, w, row_bytes, acts, y, n_out, ldy, k);
+    return;
+  }
+  if (!scalar && qtype != Q6_K) {
+    mm_group8<Group8>(qtype, w, row_bytes, acts, y, n_out, ldy, k);
+    return;
+  }
+  if (!scalar) {
+    mm<Avx2>(qtype, w, row_bytes, acts, y, n_out, ldy, k);
+    return;
+  }
+#endif
+  if (q5) {
+    mm<ScalarQ5>(qtype, w, row_bytes, acts, y, n_out, ldy, k);
+    return;
+  }
+  mm<Scalar>(qtype, w, row_bytes, acts, y, n_out, ldy, k);
 }
 
 bool has_avx2() { return LN_AVX2 != 0; }
@@ -514,26 +573,22 @@ void ggml_mm_into(const float* x, int64_t m_rows, int64_t k, const uint8_t* w, i
   });
   std::vector<Acts> acts(m_rows);
   for (int64_t m = 0; m < m_rows; ++m) acts[m] = {qp + m * k, dp + 2 * m * nb, dp + (2 * m + 1) * nb, sp + m * nb};
-  const bool q5 = qtype == Q5_0 || qtype == Q5_1 || qtype == Q5_K;
+  if (qtype & X8) {  // full groups of 8 rows repacked, the rest raw
+    const int64_t groups = n_out / 8, raw_type = qtype & ~X8;
+    if (groups > 0) {
 #if LN_AVX2
-  if (!scalar && q5) {
-    mm_group8<Group8Q5>(qtype, w, row_bytes, acts, y, n_out, k);
-    return;
-  }
-  if (!scalar && qtype != Q6_K) {
-    mm_group8<Group8>(qtype, w, row_bytes, acts, y, n_out, k);
-    return;
-  }
-  if (!scalar) {
-    mm<Avx2>(qtype, w, row_bytes, acts, y, n_out, k);
-    return;
-  }
+      if (!scalar)
+        mm_group8<Group8X8>(raw_type, w, row_bytes, acts, y, 8 * groups, n_out, k);
+      else
 #endif
-  if (q5) {
-    mm<ScalarQ5>(qtype, w, row_bytes, acts, y, n_out, k);
+        mm_scalar_x8(raw_type, w, row_bytes, acts, y, groups, n_out, k);
+    }
+    if (n_out > 8 * groups)
+      mm_raw(raw_type, w + 8 * groups * row_bytes, row_bytes, acts, y + 8 * groups, n_out - 8 * groups, n_out, k,
+             scalar);
     return;
   }
-  mm<Scalar>(qtype, w, row_bytes, acts, y, n_out, k);
+  mm_raw(qtype, w, row_bytes, acts, y, n_out, n_out, k, scalar);
 }
 
 }  // namespace llama_node
