@@ -2,7 +2,7 @@
 
 A ``GGMLLinear`` holds a matrix as the file's bytes: uint8 ``[N, bytes per row]`` of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
 Q4_K, Q5_K or Q6_K blocks, so its memory is the file's size for that tensor, and fusing wq/wk/wv or w1/w3 is
-concatenating rows. Q4_0 and Q4_1 are reordered at load 8 rows at a time (``repack_x8``: the same bytes, laid out
+concatenating rows. Q4_0, Q4_1 and Q8_0 are reordered at load 8 rows at a time (``repack_x8``: the same bytes, laid out
 for the AVX2 kernel, see ``csrc/ggml_x8.cpp``); the other types stay as the file stores them. ``--quantize
 int4|int8`` writes float weights into the same formats (Q4_1, Q8_0).
 
@@ -14,12 +14,14 @@ are exact integers, and each block's integer sum is scaled by ``d_w · d_x`` in 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor, nn
 
 from llama_shard import kernels
-from llama_shard.quant import dequantize_rows
+from llama_shard.quant import QuantEmbedding, dequantize_rows
 
 QT = GGMLQuantizationType
 
@@ -30,43 +32,58 @@ KERNEL_TYPES: frozenset[GGMLQuantizationType] = frozenset(
 
 
 #: GGUF types repacked 8 rows at a time at load (``repack_x8``)
-X8_TYPES: frozenset[GGMLQuantizationType] = frozenset({QT.Q4_0, QT.Q4_1})
+X8_TYPES: frozenset[GGMLQuantizationType] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q8_0})
 X8 = 0x100  # the kernel's type id of a repacked matrix: the GGUF id | X8
 
 
-def _x8_parts(qtype: GGMLQuantizationType) -> tuple[int, int]:
-    """(bytes per block, bytes of fp16 scale fields before the 16 code bytes) of an ``X8_TYPES`` type."""
+@functools.cache
+def _x8_order(qtype: GGMLQuantizationType) -> Tensor:
+    """Byte p of an x8 group-block comes from byte ``order[p] % size`` of row ``order[p] // size``'s block."""
     size = GGML_QUANT_SIZES[qtype][1]
-    return size, size - 16
+    head = 4 if qtype == QT.Q4_1 else 2  # the fp16 fields before the codes
+    order = [lane * size + f + j for f in range(0, head, 2) for lane in range(8) for j in range(2)]
+    order += [lane * size + head + 4 * h + j for h in range((size - head) // 4) for lane in range(8) for j in range(4)]
+    return torch.tensor(order)
 
 
 def repack_x8(blocks: Tensor, qtype: GGMLQuantizationType) -> Tensor:
     """Raw ``qtype`` blocks ``[N, bytes per row]`` -> the same shape, each full group of 8 rows reordered by block.
 
-    Group-block b of rows 8g..8g+7 (8 blocks' bytes): the 8 rows' fp16 ``d``, then (Q4_1) their ``m``, then 4 chunks
-    of 32 bytes, chunk h holding the 8 rows' code bytes 4h..4h+3 in row order. Rows after the last full group are
-    kept as they are. One copy; the input is not modified.
+    Group-block b of rows 8g..8g+7 (8 blocks' bytes): the 8 rows' fp16 ``d``, then (Q4_1) their ``m``, then chunks
+    of 32 bytes, chunk h holding the 8 rows' code bytes 4h..4h+3 in row order (4 chunks for Q4_0 / Q4_1, 8 for
+    Q8_0). Rows after the last full group are kept as they are. One copy; the input is not modified.
     """
     n, width = blocks.shape
-    size, head = _x8_parts(qtype)
+    size = GGML_QUANT_SIZES[qtype][1]
     full, nb = n // 8 * 8, width // size
-    v = blocks[:full].view(full // 8, 8, nb, size)
-    scales = [v[..., f : f + 2].permute(0, 2, 1, 3).reshape(full // 8, nb, 16) for f in range(0, head, 2)]
-    codes = v[..., head:].reshape(full // 8, 8, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(full // 8, nb, 128)
-    packed = torch.cat([*scales, codes], dim=-1).view(full, width)
+    v = blocks[:full].view(full // 8, 8, nb, size).transpose(1, 2).reshape(full // 8, nb, 8 * size)
+    packed = v.index_select(2, _x8_order(qtype)).view(full, width)
     return torch.cat((packed, blocks[full:])) if full < n else packed
 
 
 def unrepack_x8(blocks: Tensor, qtype: GGMLQuantizationType) -> Tensor:
     """The inverse of ``repack_x8``: the raw GGUF blocks, a new tensor."""
     n, width = blocks.shape
-    size, head = _x8_parts(qtype)
+    size = GGML_QUANT_SIZES[qtype][1]
     full, nb = n // 8 * 8, width // size
-    p = blocks[:full].view(full // 8, nb, 8 * size)
-    scales = [p[..., 8 * f : 8 * f + 16].reshape(full // 8, nb, 8, 2).permute(0, 2, 1, 3) for f in range(0, head, 2)]
-    codes = p[..., 8 * head :].reshape(full // 8, nb, 4, 8, 4).permute(0, 3, 1, 2, 4).reshape(full // 8, 8, nb, 16)
-    raw = torch.cat([*scales, codes], dim=-1).view(full, width)
+    p = blocks[:full].view(full // 8, nb, 8 * size).index_select(2, torch.argsort(_x8_order(qtype)))
+    raw = p.view(full // 8, nb, 8, size).transpose(1, 2).reshape(full, width)
     return torch.cat((raw, blocks[full:])) if full < n else raw
+
+
+def rows_x8(blocks: Tensor, qtype: GGMLQuantizationType, ids: Tensor) -> Tensor:
+    """Rows ``ids`` of repacked blocks as raw GGUF rows ``[len(ids), bytes per row]``."""
+    n, width = blocks.shape
+    size = GGML_QUANT_SIZES[qtype][1]
+    full, nb = n // 8 * 8, width // size
+    out = blocks.index_select(0, ids)  # right as it is for the rows after the last full group
+    grouped = ids < full
+    if bool(grouped.any()):
+        sel = ids[grouped]
+        group = blocks[:full].view(full // 8, nb, 8 * size).index_select(0, sel // 8)
+        src = torch.argsort(_x8_order(qtype)).view(8, size)[sel % 8]  # [rows, size]
+        out[grouped] = group.gather(2, src[:, None, :].expand(-1, nb, -1)).view(-1, width)
+    return out
 
 
 def row_bytes(qtype: GGMLQuantizationType, cols: int) -> int:
@@ -134,6 +151,21 @@ class GGMLLinear(nn.Module):
     def extra_repr(self) -> str:
         layout = ", repacked x8" if self.repacked else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}{layout}"
+
+
+class TiedEmbedding(QuantEmbedding):
+    """The token embedding of a tied head: rows looked up in the head ``GGMLLinear``'s blocks, in either layout
+    (one copy of the matrix: ``raw`` is the head's ``blocks``)."""
+
+    def __init__(self, head: GGMLLinear) -> None:
+        super().__init__(head.blocks, head.qtype, head.in_features)
+        self.repacked = head.repacked
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if not self.repacked:
+            return super().forward(ids)
+        rows = rows_x8(self.raw, self.qtype, ids.reshape(-1).cpu())
+        return dequantize_rows(rows, self.qtype, self.dim).view(*ids.shape, self.dim).to(ids.device)
 
 
 def _f16_bytes(v: Tensor) -> Tensor:

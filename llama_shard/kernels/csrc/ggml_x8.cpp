@@ -1,10 +1,11 @@
-// Q4_0 and Q4_1 repacked at load 8 rows at a time ("x8"), for ggml_mm.cpp's driver: the same numbers as over the raw
-// blocks (the same exact integer sums, the same fp32 operations in the same order), fewer instructions per block.
+// Q4_0, Q4_1 and Q8_0 repacked at load 8 rows at a time ("x8"), for ggml_mm.cpp's driver: the same numbers as over
+// the raw blocks (the same exact integer sums, the same fp32 operations in the same order), fewer instructions.
 //
 // The layout (llama_shard/ggml_linear.py repacks): rows 8g..8g+7 keep their 8 * row_bytes bytes, reordered as nb
-// group-blocks of 8 * size bytes (size 18 for Q4_0, 20 for Q4_1), group-block b holding block b of the 8 rows:
-//   f16 d[8]; f16 m[8] (Q4_1 only); then 4 chunks of 32 bytes, chunk h = the 8 rows' code dwords h in row order
-//   (row i's code bytes 4h..4h+3 in bytes 4i..4i+3: low nibbles elements 4h..4h+3, high nibbles 16 + 4h..16 + 4h + 3).
+// group-blocks of 8 * size bytes (size 18 for Q4_0, 20 for Q4_1, 34 for Q8_0), group-block b holding block b of
+// the 8 rows: f16 d[8]; f16 m[8] (Q4_1 only); then chunks of 32 bytes (4, Q8_0: 8), chunk h = the 8 rows' code
+// dwords h in row order (row i's code bytes 4h..4h+3 in bytes 4i..4i+3: Q4_0 / Q4_1 low nibbles elements
+// 4h..4h+3, high nibbles 16 + 4h..16 + 4h + 3; Q8_0 elements 4h..4h+3).
 // Rows after the last full group of 8 stay raw (the driver runs the raw kernel on them).
 //
 // AVX2: a chunk's low (high) nibbles are the 8 rows' 4 codes, lane i = row i, against the 4 activation codes
@@ -21,15 +22,10 @@ namespace {
 template <bool MIN>
 constexpr int q4_size = MIN ? 20 : 18;
 
-// row `lane` of the group at g, block b, as raw GGUF bytes
-template <bool MIN>
-void raw_block(const uint8_t* g, int lane, int64_t b, uint8_t* blk) {
-  constexpr int size = q4_size<MIN>;
-  const uint8_t* p = g + 8 * size * b;
-  std::memcpy(blk, p + 2 * lane, 2);
-  if (MIN) std::memcpy(blk + 2, p + 16 + 2 * lane, 2);
-  const uint8_t* codes = p + (MIN ? 32 : 16);
-  for (int h = 0; h < 4; ++h) std::memcpy(blk + size - 16 + 4 * h, codes + 32 * h + 4 * lane, 4);
+// bytes per block and bytes of fp16 scale fields before the codes, of the x8 types
+inline void x8_parts(int64_t qtype, int64_t* size, int64_t* head) {
+  *size = qtype == Q8_0 ? 34 : qtype == Q4_1 ? 20 : 18;
+  *head = qtype == Q4_1 ? 4 : 2;
 }
 
 #if LN_AVX2
@@ -47,6 +43,7 @@ void group8_x8_q4(const uint8_t* g, int64_t nb, const Acts* x, __m256* out) {
   for (int t = 0; t < T; ++t) acc[t] = summ[t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* p = g + 8 * size * b;
+    prefetch_next8<size>(g + 8 * size * nb, b);
     const __m256 dw = _mm256_cvtph_ps(ld128(p));
     if constexpr (MIN) {
       const __m256 mw = _mm256_cvtph_ps(ld128(p + 16));
@@ -75,20 +72,50 @@ void group8_x8_q4(const uint8_t* g, int64_t nb, const Acts* x, __m256* out) {
     for (int t = 0; t < T; ++t) acc[t] = _mm256_add_ps(acc[t], summ[t]);
   for (int t = 0; t < T; ++t) out[t] = acc[t];
 }
+
+// Q8_0: chunk h (of 8) the 8 rows' codes 4h..4h+3; ggml's |w| x sign(x, w) per chunk (pair sums at most
+// 2 * 128 * 127: one madd per chunk widens them), the 8 chunks' int32 sums added in lanes
+template <int T>
+void group8_x8_q8(const uint8_t* g, int64_t nb, const Acts* x, __m256* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* p = g + 8 * 34 * b;
+    prefetch_next8<34>(g + 8 * 34 * nb, b);
+    const __m256 dw = _mm256_cvtph_ps(ld128(p));
+    __m256i wa[8];
+    for (int h = 0; h < 8; ++h) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 32 * h));
+      wa[h] = _mm256_sign_epi8(w, w);
+    }
+    for (int t = 0; t < T; ++t) {
+      const int8_t* q = x[t].q + 32 * b;
+      __m256i isum = _mm256_setzero_si256();
+      for (int h = 0; h < 8; ++h) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 32 * h));
+        const __m256i prod = _mm256_maddubs_epi16(wa[h], _mm256_sign_epi8(bcast32(q + 4 * h), w));
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(prod, ones));
+      }
+      const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x[t].d[b]));
+      acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) out[t] = acc[t];
+}
 #endif
 
 }  // namespace
 
 void unrepack_x8(int64_t qtype, const uint8_t* g, int64_t nb, uint8_t* raw) {
-  const bool min = qtype == Q4_1;
-  const int64_t size = min ? q4_size<true> : q4_size<false>;
-  for (int lane = 0; lane < 8; ++lane) {
-    uint8_t* row = raw + lane * nb * size;
-    for (int64_t b = 0; b < nb; ++b) {
-      if (min)
-        raw_block<true>(g, lane, b, row + size * b);
-      else
-        raw_block<false>(g, lane, b, row + size * b);
+  int64_t size, head;
+  x8_parts(qtype, &size, &head);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* p = g + 8 * size * b;
+    for (int lane = 0; lane < 8; ++lane) {
+      uint8_t* blk = raw + lane * nb * size + size * b;
+      for (int64_t f = 0; f < head; f += 2) std::memcpy(blk + f, p + 8 * f + 2 * lane, 2);
+      for (int64_t h = 0; 4 * h < size - head; ++h) std::memcpy(blk + head + 4 * h, p + 8 * head + 32 * h + 4 * lane, 4);
     }
   }
 }
@@ -96,10 +123,11 @@ void unrepack_x8(int64_t qtype, const uint8_t* g, int64_t nb, uint8_t* raw) {
 #if LN_AVX2
 template <int T>
 void group8_x8(int64_t qtype, const uint8_t* g, int64_t nb, const Acts* x, __m256* out) {
-  if (qtype == Q4_1)
-    group8_x8_q4<T, true>(g, nb, x, out);
-  else
-    group8_x8_q4<T, false>(g, nb, x, out);
+  switch (qtype) {
+    case Q4_0: group8_x8_q4<T, false>(g, nb, x, out); break;
+    case Q4_1: group8_x8_q4<T, true>(g, nb, x, out); break;
+    default: group8_x8_q8<T>(g, nb, x, out); break;
+  }
 }
 template void group8_x8<1>(int64_t, const uint8_t*, int64_t, const Acts*, __m256*);
 template void group8_x8<2>(int64_t, const uint8_t*, int64_t, const Acts*, __m256*);
