@@ -56,9 +56,10 @@ inline void scale_k4(const uint8_t* s, int j, int* sc, int* m) {  // ggml's get_
   }
 }
 
-// The scalar kernels of the Q5 types (ggml_q5.cpp): T outputs, one weight row against T activation rows.
+// The scalar kernels of every type (ggml_scalar.cpp): T outputs, one weight row of raw blocks against T activation
+// rows.
 template <int T>
-void scalar_q5(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out);
+void scalar_dot(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out);
 
 // The 8 rows of an x8 group at g (Q4_0 or Q4_1, nb blocks each) as raw rows, row i at raw + i * row bytes.
 void unrepack_x8(int64_t qtype, const uint8_t* g, int64_t nb, uint8_t* raw);
@@ -81,6 +82,15 @@ inline void scales_min8(const uint8_t* const* r, int64_t off, __m256* d, __m256*
       _mm256_cvtph_ps(_mm_setr_epi32(ld32(r[2] + off), ld32(r[3] + off), ld32(r[6] + off), ld32(r[7] + off)));
   *d = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(2, 0, 2, 0));
   *m = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(3, 1, 3, 1));
+}
+
+// the 8 rows' d and, for the types with a min (Q4_1, Q5_1), m of their blocks at offset off (m = d without one)
+template <bool MIN>
+inline void block_scales8(const uint8_t* const* r, int64_t off, __m256* d, __m256* m) {
+  if constexpr (MIN)
+    scales_min8(r, off, d, m);
+  else
+    *d = *m = scales8(r, off);
 }
 
 // The next group's 8 rows (contiguous: 8 * size bytes per block of ours) are fetched into L1 while this one runs:

@@ -55,102 +55,11 @@ void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* s, int3
   }
 }
 
-// ---- scalar kernels ----------------------------------------------------------------------------------------------
-// Each computes T outputs: row w (nb blocks of its type) against T activation rows.
-
-// weight codes of one 32-block, as ints, and the block's scale terms: w = a * code + c
+// the scalar kernels of every type (ggml_scalar.cpp), for mm's driver
 struct Scalar {
   template <int T>
-  static void dot(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out);
-
-  template <int T>
-  static void q8_0(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-    float acc[T] = {};
-    for (int64_t b = 0; b < nb; ++b, w += 34) {
-      const float dw = f16(w);
-      const auto* qw = reinterpret_cast<const int8_t*>(w + 2);
-      for (int t = 0; t < T; ++t) {
-        int isum = 0;
-        for (int i = 0; i < 32; ++i) isum += qw[i] * x[t].q[32 * b + i];
-        acc[t] += dw * x[t].d[b] * static_cast<float>(isum);
-      }
-    }
-    for (int t = 0; t < T; ++t) out[t] = acc[t];
-  }
-
-  template <int T, bool MIN>
-  static void q4(const uint8_t* w, int64_t nb, const Acts* x, float* out) {  // Q4_0 (MIN false), Q4_1
-    constexpr int size = MIN ? 20 : 18;
-    float acc[T] = {}, summ[T] = {};
-    for (int64_t b = 0; b < nb; ++b, w += size) {
-      const float dw = f16(w), mw = MIN ? f16(w + 2) : 0.f;
-      const uint8_t* qs = w + size - 16;
-      for (int t = 0; t < T; ++t) {
-        const int8_t* qx = x[t].q + 32 * b;
-        int isum = 0;
-        for (int i = 0; i < 16; ++i) {
-          const int lo = qs[i] & 0xF, hi = qs[i] >> 4;
-          isum += (MIN ? lo : lo - 8) * qx[i] + (MIN ? hi : hi - 8) * qx[i + 16];
-        }
-        acc[t] += dw * x[t].d[b] * static_cast<float>(isum);
-        if (MIN) summ[t] += mw * x[t].s[b];
-      }
-    }
-    for (int t = 0; t < T; ++t) out[t] = acc[t] + summ[t];
-  }
-
-  template <int T>
-  static void q4_k(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-    float acc[T] = {}, summ[T] = {};
-    for (int64_t b = 0; b < nb / 8; ++b, w += 144) {
-      const float d = f16(w), dmin = f16(w + 2);
-      for (int j = 0; j < 8; ++j) {
-        int sc, m;
-        scale_k4(w + 4, j, &sc, &m);
-        const uint8_t* qs = w + 16 + 32 * (j / 2);
-        const int shift = 4 * (j % 2);
-        const float dsc = d * static_cast<float>(sc), dm = dmin * static_cast<float>(m);
-        const int64_t xb = 8 * b + j;
-        for (int t = 0; t < T; ++t) {
-          const int8_t* qx = x[t].q + 32 * xb;
-          int isum = 0;
-          for (int i = 0; i < 32; ++i) isum += ((qs[i] >> shift) & 0xF) * qx[i];
-          acc[t] += dsc * x[t].d[xb] * static_cast<float>(isum);
-          summ[t] += dm * x[t].s[xb];
-        }
-      }
-    }
-    for (int t = 0; t < T; ++t) out[t] = acc[t] - summ[t];
-  }
-
-  template <int T>
-  static void q6_k(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-    float acc[T] = {};
-    for (int64_t b = 0; b < nb / 8; ++b, w += 210) {
-      const float d = f16(w + 208);
-      const auto* scales = reinterpret_cast<const int8_t*>(w + 192);
-      for (int j = 0; j < 8; ++j) {  // 32-blocks: half n = j / 4, quarter j % 4
-        const int n = j / 4, quarter = j % 4;
-        const uint8_t* ql = w + 64 * n + 32 * (quarter % 2);
-        const uint8_t* qh = w + 128 + 32 * n;
-        const int lshift = 4 * (quarter / 2), hshift = 2 * quarter;
-        const int64_t xb = 8 * b + j;
-        for (int t = 0; t < T; ++t) {
-          const int8_t* qx = x[t].q + 32 * xb;
-          int isum = 0;
-          for (int half = 0; half < 2; ++half) {
-            int part = 0;
-            for (int i = 16 * half; i < 16 * half + 16; ++i) {
-              const int q = (((ql[i] >> lshift) & 0xF) | (((qh[i] >> hshift) & 3) << 4)) - 32;
-              part += q * qx[i];
-            }
-            isum += scales[8 * n + half + 2 * quarter] * part;
-          }
-          acc[t] += d * x[t].d[xb] * static_cast<float>(isum);
-        }
-      }
-    }
-    for (int t = 0; t < T; ++t) out[t] = acc[t];
+  static void dot(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out) {
+    scalar_dot<T>(qtype, w, nb, x, out);
   }
 };
 
@@ -247,12 +156,7 @@ struct Group8 {
       const int64_t off = b * size;
       prefetch_next8<size>(next, b);
       __m256 dw, mw;
-      if constexpr (MIN) {
-        scales_min8(r, off, &dw, &mw);
-      } else {
-        dw = scales8(r, off);
-        mw = dw;
-      }
+      block_scales8<MIN>(r, off, &dw, &mw);
       __m256i lo[4], hi[4];
       for (int j = 0; j < 4; ++j) {
         const __m256i v = _mm256_set_m128i(ld128(r[j + 4] + off + size - 16), ld128(r[j] + off + size - 16));
@@ -454,27 +358,6 @@ TypeInfo type_info(int64_t qtype) {
   }
 }
 
-template <int T>
-void Scalar::dot(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-  switch (qtype) {
-    case Q4_0: q4<T, false>(w, nb, x, out); break;
-    case Q4_1: q4<T, true>(w, nb, x, out); break;
-    case Q8_0: q8_0<T>(w, nb, x, out); break;
-    case Q4_K: q4_k<T>(w, nb, x, out); break;
-    default: q6_k<T>(w, nb, x, out); break;
-  }
-}
-
-// The Q5 types (ggml_q5.cpp) have drivers of their own (mm<ScalarQ5>, mm_group8<Group8Q5>): a call to another file
-// inside the other types' inlined loops made the compiler spill the constants it keeps in registers across them
-// (measured: Q4_1 at M = 1 took 20% longer).
-struct ScalarQ5 {
-  template <int T>
-  static void dot(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-    scalar_q5<T>(qtype, w, nb, x, out);
-  }
-};
-
 template <class K>
 void mm(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Acts>& x, float* y, int64_t n_out,
         int64_t ldy, int64_t k) {
@@ -538,8 +421,8 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int6
 
 void mm_raw(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Acts>& acts, float* y,
             int64_t n_out, int64_t ldy, int64_t k, bool scalar) {
-  const bool q5 = qtype == Q5_0 || qtype == Q5_1 || qtype == Q5_K;
 #if LN_AVX2
+  const bool q5 = qtype == Q5_0 || qtype == Q5_1 || qtype == Q5_K;
   if (!scalar && q5) {
     mm_group8<Group8Q5>(qtype, w, row_bytes, acts, y, n_out, ldy, k);
     return;
@@ -553,10 +436,6 @@ void mm_raw(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vecto
     return;
   }
 #endif
-  if (q5) {
-    mm<ScalarQ5>(qtype, w, row_bytes, acts, y, n_out, ldy, k);
-    return;
-  }
   mm<Scalar>(qtype, w, row_bytes, acts, y, n_out, ldy, k);
 }
 
