@@ -37,13 +37,15 @@ X8 = 0x100  # the kernel's type id of a repacked matrix: the GGUF id | X8
 
 
 @functools.cache
-def _x8_order(qtype: GGMLQuantizationType) -> Tensor:
-    """Byte p of an x8 group-block comes from byte ``order[p] % size`` of row ``order[p] // size``'s block."""
+def _x8_index(qtype: GGMLQuantizationType, nb: int) -> Tensor:
+    """Byte o of a repacked group of 8 rows (``8 * nb`` blocks) is byte ``index[o]`` of the 8 raw rows' bytes."""
     size = GGML_QUANT_SIZES[qtype][1]
     head = 4 if qtype == QT.Q4_1 else 2  # the fp16 fields before the codes
-    order = [lane * size + f + j for f in range(0, head, 2) for lane in range(8) for j in range(2)]
-    order += [lane * size + head + 4 * h + j for h in range((size - head) // 4) for lane in range(8) for j in range(4)]
-    return torch.tensor(order)
+    row = nb * size  # bytes per raw row
+    order = [lane * row + f + j for f in range(0, head, 2) for lane in range(8) for j in range(2)]
+    order += [lane * row + head + 4 * h + j for h in range((size - head) // 4) for lane in range(8) for j in range(4)]
+    block = torch.tensor(order)  # group-block 0; block b is at + b * size in the raw rows
+    return (block[None, :] + size * torch.arange(nb)[:, None]).reshape(-1)
 
 
 def repack_x8(blocks: Tensor, qtype: GGMLQuantizationType) -> Tensor:
@@ -54,35 +56,32 @@ def repack_x8(blocks: Tensor, qtype: GGMLQuantizationType) -> Tensor:
     Q8_0). Rows after the last full group are kept as they are. One copy; the input is not modified.
     """
     n, width = blocks.shape
-    size = GGML_QUANT_SIZES[qtype][1]
-    full, nb = n // 8 * 8, width // size
-    v = blocks[:full].view(full // 8, 8, nb, size).transpose(1, 2).reshape(full // 8, nb, 8 * size)
-    packed = v.index_select(2, _x8_order(qtype)).view(full, width)
+    full = n // 8 * 8
+    index = _x8_index(qtype, width // GGML_QUANT_SIZES[qtype][1])
+    packed = blocks[:full].reshape(full // 8, 8 * width).index_select(1, index).view(full, width)
     return torch.cat((packed, blocks[full:])) if full < n else packed
 
 
 def unrepack_x8(blocks: Tensor, qtype: GGMLQuantizationType) -> Tensor:
     """The inverse of ``repack_x8``: the raw GGUF blocks, a new tensor."""
     n, width = blocks.shape
-    size = GGML_QUANT_SIZES[qtype][1]
-    full, nb = n // 8 * 8, width // size
-    p = blocks[:full].view(full // 8, nb, 8 * size).index_select(2, torch.argsort(_x8_order(qtype)))
-    raw = p.view(full // 8, nb, 8, size).transpose(1, 2).reshape(full, width)
+    full = n // 8 * 8
+    inverse = torch.argsort(_x8_index(qtype, width // GGML_QUANT_SIZES[qtype][1]))
+    raw = blocks[:full].reshape(full // 8, 8 * width).index_select(1, inverse).view(full, width)
     return torch.cat((raw, blocks[full:])) if full < n else raw
 
 
 def rows_x8(blocks: Tensor, qtype: GGMLQuantizationType, ids: Tensor) -> Tensor:
     """Rows ``ids`` of repacked blocks as raw GGUF rows ``[len(ids), bytes per row]``."""
     n, width = blocks.shape
-    size = GGML_QUANT_SIZES[qtype][1]
-    full, nb = n // 8 * 8, width // size
+    full = n // 8 * 8
     out = blocks.index_select(0, ids)  # right as it is for the rows after the last full group
     grouped = ids < full
     if bool(grouped.any()):
         sel = ids[grouped]
-        group = blocks[:full].view(full // 8, nb, 8 * size).index_select(0, sel // 8)
-        src = torch.argsort(_x8_order(qtype)).view(8, size)[sel % 8]  # [rows, size]
-        out[grouped] = group.gather(2, src[:, None, :].expand(-1, nb, -1)).view(-1, width)
+        inverse = torch.argsort(_x8_index(qtype, width // GGML_QUANT_SIZES[qtype][1])).view(8, width)
+        groups = blocks[:full].reshape(full // 8, 8 * width).index_select(0, sel // 8)
+        out[grouped] = groups.gather(1, inverse[sel % 8])
     return out
 
 
