@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -159,10 +160,27 @@ def _ggml_times(
                 kernels.ggml_mm(torch.randn(1, k), raw[:1], int(qtype), k)
             except RuntimeError:  # an older build: unsupported GGML type
                 continue
+            w, kernel_type = _kernel_layout(raw, qtype, k)
             for m in rows:
-                call = partial(kernels.ggml_mm, torch.randn(m, k), raw, int(qtype), k)
+                call = partial(kernels.ggml_mm, torch.randn(m, k), w, kernel_type, k)
                 out[f"{name}|{type_name}|{n}x{k}|{m}"] = min(_per_call(call, budget_s) for _ in range(best_of))
     return out
+
+
+def _kernel_layout(raw: Any, qtype: Any, k: int) -> tuple[Any, int]:
+    """The blocks and type id as ``GGMLLinear`` hands them to the kernel (Q4_0 / Q4_1 repacked 8 rows at a time),
+    or raw where this build's kernel has no repacked layout (an older revision under ``--baseline``)."""
+    import torch
+
+    from llama_shard import kernels
+    from llama_shard.ggml_linear import GGMLLinear
+
+    linear = GGMLLinear(raw, qtype, k)
+    try:
+        kernels.ggml_mm(torch.randn(1, k), linear.blocks, linear._qtype, k)
+    except RuntimeError:  # this build does not know the repacked type id
+        return raw, int(qtype)
+    return linear.blocks, linear._qtype
 
 
 def _baseline_tree(rev: str, into: Path) -> Path:

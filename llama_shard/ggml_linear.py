@@ -1,8 +1,10 @@
-"""Linears over raw GGUF blocks, computed by ``llama_shard.kernels`` (ggml's AVX2 dot products): no repacking.
+"""Linears over GGUF blocks, computed by ``llama_shard.kernels`` (ggml's AVX2 dot products).
 
-A ``GGMLLinear`` holds a matrix exactly as the file stores it: uint8 ``[N, bytes per row]`` of Q4_0, Q4_1, Q5_0,
-Q5_1, Q8_0, Q4_K, Q5_K or Q6_K blocks, so its memory is the file's size for that tensor, and fusing wq/wk/wv or
-w1/w3 is concatenating rows. ``--quantize int4|int8`` writes float weights into the same formats (Q4_1, Q8_0).
+A ``GGMLLinear`` holds a matrix as the file's bytes: uint8 ``[N, bytes per row]`` of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+Q4_K, Q5_K or Q6_K blocks, so its memory is the file's size for that tensor, and fusing wq/wk/wv or w1/w3 is
+concatenating rows. Q4_0, Q4_1 and Q8_0 are reordered at load 8 rows at a time (``repack_x8``: the same bytes, laid out
+for the AVX2 kernel, see ``csrc/ggml_x8.cpp``); the other types stay as the file stores them. ``--quantize
+int4|int8`` writes float weights into the same formats (Q4_1, Q8_0).
 
 Numerics, as llama.cpp's: each activation row is rounded to 8 bits per block of 32 (scale ``amax/127``), products
 are exact integers, and each block's integer sum is scaled by ``d_w · d_x`` in fp32. So the error against
@@ -12,12 +14,14 @@ are exact integers, and each block's integer sum is scaled by ``d_w · d_x`` in 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor, nn
 
 from llama_shard import kernels
-from llama_shard.quant import dequantize_rows
+from llama_shard.quant import QuantEmbedding, dequantize_rows
 
 QT = GGMLQuantizationType
 
@@ -25,6 +29,60 @@ QT = GGMLQuantizationType
 KERNEL_TYPES: frozenset[GGMLQuantizationType] = frozenset(
     {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K}
 )
+
+
+#: GGUF types repacked 8 rows at a time at load (``repack_x8``)
+X8_TYPES: frozenset[GGMLQuantizationType] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q8_0})
+X8 = 0x100  # the kernel's type id of a repacked matrix: the GGUF id | X8
+
+
+@functools.cache
+def _x8_index(qtype: GGMLQuantizationType, nb: int) -> Tensor:
+    """Byte o of a repacked group of 8 rows (``8 * nb`` blocks) is byte ``index[o]`` of the 8 raw rows' bytes."""
+    size = GGML_QUANT_SIZES[qtype][1]
+    head = 4 if qtype == QT.Q4_1 else 2  # the fp16 fields before the codes
+    row = nb * size  # bytes per raw row
+    order = [lane * row + f + j for f in range(0, head, 2) for lane in range(8) for j in range(2)]
+    order += [lane * row + head + 4 * h + j for h in range((size - head) // 4) for lane in range(8) for j in range(4)]
+    block = torch.tensor(order)  # group-block 0; block b is at + b * size in the raw rows
+    return (block[None, :] + size * torch.arange(nb)[:, None]).reshape(-1)
+
+
+def repack_x8(blocks: Tensor, qtype: GGMLQuantizationType) -> Tensor:
+    """Raw ``qtype`` blocks ``[N, bytes per row]`` -> the same shape, each full group of 8 rows reordered by block.
+
+    Group-block b of rows 8g..8g+7 (8 blocks' bytes): the 8 rows' fp16 ``d``, then (Q4_1) their ``m``, then chunks
+    of 32 bytes, chunk h holding the 8 rows' code bytes 4h..4h+3 in row order (4 chunks for Q4_0 / Q4_1, 8 for
+    Q8_0). Rows after the last full group are kept as they are. One copy; the input is not modified.
+    """
+    n, width = blocks.shape
+    full = n // 8 * 8
+    index = _x8_index(qtype, width // GGML_QUANT_SIZES[qtype][1])
+    packed = blocks[:full].reshape(full // 8, 8 * width).index_select(1, index).view(full, width)
+    return torch.cat((packed, blocks[full:])) if full < n else packed
+
+
+def unrepack_x8(blocks: Tensor, qtype: GGMLQuantizationType) -> Tensor:
+    """The inverse of ``repack_x8``: the raw GGUF blocks, a new tensor."""
+    n, width = blocks.shape
+    full = n // 8 * 8
+    inverse = torch.argsort(_x8_index(qtype, width // GGML_QUANT_SIZES[qtype][1]))
+    raw = blocks[:full].reshape(full // 8, 8 * width).index_select(1, inverse).view(full, width)
+    return torch.cat((raw, blocks[full:])) if full < n else raw
+
+
+def rows_x8(blocks: Tensor, qtype: GGMLQuantizationType, ids: Tensor) -> Tensor:
+    """Rows ``ids`` of repacked blocks as raw GGUF rows ``[len(ids), bytes per row]``."""
+    n, width = blocks.shape
+    full = n // 8 * 8
+    out = blocks.index_select(0, ids)  # right as it is for the rows after the last full group
+    grouped = ids < full
+    if bool(grouped.any()):
+        sel = ids[grouped]
+        inverse = torch.argsort(_x8_index(qtype, width // GGML_QUANT_SIZES[qtype][1])).view(8, width)
+        groups = blocks[:full].reshape(full // 8, 8 * width).index_select(0, sel // 8)
+        out[grouped] = groups.gather(1, inverse[sel % 8])
+    return out
 
 
 def row_bytes(qtype: GGMLQuantizationType, cols: int) -> int:
@@ -47,7 +105,9 @@ class GGMLLinear(nn.Module):
 
     row_invariant = True
 
-    def __init__(self, blocks: Tensor, qtype: GGMLQuantizationType, in_features: int) -> None:
+    def __init__(
+        self, blocks: Tensor, qtype: GGMLQuantizationType, in_features: int, *, repack: bool | None = None
+    ) -> None:
         super().__init__()
         if qtype not in KERNEL_TYPES:
             raise ValueError(f"no kernel for {qtype.name}; supported: {sorted(t.name for t in KERNEL_TYPES)}")
@@ -55,8 +115,12 @@ class GGMLLinear(nn.Module):
         if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != expected:
             raise ValueError(f"{qtype.name} blocks for {in_features} columns must be uint8 [N, {expected}]")
         self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
-        self._qtype = int(qtype)
-        self.register_buffer("blocks", blocks.contiguous())
+        if repack is None:  # the repacked layout pays on the AVX2 path only (the scalar one unpacks it per call)
+            repack = qtype in X8_TYPES and blocks.shape[0] >= 8 and kernels.has_avx2()
+        #: whether ``blocks`` is in the ``repack_x8`` layout (the kernel's type id then carries ``X8``)
+        self.repacked = bool(repack) and qtype in X8_TYPES
+        self._qtype = int(qtype) | (X8 if self.repacked else 0)
+        self.register_buffer("blocks", repack_x8(blocks, qtype) if self.repacked else blocks.contiguous())
 
     blocks: Tensor
 
@@ -68,12 +132,39 @@ class GGMLLinear(nn.Module):
             y = y.view(x.shape[:-1] + (self.out_features,))
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
+    def raw_blocks(self) -> Tensor:
+        """The blocks as the GGUF file lays them out (a copy if ``repacked``, else ``blocks`` itself)."""
+        return unrepack_x8(self.blocks, self.qtype) if self.repacked else self.blocks
+
+    def unrepack_(self) -> GGMLLinear:
+        """Back to the file's layout in place (for a matrix that other code reads by rows: a tied embedding)."""
+        if self.repacked:
+            self.blocks = unrepack_x8(self.blocks, self.qtype)
+            self.repacked, self._qtype = False, int(self.qtype)
+        return self
+
     def dequantize(self) -> Tensor:
         """The fp32 weight ``[N, K]`` the blocks stand for."""
-        return dequantize_rows(self.blocks, self.qtype, self.in_features)
+        return dequantize_rows(self.raw_blocks(), self.qtype, self.in_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
+        layout = ", repacked x8" if self.repacked else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}{layout}"
+
+
+class TiedEmbedding(QuantEmbedding):
+    """The token embedding of a tied head: rows looked up in the head ``GGMLLinear``'s blocks, in either layout
+    (one copy of the matrix: ``raw`` is the head's ``blocks``)."""
+
+    def __init__(self, head: GGMLLinear) -> None:
+        super().__init__(head.blocks, head.qtype, head.in_features)
+        self.repacked = head.repacked
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if not self.repacked:
+            return super().forward(ids)
+        rows = rows_x8(self.raw, self.qtype, ids.reshape(-1).cpu())
+        return dequantize_rows(rows, self.qtype, self.dim).view(*ids.shape, self.dim).to(ids.device)
 
 
 def _f16_bytes(v: Tensor) -> Tensor:

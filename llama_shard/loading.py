@@ -22,7 +22,7 @@ from torch import nn
 from llama_shard import kernels
 from llama_shard.config import ModelConfig, kv_cache_dtype
 from llama_shard.errors import ModelFormatError
-from llama_shard.ggml_linear import KERNEL_TYPES, GGMLLinear, quantize_blocks
+from llama_shard.ggml_linear import KERNEL_TYPES, GGMLLinear, TiedEmbedding, quantize_blocks
 from llama_shard.gguf_file import GGUF_TO_NATIVE, GGUFFile
 from llama_shard.model import Stage
 from llama_shard.quant import (
@@ -408,7 +408,7 @@ def load_quantised_stage(
         head_module = stage.output if spec.has_head else None
         if isinstance(head_module, GGMLLinear) and isinstance(source, GGUFSource) and not source.has("output.weight"):
             # one copy of the tied matrix: the embedding looks its rows up in the head's blocks
-            stage.tok_embeddings = QuantEmbedding(head_module.blocks, head_module.qtype, config.dim)
+            stage.tok_embeddings = TiedEmbedding(head_module)
         else:
             stage.tok_embeddings = _embedding(source, dev)
     leftover = [n for n, t in stage.state_dict().items() if t.is_meta]

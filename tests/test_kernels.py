@@ -31,7 +31,17 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from llama_shard import batching, fused, kernels
-from llama_shard.ggml_linear import KERNEL_TYPES, GGMLLinear, quantize_blocks
+from llama_shard.ggml_linear import (
+    KERNEL_TYPES,
+    X8,
+    X8_TYPES,
+    GGMLLinear,
+    TiedEmbedding,
+    quantize_blocks,
+    repack_x8,
+    rows_x8,
+    unrepack_x8,
+)
 from llama_shard.loading import load_stage, open_source
 from llama_shard.model import Stage
 from llama_shard.quant import DenseLinear, QuantEmbedding, QuantLinear, QuantMode
@@ -137,6 +147,49 @@ def test_an_output_is_bitwise_the_same_for_any_slice_of_weight_rows(qtype: GGMLQ
         assert torch.equal(kernels.ggml_mm(x, raw, int(qtype), 512, scalar=scalar), full)
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_kernel
+@pytest.mark.parametrize("scalar", PATHS)
+@pytest.mark.parametrize("qtype", sorted(X8_TYPES, key=int), ids=lambda q: q.name)
+def test_the_repacked_layout_gives_the_raw_layouts_bits(qtype: GGMLQuantizationType, scalar: bool) -> None:
+    """Q4_0 / Q4_1 / Q8_0 repacked 8 rows at a time (5 full groups; the 5 rows after them stay raw): every output
+    bitwise the raw kernel's, for any M and thread count; rows read back from the layout are the raw rows."""
+    raw, _, _ = _case(qtype, rows=45)
+    packed = repack_x8(raw, qtype)
+    assert packed.shape == raw.shape and not torch.equal(packed, raw) and torch.equal(packed[40:], raw[40:])
+    assert torch.equal(unrepack_x8(packed, qtype), raw)
+    ids = torch.tensor([44, 0, 7, 8, 39, 40, 21, 21])
+    assert torch.equal(rows_x8(packed, qtype, ids), raw[ids])
+    x = _activations(16, 512, seed=6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        full = kernels.ggml_mm(x, raw, int(qtype), 512, scalar=scalar)
+        kind = int(qtype) | X8
+        for m in range(1, 17):
+            assert torch.equal(kernels.ggml_mm(x[:m], packed, kind, 512, scalar=scalar), full[:m]), m
+            assert torch.equal(kernels.ggml_mm(x[16 - m :], packed, kind, 512, scalar=scalar), full[16 - m :]), m
+        torch.set_num_threads(1)
+        assert torch.equal(kernels.ggml_mm(x, packed, kind, 512, scalar=scalar), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_a_repacked_linear_computes_and_dequantises_as_the_raw_one() -> None:
+    raw, w, _ = _case(Q.Q4_1, rows=20, cols=256)
+    x = _activations(3, 256)
+    linear, plain = GGMLLinear(raw.clone(), Q.Q4_1, 256), GGMLLinear(raw.clone(), Q.Q4_1, 256, repack=False)
+    assert linear.repacked == kernels.has_avx2() and not plain.repacked
+    assert torch.equal(linear.dequantize(), w) and torch.equal(linear.raw_blocks(), raw)
+    y = linear(x)
+    assert torch.equal(y, plain(x))
+    ids = torch.tensor([[3, 19], [0, 8]])
+    assert torch.equal(TiedEmbedding(linear)(ids), TiedEmbedding(plain)(ids))  # a tied head's rows in either layout
+    assert torch.equal(TiedEmbedding(plain)(ids), QuantEmbedding(raw, Q.Q4_1, 256)(ids))
+    assert linear.unrepack_() is linear and not linear.repacked and torch.equal(linear.blocks, raw)
+    assert torch.equal(linear(x), y)
 
 
 @needs_kernel

@@ -18,6 +18,8 @@ namespace llama_node::detail {
 
 // GGMLQuantizationType values
 constexpr int64_t Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14;
+// a type id | X8: the blocks repacked 8 rows at a time (ggml_x8.cpp; Q4_0 and Q4_1)
+constexpr int64_t X8 = 0x100;
 
 struct Acts {  // one quantised activation row
   const int8_t* q;     // [K]
@@ -54,9 +56,13 @@ inline void scale_k4(const uint8_t* s, int j, int* sc, int* m) {  // ggml's get_
   }
 }
 
-// The scalar kernels of the Q5 types (ggml_q5.cpp): T outputs, one weight row against T activation rows.
+// The scalar kernels of every type (ggml_scalar.cpp): T outputs, one weight row of raw blocks against T activation
+// rows.
 template <int T>
-void scalar_q5(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out);
+void scalar_dot(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out);
+
+// The 8 rows of an x8 group at g (Q4_0 or Q4_1, nb blocks each) as raw rows, row i at raw + i * row bytes.
+void unrepack_x8(int64_t qtype, const uint8_t* g, int64_t nb, uint8_t* raw);
 
 #if LN_AVX2
 inline __m128i ld128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
@@ -76,6 +82,15 @@ inline void scales_min8(const uint8_t* const* r, int64_t off, __m256* d, __m256*
       _mm256_cvtph_ps(_mm_setr_epi32(ld32(r[2] + off), ld32(r[3] + off), ld32(r[6] + off), ld32(r[7] + off)));
   *d = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(2, 0, 2, 0));
   *m = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(3, 1, 3, 1));
+}
+
+// the 8 rows' d and, for the types with a min (Q4_1, Q5_1), m of their blocks at offset off (m = d without one)
+template <bool MIN>
+inline void block_scales8(const uint8_t* const* r, int64_t off, __m256* d, __m256* m) {
+  if constexpr (MIN)
+    scales_min8(r, off, d, m);
+  else
+    *d = *m = scales8(r, off);
 }
 
 // The next group's 8 rows (contiguous: 8 * size bytes per block of ours) are fetched into L1 while this one runs:
@@ -116,6 +131,10 @@ inline __m256 kscale8(__m256i v, int sj) {
 // the output of row i against activation row t.
 template <int T>
 void group8_q5(int64_t qtype, const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out);
+
+// The AVX2 kernels of the x8 layout (ggml_x8.cpp): g the group's first byte, out[t] lane i as for group8_q5.
+template <int T>
+void group8_x8(int64_t qtype, const uint8_t* g, int64_t nb, const Acts* x, __m256* out);
 #endif
 
 }  // namespace llama_node::detail

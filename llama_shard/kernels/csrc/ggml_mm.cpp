@@ -8,6 +8,8 @@
 // lane. Each block's 32 products are summed exactly in integers for all 8 rows at once (in-lane horizontal adds),
 // then one vector multiply of the scales and one fma per block update the 8 outputs; the unpacked weight block is
 // shared by a tile of 1, 2 or 4 activation rows.
+// Q4_0, Q4_1 and Q8_0 repacked at load ("x8", type id | X8: ggml_x8.cpp): 8 rows per pass too, the rows' codes
+// interleaved so that no horizontal adds are needed; the same bits as Group8 over the raw blocks.
 // Q6_K on AVX2 (Avx2) and every type on the scalar path: one weight row per pass, an 8-lane fp32 accumulator
 // per output (row m, column n), summed horizontally at the end.
 //
@@ -53,102 +55,11 @@ void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* s, int3
   }
 }
 
-// ---- scalar kernels ----------------------------------------------------------------------------------------------
-// Each computes T outputs: row w (nb blocks of its type) against T activation rows.
-
-// weight codes of one 32-block, as ints, and the block's scale terms: w = a * code + c
+// the scalar kernels of every type (ggml_scalar.cpp), for mm's driver
 struct Scalar {
   template <int T>
-  static void dot(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out);
-
-  template <int T>
-  static void q8_0(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-    float acc[T] = {};
-    for (int64_t b = 0; b < nb; ++b, w += 34) {
-      const float dw = f16(w);
-      const auto* qw = reinterpret_cast<const int8_t*>(w + 2);
-      for (int t = 0; t < T; ++t) {
-        int isum = 0;
-        for (int i = 0; i < 32; ++i) isum += qw[i] * x[t].q[32 * b + i];
-        acc[t] += dw * x[t].d[b] * static_cast<float>(isum);
-      }
-    }
-    for (int t = 0; t < T; ++t) out[t] = acc[t];
-  }
-
-  template <int T, bool MIN>
-  static void q4(const uint8_t* w, int64_t nb, const Acts* x, float* out) {  // Q4_0 (MIN false), Q4_1
-    constexpr int size = MIN ? 20 : 18;
-    float acc[T] = {}, summ[T] = {};
-    for (int64_t b = 0; b < nb; ++b, w += size) {
-      const float dw = f16(w), mw = MIN ? f16(w + 2) : 0.f;
-      const uint8_t* qs = w + size - 16;
-      for (int t = 0; t < T; ++t) {
-        const int8_t* qx = x[t].q + 32 * b;
-        int isum = 0;
-        for (int i = 0; i < 16; ++i) {
-          const int lo = qs[i] & 0xF, hi = qs[i] >> 4;
-          isum += (MIN ? lo : lo - 8) * qx[i] + (MIN ? hi : hi - 8) * qx[i + 16];
-        }
-        acc[t] += dw * x[t].d[b] * static_cast<float>(isum);
-        if (MIN) summ[t] += mw * x[t].s[b];
-      }
-    }
-    for (int t = 0; t < T; ++t) out[t] = acc[t] + summ[t];
-  }
-
-  template <int T>
-  static void q4_k(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-    float acc[T] = {}, summ[T] = {};
-    for (int64_t b = 0; b < nb / 8; ++b, w += 144) {
-      const float d = f16(w), dmin = f16(w + 2);
-      for (int j = 0; j < 8; ++j) {
-        int sc, m;
-        scale_k4(w + 4, j, &sc, &m);
-        const uint8_t* qs = w + 16 + 32 * (j / 2);
-        const int shift = 4 * (j % 2);
-        const float dsc = d * static_cast<float>(sc), dm = dmin * static_cast<float>(m);
-        const int64_t xb = 8 * b + j;
-        for (int t = 0; t < T; ++t) {
-          const int8_t* qx = x[t].q + 32 * xb;
-          int isum = 0;
-          for (int i = 0; i < 32; ++i) isum += ((qs[i] >> shift) & 0xF) * qx[i];
-          acc[t] += dsc * x[t].d[xb] * static_cast<float>(isum);
-          summ[t] += dm * x[t].s[xb];
-        }
-      }
-    }
-    for (int t = 0; t < T; ++t) out[t] = acc[t] - summ[t];
-  }
-
-  template <int T>
-  static void q6_k(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-    float acc[T] = {};
-    for (int64_t b = 0; b < nb / 8; ++b, w += 210) {
-      const float d = f16(w + 208);
-      const auto* scales = reinterpret_cast<const int8_t*>(w + 192);
-      for (int j = 0; j < 8; ++j) {  // 32-blocks: half n = j / 4, quarter j % 4
-        const int n = j / 4, quarter = j % 4;
-        const uint8_t* ql = w + 64 * n + 32 * (quarter % 2);
-        const uint8_t* qh = w + 128 + 32 * n;
-        const int lshift = 4 * (quarter / 2), hshift = 2 * quarter;
-        const int64_t xb = 8 * b + j;
-        for (int t = 0; t < T; ++t) {
-          const int8_t* qx = x[t].q + 32 * xb;
-          int isum = 0;
-          for (int half = 0; half < 2; ++half) {
-            int part = 0;
-            for (int i = 16 * half; i < 16 * half + 16; ++i) {
-              const int q = (((ql[i] >> lshift) & 0xF) | (((qh[i] >> hshift) & 3) << 4)) - 32;
-              part += q * qx[i];
-            }
-            isum += scales[8 * n + half + 2 * quarter] * part;
-          }
-          acc[t] += d * x[t].d[xb] * static_cast<float>(isum);
-        }
-      }
-    }
-    for (int t = 0; t < T; ++t) out[t] = acc[t];
+  static void dot(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out) {
+    scalar_dot<T>(qtype, w, nb, x, out);
   }
 };
 
@@ -245,12 +156,7 @@ struct Group8 {
       const int64_t off = b * size;
       prefetch_next8<size>(next, b);
       __m256 dw, mw;
-      if constexpr (MIN) {
-        scales_min8(r, off, &dw, &mw);
-      } else {
-        dw = scales8(r, off);
-        mw = dw;
-      }
+      block_scales8<MIN>(r, off, &dw, &mw);
       __m256i lo[4], hi[4];
       for (int j = 0; j < 4; ++j) {
         const __m256i v = _mm256_set_m128i(ld128(r[j + 4] + off + size - 16), ld128(r[j] + off + size - 16));
@@ -375,22 +281,47 @@ struct Group8Q5 {
   }
 };
 
+struct Group8X8 {
+  // A thread's groups are visited as 2 interleaved runs (g0, mid, g0 + 1, mid + 1, ...): one x8 matrix is one
+  // sequential stream, and from DRAM (a whole model at M = 1) two streams read faster than one (measured,
+  // call-by-call alternation, 1 thread: Q8_0 49152 x 576 0.92-1.29x -> 1.07x of the raw layout; 4 streams no better).
+  static constexpr int64_t streams = 2;
+  template <int T>
+  static void dot(int64_t qtype, const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out) {
+    group8_x8<T>(qtype, r[0], nb, x, out);
+  }
+};
+
+// y [M, ldy]: columns 0..n_out - 1 are written
+// how many interleaved runs of groups a thread visits (D::streams, else 1: the raw rows are 8 streams already)
+template <class D>
+constexpr int64_t streams = [] {
+  if constexpr (requires { D::streams; })
+    return D::streams;
+  else
+    return 1;
+}();
+
 template <class D>
 void mm_group8(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Acts>& x, float* y,
-               int64_t n_out, int64_t k) {
+               int64_t n_out, int64_t ldy, int64_t k) {
   const int64_t m_rows = static_cast<int64_t>(x.size()), nb = k / 32, groups = (n_out + 7) / 8;
   const int64_t grain = std::max<int64_t>(1, 65536 / (8 * row_bytes));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     alignas(32) float buf[8];
     __m256 out[4];
-    for (int64_t g = g0; g < g1; ++g) {
+    constexpr int64_t S = streams<D>;
+    const int64_t len = (g1 - g0 + S - 1) / S;
+    for (int64_t j = 0; j < len * S; ++j) {
+      const int64_t g = g0 + (j % S) * len + j / S;
+      if (g >= g1) continue;
       const int64_t n = 8 * g, valid = std::min<int64_t>(8, n_out - n);
       const uint8_t* r[8];
       for (int i = 0; i < 8; ++i) r[i] = w + (n + std::min<int64_t>(i, valid - 1)) * row_bytes;
       int64_t m = 0;
       auto put = [&](int rows) {
         for (int t = 0; t < rows; ++t) {
-          float* dst = y + (m + t) * n_out + n;
+          float* dst = y + (m + t) * ldy + n;
           if (valid == 8) {
             _mm256_storeu_ps(dst, out[t]);
           } else {
@@ -413,6 +344,7 @@ struct TypeInfo {
 };
 
 TypeInfo type_info(int64_t qtype) {
+  if (qtype == (Q4_0 | X8) || qtype == (Q4_1 | X8) || qtype == (Q8_0 | X8)) qtype &= ~X8;
   switch (qtype) {
     case Q4_0: return {32, 18};
     case Q4_1: return {32, 20};
@@ -426,30 +358,9 @@ TypeInfo type_info(int64_t qtype) {
   }
 }
 
-template <int T>
-void Scalar::dot(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-  switch (qtype) {
-    case Q4_0: q4<T, false>(w, nb, x, out); break;
-    case Q4_1: q4<T, true>(w, nb, x, out); break;
-    case Q8_0: q8_0<T>(w, nb, x, out); break;
-    case Q4_K: q4_k<T>(w, nb, x, out); break;
-    default: q6_k<T>(w, nb, x, out); break;
-  }
-}
-
-// The Q5 types (ggml_q5.cpp) have drivers of their own (mm<ScalarQ5>, mm_group8<Group8Q5>): a call to another file
-// inside the other types' inlined loops made the compiler spill the constants it keeps in registers across them
-// (measured: Q4_1 at M = 1 took 20% longer).
-struct ScalarQ5 {
-  template <int T>
-  static void dot(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-    scalar_q5<T>(qtype, w, nb, x, out);
-  }
-};
-
 template <class K>
 void mm(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Acts>& x, float* y, int64_t n_out,
-        int64_t k) {
+        int64_t ldy, int64_t k) {
   const int64_t m_rows = static_cast<int64_t>(x.size()), nb = k / 32;
   // ~64 KiB of weights per task at least, so small matrices do not pay for thread wake-ups per row
   const int64_t grain = std::max<int64_t>(1, 65536 / row_bytes);
@@ -459,12 +370,38 @@ void mm(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Ac
       const uint8_t* wr = w + n * row_bytes;
       int64_t m = 0;
       auto put = [&](int rows) {
-        for (int t = 0; t < rows; ++t) y[(m + t) * n_out + n] = out[t];
+        for (int t = 0; t < rows; ++t) y[(m + t) * ldy + n] = out[t];
         m += rows;
       };
       for (; m + 4 <= m_rows;) K::template dot<4>(qtype, wr, nb, &x[m], out), put(4);
       if (m + 2 <= m_rows) K::template dot<2>(qtype, wr, nb, &x[m], out), put(2);
       if (m < m_rows) K::template dot<1>(qtype, wr, nb, &x[m], out), put(1);
+    }
+  });
+}
+
+// x8 groups on the scalar path: each group's 8 rows unpacked to raw rows, then Scalar's kernels
+void mm_scalar_x8(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Acts>& x, float* y,
+                  int64_t groups, int64_t ldy, int64_t k) {
+  const int64_t m_rows = static_cast<int64_t>(x.size()), nb = k / 32;
+  const int64_t grain = std::max<int64_t>(1, 65536 / (8 * row_bytes));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    std::vector<uint8_t> raw(static_cast<size_t>(8 * row_bytes));
+    float out[4];
+    for (int64_t g = g0; g < g1; ++g) {
+      unrepack_x8(qtype, w + 8 * g * row_bytes, nb, raw.data());
+      for (int i = 0; i < 8; ++i) {
+        const uint8_t* wr = raw.data() + i * row_bytes;
+        const int64_t n = 8 * g + i;
+        int64_t m = 0;
+        auto put = [&](int rows) {
+          for (int t = 0; t < rows; ++t) y[(m + t) * ldy + n] = out[t];
+          m += rows;
+        };
+        for (; m + 4 <= m_rows;) Scalar::dot<4>(qtype, wr, nb, &x[m], out), put(4);
+        if (m + 2 <= m_rows) Scalar::dot<2>(qtype, wr, nb, &x[m], out), put(2);
+        if (m < m_rows) Scalar::dot<1>(qtype, wr, nb, &x[m], out), put(1);
+      }
     }
   });
 }
@@ -480,6 +417,26 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int6
   llama_node::ggml_mm_into(xc.data_ptr<float>(), xc.size(0), k, w.data_ptr<uint8_t>(), qtype, w.size(0),
                            y.data_ptr<float>(), scalar);
   return y;
+}
+
+void mm_raw(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Acts>& acts, float* y,
+            int64_t n_out, int64_t ldy, int64_t k, bool scalar) {
+#if LN_AVX2
+  const bool q5 = qtype == Q5_0 || qtype == Q5_1 || qtype == Q5_K;
+  if (!scalar && q5) {
+    mm_group8<Group8Q5>(qtype, w, row_bytes, acts, y, n_out, ldy, k);
+    return;
+  }
+  if (!scalar && qtype != Q6_K) {
+    mm_group8<Group8>(qtype, w, row_bytes, acts, y, n_out, ldy, k);
+    return;
+  }
+  if (!scalar) {
+    mm<Avx2>(qtype, w, row_bytes, acts, y, n_out, ldy, k);
+    return;
+  }
+#endif
+  mm<Scalar>(qtype, w, row_bytes, acts, y, n_out, ldy, k);
 }
 
 bool has_avx2() { return LN_AVX2 != 0; }
@@ -514,26 +471,22 @@ void ggml_mm_into(const float* x, int64_t m_rows, int64_t k, const uint8_t* w, i
   });
   std::vector<Acts> acts(m_rows);
   for (int64_t m = 0; m < m_rows; ++m) acts[m] = {qp + m * k, dp + 2 * m * nb, dp + (2 * m + 1) * nb, sp + m * nb};
-  const bool q5 = qtype == Q5_0 || qtype == Q5_1 || qtype == Q5_K;
+  if (qtype & X8) {  // full groups of 8 rows repacked, the rest raw
+    const int64_t groups = n_out / 8, raw_type = qtype & ~X8;
+    if (groups > 0) {
 #if LN_AVX2
-  if (!scalar && q5) {
-    mm_group8<Group8Q5>(qtype, w, row_bytes, acts, y, n_out, k);
-    return;
-  }
-  if (!scalar && qtype != Q6_K) {
-    mm_group8<Group8>(qtype, w, row_bytes, acts, y, n_out, k);
-    return;
-  }
-  if (!scalar) {
-    mm<Avx2>(qtype, w, row_bytes, acts, y, n_out, k);
-    return;
-  }
+      if (!scalar)
+        mm_group8<Group8X8>(raw_type, w, row_bytes, acts, y, 8 * groups, n_out, k);
+      else
 #endif
-  if (q5) {
-    mm<ScalarQ5>(qtype, w, row_bytes, acts, y, n_out, k);
+        mm_scalar_x8(raw_type, w, row_bytes, acts, y, groups, n_out, k);
+    }
+    if (n_out > 8 * groups)
+      mm_raw(raw_type, w + 8 * groups * row_bytes, row_bytes, acts, y + 8 * groups, n_out - 8 * groups, n_out, k,
+             scalar);
     return;
   }
-  mm<Scalar>(qtype, w, row_bytes, acts, y, n_out, k);
+  mm_raw(qtype, w, row_bytes, acts, y, n_out, n_out, k, scalar);
 }
 
 }  // namespace llama_node

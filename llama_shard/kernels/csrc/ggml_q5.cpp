@@ -17,57 +17,6 @@
 namespace llama_node::detail {
 namespace {
 
-// ---- scalar: one weight row against T activation rows ------------------------------------------------------------
-
-template <int T, bool MIN>
-void scalar_q5_01(const uint8_t* w, int64_t nb, const Acts* x, float* out) {  // Q5_0 (MIN false), Q5_1
-  constexpr int size = MIN ? 24 : 22, hoff = MIN ? 4 : 2;
-  float acc[T] = {}, summ[T] = {};
-  for (int64_t b = 0; b < nb; ++b, w += size) {
-    const float dw = f16(w), mw = MIN ? f16(w + 2) : 0.f;
-    const uint32_t qh = ld32(w + hoff);
-    const uint8_t* qs = w + hoff + 4;
-    int code[32];
-    for (int i = 0; i < 16; ++i) {
-      code[i] = (qs[i] & 0xF) | static_cast<int>(((qh >> i) & 1) << 4);
-      code[i + 16] = (qs[i] >> 4) | static_cast<int>(((qh >> (i + 16)) & 1) << 4);
-    }
-    for (int t = 0; t < T; ++t) {
-      const int8_t* qx = x[t].q + 32 * b;
-      int isum = 0;
-      for (int i = 0; i < 32; ++i) isum += (MIN ? code[i] : code[i] - 16) * qx[i];
-      acc[t] += dw * x[t].d[b] * static_cast<float>(isum);
-      if (MIN) summ[t] += mw * x[t].s[b];
-    }
-  }
-  for (int t = 0; t < T; ++t) out[t] = acc[t] + summ[t];
-}
-
-template <int T>
-void scalar_q5_k(const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-  float acc[T] = {}, summ[T] = {};
-  for (int64_t b = 0; b < nb / 8; ++b, w += 176) {
-    const float d = f16(w), dmin = f16(w + 2);
-    const uint8_t* qh = w + 16;
-    for (int j = 0; j < 8; ++j) {
-      int sc, m;
-      scale_k4(w + 4, j, &sc, &m);
-      const uint8_t* qs = w + 48 + 32 * (j / 2);
-      const int shift = 4 * (j % 2);
-      const float dsc = d * static_cast<float>(sc), dm = dmin * static_cast<float>(m);
-      const int64_t xb = 8 * b + j;
-      for (int t = 0; t < T; ++t) {
-        const int8_t* qx = x[t].q + 32 * xb;
-        int isum = 0;
-        for (int i = 0; i < 32; ++i) isum += (((qs[i] >> shift) & 0xF) | (((qh[i] >> j) & 1) << 4)) * qx[i];
-        acc[t] += dsc * x[t].d[xb] * static_cast<float>(isum);
-        summ[t] += dm * x[t].s[xb];
-      }
-    }
-  }
-  for (int t = 0; t < T; ++t) out[t] = acc[t] - summ[t];
-}
-
 #if LN_AVX2
 // ---- AVX2, 8 weight rows per pass (the Group8 scheme of ggml_mm.cpp) ---------------------------------------------
 
@@ -104,12 +53,7 @@ void group8_q5_01(const uint8_t* const* r, int64_t nb, const Acts* x, __m256* ou
     const int64_t off = b * size;
     prefetch_next8<size>(next, b);
     __m256 dw, mw;
-    if constexpr (MIN) {
-      scales_min8(r, off, &dw, &mw);
-    } else {
-      dw = scales8(r, off);
-      mw = dw;
-    }
+    block_scales8<MIN>(r, off, &dw, &mw);
     __m256i qh;
     {
       int h[8];
@@ -201,18 +145,6 @@ void group8_q5_k(const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out
 #endif
 
 }  // namespace
-
-template <int T>
-void scalar_q5(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out) {
-  switch (qtype) {
-    case Q5_0: scalar_q5_01<T, false>(w, nb, x, out); break;
-    case Q5_1: scalar_q5_01<T, true>(w, nb, x, out); break;
-    default: scalar_q5_k<T>(w, nb, x, out); break;
-  }
-}
-template void scalar_q5<1>(int64_t, const uint8_t*, int64_t, const Acts*, float*);
-template void scalar_q5<2>(int64_t, const uint8_t*, int64_t, const Acts*, float*);
-template void scalar_q5<4>(int64_t, const uint8_t*, int64_t, const Acts*, float*);
 
 #if LN_AVX2
 template <int T>
