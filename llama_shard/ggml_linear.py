@@ -1,8 +1,9 @@
 """Linears over raw GGUF blocks, computed by ``llama_shard.kernels`` (ggml's AVX2 dot products): no repacking.
 
 A ``GGMLLinear`` holds a matrix exactly as the file stores it: uint8 ``[N, bytes per row]`` of Q4_0, Q4_1, Q5_0,
-Q5_1, Q8_0, Q4_K, Q5_K or Q6_K blocks, so its memory is the file's size for that tensor, and fusing wq/wk/wv or
-w1/w3 is concatenating rows. ``--quantize int4|int8`` writes float weights into the same formats (Q4_1, Q8_0).
+Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K or Q6_K blocks, so its memory is the file's size for that tensor, and fusing
+wq/wk/wv or w1/w3 is concatenating rows. ``--quantize int4|int8`` writes float weights into the same formats (Q4_1,
+Q8_0).
 
 Numerics, as llama.cpp's: each activation row is rounded to 8 bits per block of 32 (scale ``amax/127``), products
 are exact integers, and each block's integer sum is scaled by ``d_w · d_x`` in fp32. So the error against
@@ -23,7 +24,7 @@ QT = GGMLQuantizationType
 
 #: GGUF types the kernel computes on directly
 KERNEL_TYPES: frozenset[GGMLQuantizationType] = frozenset(
-    {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K}
+    {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K}
 )
 
 

@@ -45,7 +45,13 @@ Q = GGMLQuantizationType
 TYPES = sorted(KERNEL_TYPES, key=int)
 U = 2.0**-24
 # zeroing the codes (and fifth bits) leaves the min term z
-CODE_BYTES = {Q.Q4_1: slice(4, 20), Q.Q5_1: slice(4, 24), Q.Q4_K: slice(16, 144), Q.Q5_K: slice(16, 176)}
+CODE_BYTES = {
+    Q.Q4_1: slice(4, 20),
+    Q.Q5_1: slice(4, 24),
+    Q.Q4_K: slice(16, 144),
+    Q.Q5_K: slice(16, 176),
+    Q.Q2_K: slice(16, 80),
+}
 
 needs_kernel = pytest.mark.skipif(
     not kernels.available(), reason="the native kernel is disabled (LLAMA_NODE_KERNELS=0) or could not be built"
