@@ -187,7 +187,10 @@ void group8_q3_k(const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out
     for (int c = 0; c < 3; ++c)
       s[c] = _mm256_or_si256(_mm256_srli_epi32(sc[c], 16), _mm256_slli_epi32(sc[c + 1], 16));
     for (int jb = 0; jb < 8; ++jb) {
-      const __m128i pass = _mm_cvtsi32_si128(2 * (jb % 4)), bit = _mm_cvtsi32_si128(jb);
+      // bit jb of the hmask bytes to bit 2 in one shift (right for jb >= 2, left below): in 16-bit lanes by at most 5,
+      // so that a byte's bit 2 comes from the same byte
+      const __m128i pass = _mm_cvtsi32_si128(2 * (jb % 4)), bit = _mm_cvtsi32_si128(jb >= 2 ? jb - 2 : 2 - jb);
+      const bool right = jb >= 2;
       const __m128i lo_shift = _mm_cvtsi32_si128(16 * (jb % 2) + 4 * (jb / 4));
       const __m128i hi_shift = _mm_cvtsi32_si128(16 * (jb % 2) + 2 * (jb / 2));
       const __m256i lo = _mm256_and_si256(_mm256_srl_epi32(s[(jb % 4) / 2], lo_shift), m4);
@@ -196,7 +199,8 @@ void group8_q3_k(const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out
       __m256i u[8];
       for (int i = 0; i < 8; ++i) {
         const __m256i q = _mm256_and_si256(_mm256_srl_epi16(ld256(r[i] + off + 32 + 32 * (jb / 4)), pass), m3);
-        const __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_srl_epi16(ld256(r[i] + off), bit), 2), b2);
+        const __m256i hm = ld256(r[i] + off);
+        const __m256i h = _mm256_and_si256(right ? _mm256_srl_epi16(hm, bit) : _mm256_sll_epi16(hm, bit), b2);
         u[i] = _mm256_or_si256(q, h);
       }
       const int64_t xb = 8 * sb + jb;
