@@ -4,9 +4,12 @@ Error bound. The kernel rounds each activation row to 8 bits per block ``b`` of 
 ``q = round(x · 127/amax_b)``, so ``x̂ = d_b q`` and ``|x - x̂| ≤ d_b / 2`` per element (round to nearest, no clamping
 since ``|x| ≤ amax_b``; plus a few fp32 roundings of ``127/amax`` and the product, ≤ 2^-21 amax_b). Weight codes
 and activation codes then multiply exactly in integers (pair sums of ``maddubs`` stay below 2^15: at most
-2 · 128 · 127; the int16 partial sums too: 16 products of 4-bit codes or 8 of 5-bit ones), each block's integer sum
-is scaled by ``d_w · d_x`` in fp32, and the fp32 sum over K has at most ``K/32 + 8`` roundings per term (8 lanes,
-pairs of blocks, a horizontal sum of 3 levels, and the scalar sum of the Q4_1/Q5_1/Q4_K/Q5_K min terms). So, with
+2 · 128 · 127; the int16 partial sums too: 16 products of 4-bit codes or of Q2_K / Q3_K's codes (at most 7, so
+14224 < 2^15), or 8 of 5-bit ones; Q2_K / Q3_K's per-16 scales and mins multiply those sums in int32), each block's
+integer sum is scaled by ``d_w · d_x`` in fp32, and the fp32 sum over K has at most ``K/32 + 8`` roundings per term
+(8 lanes, pairs of blocks, a horizontal sum of 3 levels, and the scalar sum of the Q4_1/Q5_1/Q2_K/Q4_K/Q5_K min
+terms). ggml itself rounds the activation for Q2_K / Q3_K to Q8_K (one d per 256, so a coarser step than ours where
+a block of 32 holds no outlier); here every type shares the blocks of 32. So, with
 ``u = 2^-24`` and ``|w|ₐ = |w - z| + |z|`` (``z``: the min term, that cancels against the codes in those types; 0
 for the symmetric ones):
 
