@@ -1,7 +1,7 @@
 """Linears over GGUF blocks, computed by ``llama_shard.kernels`` (ggml's AVX2 dot products).
 
 A ``GGMLLinear`` holds a matrix as the file's bytes: uint8 ``[N, bytes per row]`` of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
-Q4_K, Q5_K or Q6_K blocks, so its memory is the file's size for that tensor, and fusing wq/wk/wv or w1/w3 is
+Q2_K, Q3_K, Q4_K, Q5_K or Q6_K blocks, so its memory is the file's size for that tensor, and fusing wq/wk/wv or w1/w3 is
 concatenating rows. Q4_0, Q4_1 and Q8_0 are reordered at load 8 rows at a time (``repack_x8``: the same bytes, laid out
 for the AVX2 kernel, see ``csrc/ggml_x8.cpp``); the other types stay as the file stores them. ``--quantize
 int4|int8`` writes float weights into the same formats (Q4_1, Q8_0).
@@ -27,7 +27,7 @@ QT = GGMLQuantizationType
 
 #: GGUF types the kernel computes on directly
 KERNEL_TYPES: frozenset[GGMLQuantizationType] = frozenset(
-    {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K}
+    {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K}
 )
 
 

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 #: Tensor types this loader reads (dequantised to float at load; the speed issue keeps them packed).
 SUPPORTED_TYPES = frozenset(
     GGMLQuantizationType[name]
-    for name in ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+    for name in ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 )
 
 #: GGUF tensor names -> this project's names. ``{i}`` is the global layer index.

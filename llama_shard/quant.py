@@ -24,7 +24,8 @@ What is not exact: scales and zeros are bf16 in this kernel (relative rounding �
 (also ≤ 2^-9) and the output. llama.cpp itself rounds activations to 8 bits (Q8_0/Q8_1) for these formats.
 
 Formats with a scale per 16 weights (Q6_K, Q2_K, Q3_K) or 5-bit codes are dequantised at load into a bf16
-``DenseLinear`` (2 bytes per weight) — no packed kernel here takes groups under 32.
+``DenseLinear`` (2 bytes per weight) — no packed kernel here takes groups under 32. The native kernel takes all of
+them packed (``GGMLLinear``): a 2- or 3-bit file held in bf16 here is 5-6x its size.
 
 The token embedding never needs the matrix: ``QuantEmbedding`` dequantises only the rows it looks up, from the
 GGUF blocks (memory-mapped from the file, so untouched rows cost nothing).

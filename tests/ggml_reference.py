@@ -126,6 +126,45 @@ def ref_q6_k(b: np.ndarray) -> np.ndarray:  # {u8 ql[128]; u8 qh[64]; int8 scale
     return y
 
 
+def ref_q2_k(b: np.ndarray) -> np.ndarray:  # {u8 scales[16]; u8 qs[64]; f16 d, dmin}
+    """Two chunks of 128 (qs advances by 32): pass p takes bits 2p of the chunk's 32 bytes, 16 values per scale."""
+    d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    sc = b[:, 0:16].astype(np.int32)
+    y = np.empty((len(b), 256), np.float32)
+    for n in range(2):
+        q = b[:, 16 + 32 * n : 48 + 32 * n].astype(np.int32)
+        for p in range(4):
+            for half in range(2):
+                k = 8 * n + 2 * p + half  # the scale byte: low nibble scale, high nibble min
+                dl = d * (sc[:, k : k + 1] & 0xF).astype(np.float32)
+                ml = dmin * (sc[:, k : k + 1] >> 4).astype(np.float32)
+                start = 128 * n + 32 * p + 16 * half
+                y[:, start : start + 16] = dl * ((q[:, 16 * half : 16 * half + 16] >> (2 * p)) & 3) - ml
+    return y
+
+
+def ref_q3_k(b: np.ndarray) -> np.ndarray:  # {u8 hmask[32]; u8 qs[64]; u8 scales[12]; f16 d}
+    """As Q2_K's codes, minus 4 where the value's bit of ``hmask`` (bit 4n + p of byte l) is clear; 6-bit scales:
+    low 4 bits from ``scales[k % 8]`` (k >= 8: the high nibble), high 2 from ``scales[8 + k % 4] >> 2 (k / 4)``."""
+    d = _f16(b[:, 108:110])
+    s = b[:, 96:108].astype(np.int32)
+    hm = b[:, 0:32].astype(np.int32)
+    y = np.empty((len(b), 256), np.float32)
+    for n in range(2):
+        q = b[:, 32 + 32 * n : 64 + 32 * n].astype(np.int32)
+        for p in range(4):
+            bit = 4 * n + p
+            for half in range(2):
+                k = 8 * n + 2 * p + half
+                scale = ((s[:, k % 8] >> (4 * (k // 8))) & 0xF) | (((s[:, 8 + k % 4] >> (2 * (k // 4))) & 3) << 4)
+                dl = d * (scale[:, None] - 32).astype(np.float32)
+                part = slice(16 * half, 16 * half + 16)
+                code = ((q[:, part] >> (2 * p)) & 3) - np.where((hm[:, part] >> bit) & 1, 0, 4)
+                start = 128 * n + 32 * p + 16 * half
+                y[:, start : start + 16] = dl * code.astype(np.float32)
+    return y
+
+
 REFERENCE: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
     Q.F32: ref_f32,
     Q.F16: ref_f16,
@@ -135,6 +174,8 @@ REFERENCE: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
     Q.Q4_1: ref_q4_1,
     Q.Q5_0: ref_q5_0,
     Q.Q5_1: ref_q5_1,
+    Q.Q2_K: ref_q2_k,
+    Q.Q3_K: ref_q3_k,
     Q.Q4_K: ref_q4_k,
     Q.Q5_K: ref_q5_k,
     Q.Q6_K: ref_q6_k,
@@ -142,7 +183,7 @@ REFERENCE: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
 
 #: Byte offsets of the f16 scale fields in one block (random bytes there could be inf or NaN).
 F16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q5_0: (0,), Q.Q4_1: (0, 2), Q.Q5_1: (0, 2), Q.Q4_K: (0, 2),
-              Q.Q5_K: (0, 2), Q.Q6_K: (208,)}  # fmt: skip
+              Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q2_K: (80, 82), Q.Q3_K: (108,)}  # fmt: skip
 
 
 def reference_dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> np.ndarray:

@@ -11,8 +11,8 @@ What the converter does for the ``llama`` architecture, and this helper copies:
 * 1-D tensors in F32, 2-D tensors in the requested type.
 
 gguf-py can quantise F16, BF16 and Q4_0 ... Q8_0 but none of the K-quants, so ``encode`` has simple numpy
-quantisers for Q4_K, Q5_K and Q6_K (not llama.cpp's search for the best scales, but valid blocks of the same layout:
-the tests check them through the loader and an independent dequantiser).
+quantisers for Q2_K, Q3_K, Q4_K, Q5_K and Q6_K (not llama.cpp's search for the best scales, but valid blocks of the
+same layout: the tests check them through the loader and an independent dequantiser).
 """
 
 from __future__ import annotations
@@ -148,10 +148,50 @@ def _quantise_q6_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([*parts, d.view(np.uint8).reshape(-1, 2)], axis=1)
 
 
+def _pack_2bit(q: np.ndarray) -> np.ndarray:
+    """Codes 0..3 ``[nb, 256]`` -> Q2_K / Q3_K's 64 ``qs`` bytes: value 128n + 32p + l in bits 2p of byte 32n + l."""
+    parts = q.reshape(-1, 2, 4, 32).astype(np.uint8)
+    return sum(parts[:, :, p] << (2 * p) for p in range(4)).reshape(-1, 64).astype(np.uint8)
+
+
+def _quantise_q2_k(x: np.ndarray) -> np.ndarray:
+    """Q2_K: sixteen sub-blocks of 16 with a 4-bit scale and min each; ``x = d*sc*q - dmin*m``, q in 0..3."""
+    sub = x.reshape(-1, 16, 16)
+    mn = np.minimum(sub.min(-1), 0)
+    scale_need, min_need = (sub.max(-1) - mn) / 3, -mn
+    d, dmin = _f16_at_least(scale_need.max(-1) / 15), _f16_at_least(min_need.max(-1) / 15)
+    sc = np.clip(np.ceil(_div(scale_need, d[:, None].astype(np.float32))), 0, 15).astype(np.uint8)
+    m = np.clip(np.rint(_div(min_need, dmin[:, None].astype(np.float32))), 0, 15).astype(np.uint8)
+    s, offset = d[:, None].astype(np.float32) * sc, dmin[:, None].astype(np.float32) * m
+    q = np.clip(np.rint(_div(sub + offset[..., None], s[..., None])), 0, 3).reshape(-1, 256)
+    tail = [d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2)]
+    return np.concatenate([sc | (m << 4), _pack_2bit(q), *tail], axis=1)
+
+
+def _quantise_q3_k(x: np.ndarray) -> np.ndarray:
+    """Q3_K: sixteen sub-blocks of 16 with a signed 6-bit scale; ``x = d*sc*q``, q in -4..3 (the value of largest
+    magnitude maps to -4, as llama.cpp's ``make_q3_quants`` arranges by the scale's sign)."""
+    sub = x.reshape(-1, 16, 16)
+    extreme = np.take_along_axis(sub, np.abs(sub).argmax(-1)[..., None], -1)[..., 0]  # [nb, 16]
+    scale_need = -extreme / 4
+    d = _f16_at_least(np.abs(scale_need).max(-1) / 31)
+    sc = np.clip(np.rint(_div(scale_need, d[:, None].astype(np.float32))), -32, 31).astype(np.int32)
+    s = d[:, None].astype(np.float32) * sc
+    u = (np.clip(np.rint(_div(sub, s[..., None])), -4, 3) + 4).astype(np.uint8).reshape(-1, 256)  # 0..7
+    biased = (sc + 32).astype(np.uint8)  # 6 bits: low 4 in a nibble of bytes 0..7, high 2 in bytes 8..11
+    scales = np.empty((len(sc), 12), np.uint8)
+    scales[:, 0:8] = (biased[:, 0:8] & 0xF) | ((biased[:, 8:16] & 0xF) << 4)
+    high = biased >> 4
+    scales[:, 8:12] = high[:, 0:4] | (high[:, 4:8] << 2) | (high[:, 8:12] << 4) | (high[:, 12:16] << 6)
+    top = (u >> 2).reshape(-1, 8, 32)  # the third bit of 32-block j's value l: bit j of hmask[l]
+    hmask = sum(top[:, j] << j for j in range(8)).astype(np.uint8)
+    return np.concatenate([hmask, _pack_2bit(u & 3), scales, d.view(np.uint8).reshape(-1, 2)], axis=1)
+
+
 def encode(w: np.ndarray, qtype: GGMLQuantizationType, seed: int = 0) -> tuple[np.ndarray, GGMLQuantizationType]:
     """``w`` ``[rows, cols]`` (float32) as the bytes (or floats) of ``qtype`` for ``GGUFWriter.add_tensor``.
 
-    Types with no quantiser here (Q2_K, IQ2_XXS, ...) get random bytes of the right size: only for files that the
+    Types with no quantiser here (IQ2_XXS, ...) get random bytes of the right size: only for files that the
     loader must reject.
     """
     w = np.ascontiguousarray(w, dtype=np.float32)
@@ -165,6 +205,8 @@ def encode(w: np.ndarray, qtype: GGMLQuantizationType, seed: int = 0) -> tuple[n
         raw = _quantise_k_min(w.reshape(-1, 256), 4 if qtype == Q.Q4_K else 5)
     elif qtype == Q.Q6_K:
         raw = _quantise_q6_k(w.reshape(-1, 256))
+    elif qtype in (Q.Q2_K, Q.Q3_K):
+        raw = (_quantise_q2_k if qtype == Q.Q2_K else _quantise_q3_k)(w.reshape(-1, 256))
     else:
         raw = np.random.default_rng(seed).integers(0, 256, (rows, w.shape[-1] // block * nbytes), dtype=np.uint8)
     return raw.reshape(rows, -1), qtype

@@ -30,7 +30,7 @@ from llama_shard.model import Stage
 from llama_shard.shard import ShardSpec, split_evenly
 
 Q = GGMLQuantizationType
-TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_0, Q.Q4_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -103,6 +103,17 @@ def error_bound(qtype: GGMLQuantizationType, x: np.ndarray) -> np.ndarray:
         sub = np.abs(x.reshape(-1, 16, 16)).max(2)
         d = sub.max(1, keepdims=True) / 31 / 127 * (1 + 2 * eps)
         return np.broadcast_to(((sub / 31 + d) / 2 * 1.0001)[..., None], (len(sub), 16, 16)).reshape(x.shape)
+    if qtype == Q.Q3_K:  # ours: the sub-block's extreme maps to -4 at scale amax/4, rounded to a step d of 31
+        sub = np.abs(x.reshape(-1, 16, 16)).max(2)  # (-4 can overshoot 2d, the far end clips at 3: a step + 2d)
+        d = sub.max(1, keepdims=True) / 4 / 31 * (1 + 2 * eps)
+        return np.broadcast_to(((sub / 4 + 2.5 * d) * 1.0001)[..., None], (len(sub), 16, 16)).reshape(x.shape)
+    if qtype == Q.Q2_K:  # ours: as Q4_K below, over sub-blocks of 16, 2-bit codes and 4-bit scales and mins
+        sub = x.reshape(-1, 16, 16)
+        lo = np.minimum(sub.min(2), 0)
+        scale = (sub.max(2) - lo) / 3
+        d = scale.max(1, keepdims=True) / 15 * (1 + 2 * eps)
+        dmin = (-lo).max(1, keepdims=True) / 15 * (1 + 2 * eps)
+        return np.broadcast_to((np.maximum(scale + d, dmin) / 2 * 1.0001)[..., None], sub.shape).reshape(x.shape)
     # Q4_K / Q5_K, ours: scale >= range/levels, min offset rounded to a step dmin; clipping costs <= dmin / 2
     levels = 15 if qtype == Q.Q4_K else 31
     sub = x.reshape(-1, 8, 32)
@@ -429,7 +440,7 @@ def test_unsupported_architecture(gguf_of: Callable[..., tuple[Path, Path]]) -> 
     assert_one_sentence(err, "unsupported architecture 'gpt2'")
 
 
-@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.IQ2_XXS, Q.Q3_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.IQ2_XXS, Q.IQ3_XXS, Q.IQ4_NL], ids=lambda t: t.name)
 def test_unsupported_tensor_type(gguf_of: Callable[..., tuple[Path, Path]], qtype: GGMLQuantizationType) -> None:
     _, path = gguf_of("wide", type_overrides={"blk.1.ffn_up.weight": qtype})
     load_all(path, ShardSpec(2, 4, 4))  # a stage that does not hold the tensor is unaffected

@@ -4,9 +4,12 @@ Error bound. The kernel rounds each activation row to 8 bits per block ``b`` of 
 ``q = round(x · 127/amax_b)``, so ``x̂ = d_b q`` and ``|x - x̂| ≤ d_b / 2`` per element (round to nearest, no clamping
 since ``|x| ≤ amax_b``; plus a few fp32 roundings of ``127/amax`` and the product, ≤ 2^-21 amax_b). Weight codes
 and activation codes then multiply exactly in integers (pair sums of ``maddubs`` stay below 2^15: at most
-2 · 128 · 127; the int16 partial sums too: 16 products of 4-bit codes or 8 of 5-bit ones), each block's integer sum
-is scaled by ``d_w · d_x`` in fp32, and the fp32 sum over K has at most ``K/32 + 8`` roundings per term (8 lanes,
-pairs of blocks, a horizontal sum of 3 levels, and the scalar sum of the Q4_1/Q5_1/Q4_K/Q5_K min terms). So, with
+2 · 128 · 127; the int16 partial sums too: 16 products of 4-bit codes or of Q2_K / Q3_K's codes (at most 7, so
+14224 < 2^15), or 8 of 5-bit ones; Q2_K / Q3_K's per-16 scales and mins multiply those sums in int32), each block's
+integer sum is scaled by ``d_w · d_x`` in fp32, and the fp32 sum over K has at most ``K/32 + 8`` roundings per term
+(8 lanes, pairs of blocks, a horizontal sum of 3 levels, and the scalar sum of the Q4_1/Q5_1/Q2_K/Q4_K/Q5_K min
+terms). ggml itself rounds the activation for Q2_K / Q3_K to Q8_K (one d per 256, so a coarser step than ours where
+a block of 32 holds no outlier); here every type shares the blocks of 32. So, with
 ``u = 2^-24`` and ``|w|ₐ = |w - z| + |z|`` (``z``: the min term, that cancels against the codes in those types; 0
 for the symmetric ones):
 
@@ -55,7 +58,13 @@ Q = GGMLQuantizationType
 TYPES = sorted(KERNEL_TYPES, key=int)
 U = 2.0**-24
 # zeroing the codes (and fifth bits) leaves the min term z
-CODE_BYTES = {Q.Q4_1: slice(4, 20), Q.Q5_1: slice(4, 24), Q.Q4_K: slice(16, 144), Q.Q5_K: slice(16, 176)}
+CODE_BYTES = {
+    Q.Q4_1: slice(4, 20),
+    Q.Q5_1: slice(4, 24),
+    Q.Q4_K: slice(16, 144),
+    Q.Q5_K: slice(16, 176),
+    Q.Q2_K: slice(16, 80),
+}
 
 needs_kernel = pytest.mark.skipif(
     not kernels.available(), reason="the native kernel is disabled (LLAMA_NODE_KERNELS=0) or could not be built"
@@ -273,11 +282,17 @@ def test_smollm2_tied_head_is_held_once() -> None:
     assert held + norms == file_bytes  # the file's bytes (F32 norms, quantised blocks), none repacked or duplicated
 
 
-# the type of every matrix, and single tensors of another: q5_k_m as llama.cpp mixes in Q6_K (head, some ffn_down)
+# the type of every matrix, and single tensors of another: q5_k_m as llama.cpp mixes in Q6_K (head, some ffn_down);
+# q3_k_m and q2_k as llama.cpp's mixes (the head Q6_K, ffn_down and attn_output a type or two up), except attn_v,
+# which llama.cpp also raises but that would split wqkv (see test_a_split_wqkv_... below)
 Q5_FILES = {
     "q5_0": (Q.Q5_0, {}),
     "q5_1": (Q.Q5_1, {}),
     "q5_k_m": (Q.Q5_K, {"output.weight": Q.Q6_K, "blk.1.ffn_down.weight": Q.Q6_K}),
+}
+Q23_FILES = {
+    "q3_k_m": (Q.Q3_K, {"output.weight": Q.Q6_K, "blk.1.ffn_down.weight": Q.Q4_K, "blk.2.attn_output.weight": Q.Q4_K}),
+    "q2_k": (Q.Q2_K, {"output.weight": Q.Q6_K, "blk.1.ffn_down.weight": Q.Q3_K, "blk.2.attn_output.weight": Q.Q3_K}),
 }
 
 
@@ -287,14 +302,16 @@ def _logits(stage: Stage, ids: torch.Tensor) -> torch.Tensor:
 
 
 @needs_kernel
-@pytest.mark.parametrize("name", Q5_FILES)
-def test_a_q5_gguf_stays_packed_and_tracks_the_fp32_model(
+@pytest.mark.parametrize("name", [*Q5_FILES, *Q23_FILES])
+def test_a_low_bit_gguf_stays_packed_and_tracks_the_fp32_model(
     make_hf_llama: Callable[..., Path], tmp_path: Path, name: str
 ) -> None:
-    """A Q5_0 / Q5_1 / Q5_K file loads with every linear as the file's blocks (no bf16 ``DenseLinear``), and its
-    logits stay close to the exact path's (the same file, dequantised to fp32): the error budget of
-    ``tests/test_quant.py`` for the 8-bit activation rounding of 17 linears in sequence (≈ 2% expected, 3% allowed)."""
-    qtype, overrides = Q5_FILES[name]
+    """A Q5_0 / Q5_1 / Q5_K / Q3_K / Q2_K file loads with every linear as the file's blocks (no bf16
+    ``DenseLinear``), and its logits stay close to the exact path's (the same file, dequantised to fp32): the error
+    budget of ``tests/test_quant.py`` for the 8-bit activation rounding of 17 linears in sequence (≈ 2% expected, 3%
+    allowed). The weights' own bits do not enter it: both paths hold the same weights; the activation's rounding error
+    relative to a dot product is about 1/127/√3 per linear, whatever the weight type."""
+    qtype, overrides = {**Q5_FILES, **Q23_FILES}[name]
     hf = make_hf_llama(hidden_size=256, intermediate_size=512)  # K-quants need rows of 256
     source = open_source(hf_to_gguf(hf, tmp_path / "m.gguf", weight_type=qtype, type_overrides=overrides))
     exact = load_stage(source, ShardSpec.whole(4))
@@ -312,6 +329,29 @@ def test_a_q5_gguf_stays_packed_and_tracks_the_fp32_model(
     # the serving path: the whole stage in one native call (``llama_shard.fused``) takes the Q5 blocks too
     cache = packed.new_cache(2, batching.cache_len(64))
     assert fused.decoder(packed, cache) is not None
+    (last,) = batching.run_step(packed, cache, [batching.StepRow(0, 0, ids[0], prefill=True)], 1)
+    assert last is not None
+    assert ((last.reshape(-1) - a[0, -1]).norm() / a[0, -1].norm()).item() < 0.03
+
+
+@needs_kernel
+def test_a_split_wqkv_stays_packed(make_hf_llama: Callable[..., Path], tmp_path: Path) -> None:
+    """llama.cpp's Q3_K_M and Q2_K raise attn_v (to Q5_K / Q4_K in the first layers) above attn_q / attn_k: that layer
+    cannot fuse wqkv, so it holds wq, wk and wv as three packed linears and stays close to the exact path. The fused
+    decode plan wants one wqkv per layer, so such a stage decodes eagerly (``fused.decoder`` is None)."""
+    hf = make_hf_llama(hidden_size=256, intermediate_size=512)
+    overrides = {"output.weight": Q.Q6_K, "blk.0.attn_v.weight": Q.Q5_K, "blk.1.attn_v.weight": Q.Q4_K}
+    source = open_source(hf_to_gguf(hf, tmp_path / "m.gguf", weight_type=Q.Q3_K, type_overrides=overrides))
+    exact = load_stage(source, ShardSpec.whole(4))
+    packed = load_stage(source, ShardSpec.whole(4), quantize=QuantMode.gguf)
+    linears = {n: m for n, m in packed.named_modules() if isinstance(m, GGMLLinear | QuantLinear | DenseLinear)}
+    assert len(linears) == 4 * 4 + 1 + 2 * 2 and all(isinstance(m, GGMLLinear) for m in linears.values()), linears
+    assert packed.layers["0"].attention.wv.qtype == Q.Q5_K and packed.layers["2"].attention.wqkv.qtype == Q.Q3_K
+    ids = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(7))
+    a, b = _logits(exact, ids), _logits(packed, ids)
+    assert ((a - b).norm() / a.norm()).item() < 0.03
+    cache = packed.new_cache(2, batching.cache_len(64))
+    assert fused.decoder(packed, cache) is None
     (last,) = batching.run_step(packed, cache, [batching.StepRow(0, 0, ids[0], prefill=True)], 1)
     assert last is not None
     assert ((last.reshape(-1) - a[0, -1]).norm() / a[0, -1].norm()).item() < 0.03

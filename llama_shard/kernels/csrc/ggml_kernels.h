@@ -1,5 +1,5 @@
-// Internal to the kernel library: what ggml_mm.cpp (the driver, Q4_0/Q4_1/Q8_0/Q4_K/Q6_K) and ggml_q5.cpp (Q5_0,
-// Q5_1, Q5_K) share: the quantised activation row, the GGML type ids and the AVX2 helpers of the 8-rows-per-pass
+// Internal to the kernel library: what ggml_mm.cpp (the driver, Q4_0/Q4_1/Q8_0/Q4_K/Q6_K), ggml_q5.cpp (Q5_0,
+// Q5_1, Q5_K) and ggml_q23.cpp (Q2_K, Q3_K) share: the quantised activation row, the GGML type ids and the AVX2 helpers of the 8-rows-per-pass
 // kernels. Not an interface for other code (that is ggml_mm.h).
 #pragma once
 #include <c10/util/Half.h>
@@ -17,7 +17,8 @@
 namespace llama_node::detail {
 
 // GGMLQuantizationType values
-constexpr int64_t Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14;
+constexpr int64_t Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
+                  Q5_K = 13, Q6_K = 14;
 // a type id | X8: the blocks repacked 8 rows at a time (ggml_x8.cpp; Q4_0 and Q4_1)
 constexpr int64_t X8 = 0x100;
 
@@ -63,6 +64,10 @@ void scalar_dot(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, floa
 
 // The 8 rows of an x8 group at g (Q4_0 or Q4_1, nb blocks each) as raw rows, row i at raw + i * row bytes.
 void unrepack_x8(int64_t qtype, const uint8_t* g, int64_t nb, uint8_t* raw);
+
+// ... of Q2_K and Q3_K, for scalar_dot (ggml_q23.cpp)
+template <int T>
+void scalar_q23(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, float* out);
 
 #if LN_AVX2
 inline __m128i ld128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
@@ -135,6 +140,9 @@ void group8_q5(int64_t qtype, const uint8_t* const* r, int64_t nb, const Acts* x
 // The AVX2 kernels of the x8 layout (ggml_x8.cpp): g the group's first byte, out[t] lane i as for group8_q5.
 template <int T>
 void group8_x8(int64_t qtype, const uint8_t* g, int64_t nb, const Acts* x, __m256* out);
+// ... and of Q2_K, Q3_K (ggml_q23.cpp)
+template <int T>
+void group8_q23(int64_t qtype, const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out);
 #endif
 
 }  // namespace llama_node::detail

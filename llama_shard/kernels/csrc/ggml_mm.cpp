@@ -1,10 +1,10 @@
-// y = x @ w.T over raw GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), the way ggml computes it on AVX2.
+// y = x @ w.T over raw GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), as ggml on AVX2.
 //
 // The activation x [M, K] (fp32) is quantised per row to blocks of 32: int8 codes q, an fp32 scale d = amax/127
 // and s = d * sum(q) (for the mins of Q4_1 / Q5_1 / Q4_K / Q5_K). Each weight block is dotted with the matching
 // activation block(s) in integer SIMD (_mm256_maddubs_epi16 + _mm256_madd_epi16) and scaled by d_w * d_x in fp32.
 //
-// Q4_0, Q4_1, Q8_0, Q4_K (and Q5_0, Q5_1, Q5_K: ggml_q5.cpp) on AVX2 (Group8): 8 weight rows per pass, one per fp32
+// Q4_0, Q4_1, Q8_0, Q4_K (and Q5_0, Q5_1, Q5_K: ggml_q5.cpp; Q2_K, Q3_K: ggml_q23.cpp) on AVX2 (Group8): 8 weight rows per pass, one per fp32
 // lane. Each block's 32 products are summed exactly in integers for all 8 rows at once (in-lane horizontal adds),
 // then one vector multiply of the scales and one fma per block update the 8 outputs; the unpacked weight block is
 // shared by a tile of 1, 2 or 4 activation rows.
@@ -281,6 +281,13 @@ struct Group8Q5 {
   }
 };
 
+struct Group8Q23 {
+  template <int T>
+  static void dot(int64_t qtype, const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out) {
+    group8_q23<T>(qtype, r, nb, x, out);
+  }
+};
+
 struct Group8X8 {
   // A thread's groups are visited as 2 interleaved runs (g0, mid, g0 + 1, mid + 1, ...): one x8 matrix is one
   // sequential stream, and from DRAM (a whole model at M = 1) two streams read faster than one (measured,
@@ -351,6 +358,8 @@ TypeInfo type_info(int64_t qtype) {
     case Q5_0: return {32, 22};
     case Q5_1: return {32, 24};
     case Q8_0: return {32, 34};
+    case Q2_K: return {256, 84};
+    case Q3_K: return {256, 110};
     case Q4_K: return {256, 144};
     case Q5_K: return {256, 176};
     case Q6_K: return {256, 210};
@@ -423,6 +432,10 @@ void mm_raw(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vecto
             int64_t n_out, int64_t ldy, int64_t k, bool scalar) {
 #if LN_AVX2
   const bool q5 = qtype == Q5_0 || qtype == Q5_1 || qtype == Q5_K;
+  if (!scalar && (qtype == Q2_K || qtype == Q3_K)) {
+    mm_group8<Group8Q23>(qtype, w, row_bytes, acts, y, n_out, ldy, k);
+    return;
+  }
   if (!scalar && q5) {
     mm_group8<Group8Q5>(qtype, w, row_bytes, acts, y, n_out, ldy, k);
     return;

@@ -121,6 +121,8 @@ void scalar_dot(int64_t qtype, const uint8_t* w, int64_t nb, const Acts* x, floa
     case Q8_0: q8_0<T>(w, nb, x, out); break;
     case Q4_K: k4_5<T, false>(w, nb, x, out); break;
     case Q5_K: k4_5<T, true>(w, nb, x, out); break;
+    case Q2_K:
+    case Q3_K: scalar_q23<T>(qtype, w, nb, x, out); break;
     default: q6_k<T>(w, nb, x, out); break;
   }
 }
