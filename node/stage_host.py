@@ -14,7 +14,7 @@ that LoadShard asked for, so every node has one whatever the coordinator numbers
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -22,7 +22,7 @@ import torch
 from llama_shard import batching
 from llama_shard.batching import StepRow
 from llama_shard.model import KVCache, Stage
-from llama_shard.sampling import sample
+from llama_shard.sampling import SlotHistories, sample
 from node.wire import Frame, FrameResult, RowInput, RowOutput, WireError, dtype_name
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 class _Slot:
     request_id: int = -1
     length: int = 0
-    history: list[int] = field(default_factory=list)
 
 
 class StageHost:
@@ -53,6 +52,7 @@ class StageHost:
         self.scratch = slots  # written by padding rows only, never read by a real one
         self.cache: KVCache = stage.new_cache(slots + 1, batching.cache_len(max_len))
         self._slots = [_Slot() for _ in range(slots)]
+        self._histories = SlotHistories()  # the last stage's: what each slot was fed, for the penalties
 
     # ---- validation ---------------------------------------------------------------------------------------
 
@@ -131,10 +131,6 @@ class StageHost:
         return Frame(frame.frame_id, self.spec.end, frame.rows, packed)
 
     def _sample(self, row: RowInput, logits: torch.Tensor) -> RowOutput:
-        slot = self._slots[row.slot]
-        if row.start == 0:
-            slot.history = []
-        del slot.history[row.start :]
-        slot.history.extend(row.tokens)
-        token = sample(logits, row.sampling, row.start + len(row.tokens), slot.history)
+        history = self._histories.feed(row.slot, row.start, row.tokens)
+        token = sample(logits, row.sampling, row.start + len(row.tokens), history)
         return RowOutput(row.request_id, token, logits.float().clone() if row.return_logits else None)

@@ -13,10 +13,14 @@ import pytest
 import torch
 from pipeline_helpers import Cluster, local_greedy, pipeline_greedy, split, whole_stage
 
+from coordinator.pipeline.engine import PipelineEngine
 from coordinator.pipeline.local import StageOptions
 from coordinator.pipeline.weights import SliceCatalog
+from llama_shard.batching import StepRow, cache_len, run_step
 from llama_shard.embedded import smollm2_gguf_path
 from llama_shard.loading import load_stage, open_source
+from llama_shard.model import Stage
+from llama_shard.sampling import SamplingParams, sample
 from llama_shard.shard import ShardSpec
 from node.slices import BlobSource, slice_tensor_names
 from protos.llama_node.v1 import node_pb2 as pb
@@ -54,6 +58,40 @@ def _check_parity(cluster: Cluster, model: Path, n: int, steps: int, prompt: lis
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_tiny_model_n_nodes_equal_one_process(cluster: Cluster, tiny: Path, n: int) -> None:
     _check_parity(cluster, tiny, n, steps=12)
+
+
+def _penalised(stage: Stage, params: SamplingParams, steps: int, whole_history: bool) -> list[int]:
+    """Sampled tokens in this process, penalised from every token fed so far (or, as a stage that forgot its
+    history would, from the current row's tokens only)."""
+    cache = stage.new_cache(2, cache_len(128))
+    x, start, history, tokens = torch.tensor(PROMPT), 0, list(PROMPT), []
+    for _ in range(steps):
+        (out,) = run_step(stage, cache, [StepRow(0, start, x, prefill=start == 0)], scratch=1)
+        assert out is not None
+        tokens.append(sample(out, params, start + x.shape[0], history if whole_history else x.tolist()))
+        history.append(tokens[-1])
+        start += x.shape[0]
+        x = torch.tensor([tokens[-1]])
+    return tokens
+
+
+def test_penalties_use_the_last_stages_own_history(cluster: Cluster, tiny: Path) -> None:
+    """The last stage keeps what each slot was fed (the ids travel with every row) and penalises from it: a
+    presence-penalised run over 3 nodes, run twice in the same slot (a restart at 0 forgets the first run), equals
+    the in-process run with the whole history, which differs from one that sees the current row only."""
+    params = SamplingParams(presence_penalty=1.3)
+    expected = _penalised(whole_stage(tiny), params, 16, whole_history=True)
+    assert expected != _penalised(whole_stage(tiny), params, 16, whole_history=False)
+    client = cluster.load(tiny, split(tiny, 3))
+    try:
+        for _ in range(2):
+            engine = PipelineEngine(client, cluster.runner, params, 128)
+            tokens = [engine.step(PROMPT, 0)]
+            for i in range(15):
+                tokens.append(engine.step([tokens[-1]], len(PROMPT) + i))
+            assert tokens == expected
+    finally:
+        cluster.close_client(client)
 
 
 # Each SmolLM2 split dequantises the whole model again on the nodes (~15 s idle, over a minute on a busy 2-core
