@@ -99,7 +99,8 @@ def probe_llama_node(model: Path, threads: int, context: int) -> dict[str, Any]:
     stage = load_stage(source, ShardSpec.whole(source.config.n_layers), dtype=torch.float32, quantize=QuantMode.gguf)
     _stamp(marks, cpu, "stage loaded")
     ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
-    max_len = min(context, source.config.max_seq_len)
+    # as ``_Session._generate``: a KV cache for this answer only (prompt + max tokens), not all of --context
+    max_len = min(context, source.config.max_seq_len, len(ids) + 1)
     result = generate(LocalEngine(stage, SamplingParams(), max_len), tokenizer, ids, max_tokens=1)
     _stamp(marks, cpu, "first token")
     return {"marks": marks, "cpu": cpu, "prompt_ids": ids, "token_ids": result.token_ids}
