@@ -5,11 +5,14 @@ on a 49K-token vocabulary). ``--help`` still lists every command.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 #: Packages only ``serve``/``node``/``join``/tests need; each costs 0.1-2 s to import.
 SERVER_STACKS = ("fastapi", "uvicorn", "starlette", "grpc", "zeroconf", "transformers", "aiomqtt", "prometheus_client")
@@ -28,12 +31,15 @@ OTHER_COMMANDS = (
 ALL_COMMANDS = ["run", "plan", "node", "serve", "join", "cluster", "status"]
 
 _PROBE = """
-import atexit, json, sys
+import atexit, gc, json, sys
+full = []
+gc.callbacks.append(lambda phase, info: full.append(1) if phase == "stop" and info["generation"] == 2 else None)
 import gguf
 def never(*args, **kwargs):
     raise AssertionError("GGUFReader used on the run path")
 gguf.GGUFReader.__init__ = never
 def report():
+    print(len(full), file=sys.stderr)
     print(json.dumps(sorted(sys.modules)), file=sys.stderr)
 atexit.register(report)
 from coordinator.cli import main
@@ -46,11 +52,33 @@ def test_plain_run_imports_no_server_stack_and_no_gguf_reader() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr
-    modules = set(json.loads(proc.stderr.strip().splitlines()[-1]))
+    *_, full_collections, report = proc.stderr.strip().splitlines()
+    modules = set(json.loads(report))
     loaded = {m.split(".")[0] for m in modules}
     assert {"torch", "tokenizers", "llama_shard"} <= loaded  # the probe did run the model
     assert not loaded & set(SERVER_STACKS), sorted(loaded & set(SERVER_STACKS))
     assert not modules & set(OTHER_COMMANDS), sorted(modules & set(OTHER_COMMANDS))
+    # torch's import and the load run with the cyclic GC paused (run_cmd.paused_gc): 3 full collections without
+    assert int(full_collections) <= 1
+
+
+def test_paused_gc_pauses_then_freezes_and_restores() -> None:
+    from coordinator.run_cmd import paused_gc
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        with pytest.raises(RuntimeError), paused_gc():
+            assert not gc.isenabled()
+            raise RuntimeError("the load failed")
+        assert gc.isenabled() and gc.get_freeze_count() > frozen  # back on, the survivors frozen
+        gc.disable()
+        with paused_gc():
+            pass
+        assert not gc.isenabled()  # as it was
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 def _cli(*args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
