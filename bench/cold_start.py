@@ -6,8 +6,9 @@ round fills). Three kinds of process, run interleaved (A B C A B C …):
 
 - ``llama-node`` probe: this file re-run with ``--probe llama-node``; it does what ``llama-node run`` does on
   its one-process path (``coordinator.run_cmd._Session``: import the CLI, ``open_source``, ``load_tokenizer``,
-  ``load_stage`` with ``--dtype auto``'s packed GGUF mode, chat template, ``generate`` one token through
-  ``LocalEngine``) and stamps the time after each stage;
+  ``load_stage`` with ``--dtype auto``'s packed GGUF mode, the first three under ``paused_gc`` where the tree has
+  it, chat template, ``generate`` one token through ``LocalEngine``) and stamps the time after each stage; it
+  skips typer's argument parsing (typer 0.29 imports pydantic for it), which only the real CLI's row counts;
 - ``llama-node run``: the real CLI, ``run --prompt Hi --max-tokens 1``, timed to its first byte on stdout (the
   streamed token) and to its exit;
 - ``llama.cpp`` probe: ``import llama_cpp``, ``Llama(model)`` (metadata, vocabulary and weights), ``eval`` of the
@@ -32,6 +33,7 @@ kernels are built once per tree), which is how before/after tables are made from
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -81,25 +83,31 @@ def probe_llama_node(model: Path, threads: int, context: int) -> dict[str, Any]:
     marks: dict[str, float] = {}
     cpu: dict[str, float] = {}
     _stamp(marks, cpu, "python up")
-    import torch
+    import coordinator.run_cmd  # typer only; the console script has imported it when ``run`` starts
 
-    import coordinator.cli  # noqa: F401  (the console script imports it before running the command)
-    from llama_shard.generate import LocalEngine, generate
-    from llama_shard.loading import load_stage, load_tokenizer, open_source
-    from llama_shard.quant import QuantMode
-    from llama_shard.sampling import SamplingParams
-    from llama_shard.shard import ShardSpec
+    # ``run`` imports torch and loads the model with the cyclic GC paused (``paused_gc``; older trees: not)
+    with getattr(coordinator.run_cmd, "paused_gc", contextlib.nullcontext)():
+        import torch
 
-    torch.set_num_threads(threads)
-    _stamp(marks, cpu, "imports")
-    source = open_source(model)
-    _stamp(marks, cpu, "metadata")
-    tokenizer = load_tokenizer(source)
-    _stamp(marks, cpu, "tokenizer")
-    stage = load_stage(source, ShardSpec.whole(source.config.n_layers), dtype=torch.float32, quantize=QuantMode.gguf)
+        import coordinator.cli  # noqa: F401  (the console script imports it before running the command)
+        from llama_shard.generate import LocalEngine, generate
+        from llama_shard.loading import load_stage, load_tokenizer, open_source
+        from llama_shard.quant import QuantMode
+        from llama_shard.sampling import SamplingParams
+        from llama_shard.shard import ShardSpec
+
+        torch.set_num_threads(threads)
+        _stamp(marks, cpu, "imports")
+        source = open_source(model)
+        _stamp(marks, cpu, "metadata")
+        tokenizer = load_tokenizer(source)
+        _stamp(marks, cpu, "tokenizer")
+        spec = ShardSpec.whole(source.config.n_layers)
+        stage = load_stage(source, spec, dtype=torch.float32, quantize=QuantMode.gguf)
     _stamp(marks, cpu, "stage loaded")
     ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
-    max_len = min(context, source.config.max_seq_len)
+    # as ``_Session._generate``: a KV cache for this answer only (prompt + max tokens), not all of --context
+    max_len = min(context, source.config.max_seq_len, len(ids) + 1)
     result = generate(LocalEngine(stage, SamplingParams(), max_len), tokenizer, ids, max_tokens=1)
     _stamp(marks, cpu, "first token")
     return {"marks": marks, "cpu": cpu, "prompt_ids": ids, "token_ids": result.token_ids}

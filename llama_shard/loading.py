@@ -333,7 +333,7 @@ def _linear(source: WeightSource, names: list[str], mode: QuantMode, device: tor
         if found is not None:
             raw, qtype, cols = found
             if ggml:  # the file's bytes, copied out of the mapping (a fused or permuted stack is a copy already)
-                return GGMLLinear(raw.clone() if len(names) == 1 and raw.is_contiguous() else raw, qtype, cols)
+                return GGMLLinear(raw, qtype, cols, copy=len(names) == 1)
             if device.type == "cpu":
                 return QuantLinear.from_gguf(raw, qtype, cols)
             return linear_from_planes(gguf_planes(raw, qtype, cols), device)

@@ -181,3 +181,20 @@ def test_single_row_attention_paths_agree_with_plain_sdpa(stage: Stage) -> None:
     keys, values = k_cache[1:2, :64].transpose(1, 2), v_cache[1:2, :64].transpose(1, 2)
     expected = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible, enable_gqa=True)
     assert torch.equal(got, expected)
+
+
+def test_model_linear_skips_only_the_meta_init() -> None:
+    """``model.Linear``: built on meta (a stage before its load) no random init runs; on a real device it is
+    initialised exactly as ``nn.Linear`` (same generator draws)."""
+    from unittest import mock
+
+    from llama_shard.model import Linear
+
+    with mock.patch.object(torch.nn.init, "kaiming_uniform_") as init, torch.device("meta"):
+        meta = Linear(8, 4, bias=False)
+    assert meta.weight.is_meta and isinstance(meta, torch.nn.Linear) and not init.called
+    torch.manual_seed(3)
+    ours = Linear(8, 4, bias=True)
+    torch.manual_seed(3)
+    theirs = torch.nn.Linear(8, 4, bias=True)
+    assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)

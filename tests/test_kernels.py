@@ -185,6 +185,23 @@ def test_the_repacked_layout_gives_the_raw_layouts_bits(qtype: GGMLQuantizationT
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("qtype", sorted(X8_TYPES, key=int), ids=lambda q: q.name)
+@pytest.mark.parametrize("rows", [8, 13, 40, 45])
+def test_repack_x8_is_the_byte_order_its_docstring_defines(qtype: GGMLQuantizationType, rows: int) -> None:
+    """``repack_x8``'s strided copies give exactly the per-byte order of ``_x8_index`` (no kernel needed), also for
+    blocks that are a view at an odd byte offset (rows of a file mapping or of a fused stack)."""
+    from llama_shard.ggml_linear import _x8_index
+
+    width = 6 * GGML_QUANT_SIZES[qtype][1]  # 6 blocks per row
+    base = torch.randint(0, 256, (rows + 1, width + 1), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    for raw in (base[:rows, :width].contiguous(), base[1:, 1:]):  # contiguous; a strided view at offset width + 2
+        full = rows // 8 * 8
+        grouped = raw[:full].reshape(full // 8, 8 * width).index_select(1, _x8_index(qtype, 6)).view(full, width)
+        packed = repack_x8(raw, qtype)
+        assert torch.equal(packed, torch.cat((grouped, raw[full:])))
+        assert torch.equal(unrepack_x8(packed, qtype), raw)
+
+
 @needs_kernel
 def test_a_repacked_linear_computes_and_dequantises_as_the_raw_one() -> None:
     raw, w, _ = _case(Q.Q4_1, rows=20, cols=256)
