@@ -137,9 +137,10 @@ inline __m256 kscale8(__m256i v, int sj) {
 template <int T>
 void group8_q5(int64_t qtype, const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out);
 
-// The AVX2 kernels of the x8 layout (ggml_x8.cpp): g the group's first byte, out[t] lane i as for group8_q5.
-template <int T>
-void group8_x8(int64_t qtype, const uint8_t* g, int64_t nb, const Acts* x, __m256* out);
+// The AVX2 matmul over the x8 layout (ggml_x8.cpp): y [m_rows, ldy] columns 0 .. 8 * groups - 1 = x @ w.T, w
+// `groups` full groups of 8 repacked rows (qtype Q4_0, Q4_1 or Q8_0, without X8), threads splitting the groups.
+void mm_x8(int64_t qtype, const uint8_t* w, int64_t row_bytes, const Acts* x, int64_t m_rows, float* y,
+           int64_t groups, int64_t ldy, int64_t k);
 // ... and of Q2_K, Q3_K (ggml_q23.cpp)
 template <int T>
 void group8_q23(int64_t qtype, const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out);
