@@ -57,6 +57,10 @@ inline void scale_k4(const uint8_t* s, int j, int* sc, int* m) {  // ggml's get_
   }
 }
 
+// One activation row of k values (k a multiple of 32) quantised per block of 32 (ggml_act.cpp): codes q [k], for
+// block b: d[b] = amax / 127, s[b] = d[b] * sum of its codes, sums[b] = that sum.
+void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* s, int32_t* sums);
+
 // The scalar kernels of every type (ggml_scalar.cpp): T outputs, one weight row of raw blocks against T activation
 // rows.
 template <int T>

@@ -35,26 +35,6 @@ namespace {
 
 using namespace llama_node::detail;  // the type ids, Acts and the shared helpers (ggml_kernels.h)
 
-// ---- activation quantisation (the same bits with or without AVX2) ------------------------------------------------
-
-void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* s, int32_t* sums) {
-  for (int64_t b = 0; b < k / 32; ++b) {
-    const float* xb = x + 32 * b;
-    float amax = 0.f;
-    for (int i = 0; i < 32; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
-    const float id = amax != 0.f ? 127.f / amax : 0.f;
-    int sum = 0;
-    for (int i = 0; i < 32; ++i) {
-      const int v = static_cast<int>(std::nearbyint(xb[i] * id));  // round half to even, as _mm256_round_ps
-      q[32 * b + i] = static_cast<int8_t>(v);
-      sum += v;
-    }
-    d[b] = amax / 127.f;
-    s[b] = d[b] * static_cast<float>(sum);
-    sums[b] = sum;
-  }
-}
-
 // the scalar kernels of every type (ggml_scalar.cpp), for mm's driver
 struct Scalar {
   template <int T>
