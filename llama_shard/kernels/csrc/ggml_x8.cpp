@@ -13,8 +13,9 @@
 // per block is needed. int16 lanes sum at most 16 products of 15 * 127 (exact), then one madd widens them. Per
 // output the fp32 operations are the raw kernel's (Group8::q4 in ggml_mm.cpp), so the bits are the same.
 // The driver (mm_x8): at M <= 2 (memory-bound) the 8-row kernels group by group; at M >= 3 two consecutive groups
-// (16 rows) per pass for tiles of T = 2 and 4 activation rows, each 4-byte activation broadcast feeding both groups'
-// maddubs. Per output the same fp32 operations in the same order whichever kernel, tile or pass computes it.
+// (16 rows) per pass for tiles of T = 2, 3 and 4 activation rows (3 only for the last 3 rows), each 4-byte
+// activation broadcast feeding both groups' maddubs. Per output the same fp32 operations in the same order
+// whichever kernel, tile or pass computes it.
 // The integer sums run chunk by chunk across the tile's rows (the weight chunk unpacked once, one int16 sum per row
 // live), pinned by an empty asm: GCC otherwise reassociates them into trees of all the block's products and spills.
 // Measured and dropped: tiles of 8 activation rows (spills: slower than 4), widening by shifts instead of the madd
@@ -284,6 +285,7 @@ void mm_x8(int64_t qtype, const uint8_t* w, int64_t row_bytes, const Acts* x, in
         m += rows;
       };
       for (; m + 4 <= m_rows;) tile_x8<4>(qtype, p, ng, nb, x + m, out), put(4);
+      if (m + 3 == m_rows) tile_x8<3>(qtype, p, ng, nb, x + m, out), put(3);
       if (m + 2 <= m_rows) tile_x8<2>(qtype, p, ng, nb, x + m, out), put(2);
       if (m < m_rows) tile_x8<1>(qtype, p, ng, nb, x + m, out), put(1);
     }
