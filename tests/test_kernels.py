@@ -203,6 +203,27 @@ def test_repack_x8_is_the_byte_order_its_docstring_defines(qtype: GGMLQuantizati
 
 
 @needs_kernel
+@pytest.mark.parametrize("qtype", sorted(X8_TYPES, key=int), ids=lambda q: q.name)
+def test_the_repacked_kernels_give_the_raw_bits_across_threads(qtype: GGMLQuantizationType) -> None:
+    """51 full groups (the AVX2 driver's pairs of groups, one left alone, split between threads) and 3 raw rows:
+    every M from 1 to 9 (tiles of 4, 2 and 1 rows; 8 or 16 weight rows per pass), 1 and 2 threads, the raw bits."""
+    raw, _, _ = _case(qtype, rows=8 * 51 + 3, seed=7)
+    packed, kind = repack_x8(raw, qtype), int(qtype) | X8
+    x = _activations(9, 512, seed=8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        full = kernels.ggml_mm(x, raw, int(qtype), 512)
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for m in range(1, 10):
+                assert torch.equal(kernels.ggml_mm(x[:m], packed, kind, 512), full[:m]), (n, m)
+                assert torch.equal(kernels.ggml_mm(x[9 - m :], packed, kind, 512), full[9 - m :]), (n, m)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
 def test_a_repacked_linear_computes_and_dequantises_as_the_raw_one() -> None:
     raw, w, _ = _case(Q.Q4_1, rows=20, cols=256)
     x = _activations(3, 256)

@@ -57,6 +57,10 @@ inline void scale_k4(const uint8_t* s, int j, int* sc, int* m) {  // ggml's get_
   }
 }
 
+// One activation row of k values (k a multiple of 32) quantised per block of 32 (ggml_act.cpp): codes q [k], for
+// block b: d[b] = amax / 127, s[b] = d[b] * sum of its codes, sums[b] = that sum.
+void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* s, int32_t* sums);
+
 // The scalar kernels of every type (ggml_scalar.cpp): T outputs, one weight row of raw blocks against T activation
 // rows.
 template <int T>
@@ -137,9 +141,10 @@ inline __m256 kscale8(__m256i v, int sj) {
 template <int T>
 void group8_q5(int64_t qtype, const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out);
 
-// The AVX2 kernels of the x8 layout (ggml_x8.cpp): g the group's first byte, out[t] lane i as for group8_q5.
-template <int T>
-void group8_x8(int64_t qtype, const uint8_t* g, int64_t nb, const Acts* x, __m256* out);
+// The AVX2 matmul over the x8 layout (ggml_x8.cpp): y [m_rows, ldy] columns 0 .. 8 * groups - 1 = x @ w.T, w
+// `groups` full groups of 8 repacked rows (qtype Q4_0, Q4_1 or Q8_0, without X8), threads splitting the groups.
+void mm_x8(int64_t qtype, const uint8_t* w, int64_t row_bytes, const Acts* x, int64_t m_rows, float* y,
+           int64_t groups, int64_t ldy, int64_t k);
 // ... and of Q2_K, Q3_K (ggml_q23.cpp)
 template <int T>
 void group8_q23(int64_t qtype, const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out);

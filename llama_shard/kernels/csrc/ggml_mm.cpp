@@ -8,8 +8,8 @@
 // lane. Each block's 32 products are summed exactly in integers for all 8 rows at once (in-lane horizontal adds),
 // then one vector multiply of the scales and one fma per block update the 8 outputs; the unpacked weight block is
 // shared by a tile of 1, 2 or 4 activation rows.
-// Q4_0, Q4_1 and Q8_0 repacked at load ("x8", type id | X8: ggml_x8.cpp): 8 rows per pass too, the rows' codes
-// interleaved so that no horizontal adds are needed; the same bits as Group8 over the raw blocks.
+// Q4_0, Q4_1 and Q8_0 repacked at load ("x8", type id | X8: ggml_x8.cpp, its own driver mm_x8): 8 or 16 rows per
+// pass, the rows' codes interleaved so that no horizontal adds are needed; the same bits as Group8 over the raw blocks.
 // Q6_K on AVX2 (Avx2) and every type on the scalar path: one weight row per pass, an 8-lane fp32 accumulator
 // per output (row m, column n), summed horizontally at the end.
 //
@@ -34,26 +34,6 @@
 namespace {
 
 using namespace llama_node::detail;  // the type ids, Acts and the shared helpers (ggml_kernels.h)
-
-// ---- activation quantisation (the same bits with or without AVX2) ------------------------------------------------
-
-void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* s, int32_t* sums) {
-  for (int64_t b = 0; b < k / 32; ++b) {
-    const float* xb = x + 32 * b;
-    float amax = 0.f;
-    for (int i = 0; i < 32; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
-    const float id = amax != 0.f ? 127.f / amax : 0.f;
-    int sum = 0;
-    for (int i = 0; i < 32; ++i) {
-      const int v = static_cast<int>(std::nearbyint(xb[i] * id));  // round half to even, as _mm256_round_ps
-      q[32 * b + i] = static_cast<int8_t>(v);
-      sum += v;
-    }
-    d[b] = amax / 127.f;
-    s[b] = d[b] * static_cast<float>(sum);
-    sums[b] = sum;
-  }
-}
 
 // the scalar kernels of every type (ggml_scalar.cpp), for mm's driver
 struct Scalar {
@@ -288,27 +268,7 @@ struct Group8Q23 {
   }
 };
 
-struct Group8X8 {
-  // A thread's groups are visited as 2 interleaved runs (g0, mid, g0 + 1, mid + 1, ...): one x8 matrix is one
-  // sequential stream, and from DRAM (a whole model at M = 1) two streams read faster than one (measured,
-  // call-by-call alternation, 1 thread: Q8_0 49152 x 576 0.92-1.29x -> 1.07x of the raw layout; 4 streams no better).
-  static constexpr int64_t streams = 2;
-  template <int T>
-  static void dot(int64_t qtype, const uint8_t* const* r, int64_t nb, const Acts* x, __m256* out) {
-    group8_x8<T>(qtype, r[0], nb, x, out);
-  }
-};
-
 // y [M, ldy]: columns 0..n_out - 1 are written
-// how many interleaved runs of groups a thread visits (D::streams, else 1: the raw rows are 8 streams already)
-template <class D>
-constexpr int64_t streams = [] {
-  if constexpr (requires { D::streams; })
-    return D::streams;
-  else
-    return 1;
-}();
-
 template <class D>
 void mm_group8(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Acts>& x, float* y,
                int64_t n_out, int64_t ldy, int64_t k) {
@@ -317,11 +277,7 @@ void mm_group8(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::ve
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     alignas(32) float buf[8];
     __m256 out[4];
-    constexpr int64_t S = streams<D>;
-    const int64_t len = (g1 - g0 + S - 1) / S;
-    for (int64_t j = 0; j < len * S; ++j) {
-      const int64_t g = g0 + (j % S) * len + j / S;
-      if (g >= g1) continue;
+    for (int64_t g = g0; g < g1; ++g) {
       const int64_t n = 8 * g, valid = std::min<int64_t>(8, n_out - n);
       const uint8_t* r[8];
       for (int i = 0; i < 8; ++i) r[i] = w + (n + std::min<int64_t>(i, valid - 1)) * row_bytes;
@@ -489,7 +445,7 @@ void ggml_mm_into(const float* x, int64_t m_rows, int64_t k, const uint8_t* w, i
     if (groups > 0) {
 #if LN_AVX2
       if (!scalar)
-        mm_group8<Group8X8>(raw_type, w, row_bytes, acts, y, 8 * groups, n_out, k);
+        mm_x8(raw_type, w, row_bytes, acts.data(), m_rows, y, groups, n_out, k);
       else
 #endif
         mm_scalar_x8(raw_type, w, row_bytes, acts, y, groups, n_out, k);
