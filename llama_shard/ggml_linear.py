@@ -55,6 +55,11 @@ def _aligned(t: Tensor, n: int) -> Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+#: rows of a matrix that ``repack_x8`` reorders at a time: its temporary copies stay this small (~4 MiB here for
+#: SmolLM2's 49152-row Q8_0 head, whose whole aligned copy added 30 MB to the peak RSS of a run)
+REPACK_ROWS = 4096
+
+
 def repack_x8(blocks: Tensor, qtype: GGMLQuantizationType) -> Tensor:
     """Raw ``qtype`` blocks ``[N, bytes per row]`` -> the same shape, each full group of 8 rows reordered by block.
 
@@ -63,22 +68,31 @@ def repack_x8(blocks: Tensor, qtype: GGMLQuantizationType) -> Tensor:
     Q8_0). Rows after the last full group are kept as they are. One copy; the input is not modified.
 
     Two strided copies (the fp16 fields as int16, the code chunks as int32) instead of a per-byte ``index_select``
-    (``_x8_index``, which ``unrepack_x8`` still uses): ~5x faster, and this runs on every weight at load.
+    (``_x8_index``, which ``unrepack_x8`` still uses): ~5x faster, and this runs on every weight at load. Done
+    ``REPACK_ROWS`` rows at a time, so the aligned copy it may need is of a slice, not of the matrix.
     """
     n, width = blocks.shape
     full = n // 8 * 8
+    out = torch.empty(n, width, dtype=torch.uint8, device=blocks.device)
+    for r in range(0, full, REPACK_ROWS):
+        _repack_rows(blocks[r : min(r + REPACK_ROWS, full)], qtype, out[r : min(r + REPACK_ROWS, full)])
+    out[full:] = blocks[full:]
+    return out
+
+
+def _repack_rows(blocks: Tensor, qtype: GGMLQuantizationType, out: Tensor) -> None:
+    """``repack_x8`` of ``blocks`` (a whole number of groups of 8 rows) into ``out``, contiguous, of its shape."""
+    rows, width = blocks.shape
     size = GGML_QUANT_SIZES[qtype][1]
-    nb, groups = width // size, full // 8
+    nb, groups = width // size, rows // 8
     head = 4 if qtype == QT.Q4_1 else 2  # the fp16 fields before the codes
-    src = _aligned(blocks[:full].reshape(groups, 8, nb, size), 2)
-    out = torch.empty(groups, nb, 8 * size, dtype=torch.uint8, device=blocks.device)
-    fields = out[..., : 8 * head].view(torch.int16).view(groups, nb, head // 2, 8)  # [group, block, field, row]
+    src = _aligned(blocks.reshape(groups, 8, nb, size), 2)
+    grouped = out.view(groups, nb, 8 * size)
+    fields = grouped[..., : 8 * head].view(torch.int16).view(groups, nb, head // 2, 8)  # [group, block, field, row]
     fields.copy_(src[..., :head].view(torch.int16).permute(0, 2, 3, 1))
     codes = _aligned(src[..., head:], 4)  # a copy for Q4_0 / Q8_0, whose 4-byte chunks are 2 bytes off alignment
-    chunks = out[..., 8 * head :].view(torch.int32).view(groups, nb, (size - head) // 4, 8)  # [group, block, h, row]
+    chunks = grouped[..., 8 * head :].view(torch.int32).view(groups, nb, (size - head) // 4, 8)  # [group, block, h, r]
     chunks.copy_(codes.view(torch.int32).permute(0, 2, 3, 1))
-    packed = out.view(full, width)
-    return torch.cat((packed, blocks[full:])) if full < n else packed
 
 
 def unrepack_x8(blocks: Tensor, qtype: GGMLQuantizationType) -> Tensor:

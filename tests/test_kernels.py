@@ -187,10 +187,17 @@ def test_the_repacked_layout_gives_the_raw_layouts_bits(qtype: GGMLQuantizationT
 
 @pytest.mark.parametrize("qtype", sorted(X8_TYPES, key=int), ids=lambda q: q.name)
 @pytest.mark.parametrize("rows", [8, 13, 40, 45])
-def test_repack_x8_is_the_byte_order_its_docstring_defines(qtype: GGMLQuantizationType, rows: int) -> None:
+@pytest.mark.parametrize("piece", [4096, 16])
+def test_repack_x8_is_the_byte_order_its_docstring_defines(
+    qtype: GGMLQuantizationType, rows: int, piece: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``repack_x8``'s strided copies give exactly the per-byte order of ``_x8_index`` (no kernel needed), also for
-    blocks that are a view at an odd byte offset (rows of a file mapping or of a fused stack)."""
+    blocks that are a view at an odd byte offset (rows of a file mapping or of a fused stack), and when it works
+    ``piece`` rows at a time (16: 40 and 45 rows take three pieces, the last one short)."""
+    from llama_shard import ggml_linear
     from llama_shard.ggml_linear import _x8_index
+
+    monkeypatch.setattr(ggml_linear, "REPACK_ROWS", piece)
 
     width = 6 * GGML_QUANT_SIZES[qtype][1]  # 6 blocks per row
     base = torch.randint(0, 256, (rows + 1, width + 1), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
