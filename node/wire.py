@@ -277,17 +277,34 @@ def _row_to_pb(r: RowInput) -> pb.Row:
     )  # fmt: skip
 
 
+#: Decoded ``SamplingParams`` by their encoding: a request's rows carry the same ones frame after frame, and
+#: decoding (with its checks) costs several times the lookup.
+_SAMPLING: dict[bytes, SamplingParams] = {}
+
+
+def _sampling_from_row(m: pb.Row) -> SamplingParams:
+    key = m.sampling.SerializeToString()
+    params = _SAMPLING.get(key)
+    if params is None:
+        params = sampling_from_pb(m.sampling)
+        if len(_SAMPLING) >= 4096:
+            _SAMPLING.clear()
+        _SAMPLING[key] = params
+    return params
+
+
 def _row_from_pb(m: pb.Row) -> RowInput:
     if not m.tokens:
         raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"row of request {m.request_id} has no tokens")
-    return RowInput(
-        m.request_id, m.slot, m.start, tuple(m.tokens), sampling_from_pb(m.sampling), m.return_logits, m.prefill
-    )
+    return RowInput(m.request_id, m.slot, m.start, tuple(m.tokens), _sampling_from_row(m), m.return_logits, m.prefill)
 
 
-def frame_to_messages(frame: Frame, part_bytes: int = DEFAULT_PART_BYTES) -> Iterator[pb.ForwardMessage]:
-    """The frame as one or more ``FramePart`` messages of at most ``part_bytes`` tensor bytes each."""
-    rows = [_row_to_pb(r) for r in frame.rows]
+def frame_to_messages(
+    frame: Frame, part_bytes: int = DEFAULT_PART_BYTES, rows_pb: Sequence[pb.Row] | None = None
+) -> Iterator[pb.ForwardMessage]:
+    """The frame as one or more ``FramePart`` messages of at most ``part_bytes`` tensor bytes each. ``rows_pb``:
+    ``frame.rows`` already encoded (a stage passes on the rows it was sent: ``FrameAssembler.rows_pb``)."""
+    rows = [_row_to_pb(r) for r in frame.rows] if rows_pb is None else rows_pb
     if frame.hidden is None:
         part = pb.FramePart(frame_id=frame.frame_id, layer=frame.layer, rows=rows, last=True)
         yield pb.ForwardMessage(part=part)
@@ -313,6 +330,7 @@ class FrameAssembler:
         self.max_frame_bytes = max_frame_bytes
         self._first: pb.FramePart | None = None
         self._data = bytearray()
+        self.rows_pb: Sequence[pb.Row] = ()  # the rows of the last frame returned, as they came
 
     def push(self, part: pb.FramePart) -> Frame | None:
         """Add a part; returns the frame when its last part arrived."""
@@ -340,7 +358,8 @@ class FrameAssembler:
         if not part.last:
             return None
         self._first = None
-        rows = tuple(_row_from_pb(r) for r in first.rows)
+        rows = tuple(map(_row_from_pb, first.rows))
+        self.rows_pb = first.rows
         if not rows:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"frame {first.frame_id} has no rows")
         hidden = None
