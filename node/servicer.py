@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -24,10 +24,12 @@ from grpc import aio
 from node.authz import with_behaviour
 from node.service import NodeService, NodeState
 from node.slices import PartialSlice, SliceMismatchError
+from node.stage_host import StageHost
 from node.wire import (
     MAX_MESSAGE_BYTES,
     Frame,
     FrameAssembler,
+    FrameResult,
     WireError,
     chunk_crc,
     frame_to_messages,
@@ -77,6 +79,16 @@ class ProtocolInterceptor(aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
 
         return with_behaviour(handler, refuse)
+
+
+def _step(host: StageHost, frame: Frame, rows_pb: Sequence[pb.Row]) -> list[pb.ForwardMessage] | pb.ForwardReply:
+    """On the compute thread: the frame through the stage, and its result encoded (the messages for the next stage,
+    the rows passed on as they came; or the reply with the tokens), so the event loop only writes it: less work on
+    the loop, and no torch call there that would hand the GIL to the compute thread and wait to get it back."""
+    result = host.run(frame)
+    if isinstance(result, FrameResult):
+        return result_to_pb(result)
+    return list(frame_to_messages(result, rows_pb=rows_pb if result.rows is frame.rows else None))
 
 
 def _report(out: asyncio.Queue[Any], error: BaseException) -> None:
@@ -299,7 +311,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         """Assemble frames and queue each on the compute thread as soon as it is whole; ``_send`` passes the results
         on in the same order. So a frame that arrives while another computes starts the moment that one ends, not
         after its result has been encoded and written and the next frame read (the event loop's work per frame)."""
-        computed: asyncio.Queue[tuple[asyncio.Future[Any], Frame, Any] | None] = asyncio.Queue()
+        computed: asyncio.Queue[asyncio.Future[Any] | None] = asyncio.Queue()
         sender = asyncio.create_task(self._send(computed, downstream, emit, out))
         try:
             assembler = FrameAssembler()
@@ -312,7 +324,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                 host = self.service.host
                 if host is None:
                     raise WireError(grpc.StatusCode.FAILED_PRECONDITION, "the shard was released")
-                computed.put_nowait((self._start(host.run, frame), frame, assembler.rows_pb))
+                computed.put_nowait(self._start(_step, host, frame, assembler.rows_pb))
             computed.put_nowait(None)
             await sender
         except Exception as e:
@@ -322,22 +334,21 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     async def _send(
         self,
-        computed: asyncio.Queue[tuple[asyncio.Future[Any], Frame, Any] | None],
+        computed: asyncio.Queue[asyncio.Future[Any] | None],
         downstream: Any,
         emit: Callable[[pb.ForwardReply], None],
         out: asyncio.Queue[Any],
     ) -> None:
-        """Each computed frame, in order: its activations downstream, or (on the last stage) its tokens to ``emit``.
-        The rows go on as they came (their protobuf messages, not encoded again) when the stage passed them on."""
+        """Each computed frame, in order: its activations downstream, or (on the last stage) its tokens to ``emit``,
+        encoded already on the compute thread (``_step``)."""
         try:
-            while (item := await computed.get()) is not None:
-                future, frame, rows_pb = item
+            while (future := await computed.get()) is not None:
                 result = await future
-                if isinstance(result, Frame):
-                    for m in frame_to_messages(result, rows_pb=rows_pb if result.rows is frame.rows else None):
+                if isinstance(result, list):
+                    for m in result:
                         await downstream.write(m)
                 else:
-                    emit(result_to_pb(result))
+                    emit(result)
             if downstream is not None:
                 await downstream.done_writing()
             out.put_nowait(None)

@@ -79,8 +79,15 @@ def dtype_from_name(name: str) -> torch.dtype:
     return _BY_NAME[name]
 
 
+_ITEMSIZE = {d: torch.empty(0, dtype=d).element_size() for d in _DTYPES}
+_NUMPY = frozenset(d for d in _DTYPES if d is not torch.bfloat16)  # dtypes that .numpy() takes as they are
+
+
 def tensor_bytes(t: torch.Tensor) -> bytes:
-    """Raw bytes of a CPU tensor in row-major order (any dtype, bf16 included)."""
+    """Raw bytes of a CPU tensor in row-major order (any dtype, bf16 included). Few torch calls on the common path
+    (each may hand the GIL to the compute thread and wait to get it back)."""
+    if t.dtype in _NUMPY and not t.requires_grad and t.device.type == "cpu" and t.is_contiguous():
+        return t.numpy().tobytes()
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().tobytes()
 
@@ -92,7 +99,7 @@ def tensor_from_bytes(data: bytes | bytearray, dtype: torch.dtype, shape: Sequen
         if d < 0:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"negative dimension in shape {list(shape)}")
         numel *= d
-    expected = numel * torch.empty(0, dtype=dtype).element_size()
+    expected = numel * _ITEMSIZE[dtype]
     if len(data) != expected:
         raise WireError(
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -101,7 +108,7 @@ def tensor_from_bytes(data: bytes | bytearray, dtype: torch.dtype, shape: Sequen
     if expected == 0:
         return torch.empty(tuple(shape), dtype=dtype)
     buf = data if isinstance(data, bytearray) else bytearray(data)
-    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(tuple(shape))
+    return torch.frombuffer(buf, dtype=dtype).view(tuple(shape))
 
 
 def tensor_to_pb(t: torch.Tensor) -> pb.Tensor:
