@@ -81,10 +81,14 @@ class ProtocolInterceptor(aio.ServerInterceptor):
         return with_behaviour(handler, refuse)
 
 
-def _step(host: StageHost, frame: Frame, rows_pb: Sequence[pb.Row]) -> list[pb.ForwardMessage] | pb.ForwardReply:
-    """On the compute thread: the frame through the stage, and its result encoded (the messages for the next stage,
-    the rows passed on as they came; or the reply with the tokens), so the event loop only writes it: less work on
-    the loop, and no torch call there that would hand the GIL to the compute thread and wait to get it back."""
+def _step(
+    host: StageHost, build: Callable[[], Frame], rows_pb: Sequence[pb.Row]
+) -> list[pb.ForwardMessage] | pb.ForwardReply:
+    """On the compute thread: the frame made from its bytes (``FrameAssembler.take``), run through the stage, and its
+    result encoded (the messages for the next stage, the rows passed on as they came; or the reply with the tokens),
+    so the event loop only reads and writes messages: less work there, and no torch call that would hand the GIL to
+    the compute thread and wait to get it back."""
+    frame = build()
     result = host.run(frame)
     if isinstance(result, FrameResult):
         return result_to_pb(result)
@@ -318,13 +322,13 @@ class NodeServicer(pb_grpc.NodeServicer):
             async for msg in request_iterator:
                 if msg.WhichOneof("kind") != "part":
                     raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "OpenStream may only be the first message")
-                frame = assembler.push(msg.part)
-                if frame is None:
+                build = assembler.take(msg.part)
+                if build is None:
                     continue
                 host = self.service.host
                 if host is None:
                     raise WireError(grpc.StatusCode.FAILED_PRECONDITION, "the shard was released")
-                computed.put_nowait(self._start(_step, host, frame, assembler.rows_pb))
+                computed.put_nowait(self._start(_step, host, build, assembler.rows_pb))
             computed.put_nowait(None)
             await sender
         except Exception as e:

@@ -7,8 +7,9 @@ micro-batch of rows; ``frame_to_messages`` splits it into parts below the messag
 
 from __future__ import annotations
 
+import functools
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -341,6 +342,12 @@ class FrameAssembler:
 
     def push(self, part: pb.FramePart) -> Frame | None:
         """Add a part; returns the frame when its last part arrived."""
+        build = self.take(part)
+        return None if build is None else build()
+
+    def take(self, part: pb.FramePart) -> Callable[[], Frame] | None:
+        """``push``, but the whole frame comes as a function that makes it: its tensor from the bytes (checked
+        there), which a node leaves to its compute thread (no torch call on the event loop)."""
         if self._first is None:
             if part.HasField("hidden") and part.hidden.nbytes > self.max_frame_bytes:
                 raise WireError(
@@ -369,11 +376,16 @@ class FrameAssembler:
         self.rows_pb = first.rows
         if not rows:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"frame {first.frame_id} has no rows")
-        hidden = None
-        if first.HasField("hidden"):
-            dtype = dtype_from_pb(first.hidden.dtype)
-            hidden = tensor_from_bytes(self._data, dtype, list(first.hidden.shape))
-        return Frame(first.frame_id, first.layer, rows, hidden)
+        if not first.HasField("hidden"):
+            return functools.partial(Frame, first.frame_id, first.layer, rows, None)
+        dtype, shape = dtype_from_pb(first.hidden.dtype), list(first.hidden.shape)
+        return functools.partial(_frame_of_bytes, first.frame_id, first.layer, rows, self._data, dtype, shape)
+
+
+def _frame_of_bytes(
+    frame_id: int, layer: int, rows: tuple[RowInput, ...], data: bytearray, dtype: torch.dtype, shape: list[int]
+) -> Frame:
+    return Frame(frame_id, layer, rows, tensor_from_bytes(data, dtype, shape))
 
 
 def result_to_pb(result: FrameResult) -> pb.ForwardReply:
