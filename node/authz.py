@@ -1,8 +1,8 @@
 """Who may call what on a node: mutual TLS proves the caller is in the cluster, this checks its role.
 
-Only the coordinator loads, pushes or releases shards; the coordinator and other nodes may open Forward streams;
-any member (the admin too) may ask for Health and Describe. The role is the organizational unit of the caller's
-certificate, which only the cluster CA signs.
+Only the coordinator loads, pushes or releases shards and reads Results; the coordinator and other nodes may open
+Forward streams; any member (the admin too) may ask for Health and Describe. The role is the organizational unit of
+the caller's certificate, which only the cluster CA signs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ _ALLOWED: dict[str, frozenset[Role]] = {
     "/llama_node.v1.Node/PushSlice": frozenset({Role.coordinator}),
     "/llama_node.v1.Node/ReleaseShard": frozenset({Role.coordinator}),
     "/llama_node.v1.Node/Forward": frozenset({Role.coordinator, Role.node}),
+    "/llama_node.v1.Node/Results": frozenset({Role.coordinator}),
 }
 
 

@@ -3,8 +3,10 @@
 Forward: the first message of a stream opens it with the route of the stages after this one. This node opens its
 own Forward stream to ``route[0]`` (passing on ``route[1:]``), computes every frame on the compute thread in
 arrival order, writes the result frame downstream, and relays the replies that come back up. The last stage
-answers with sampled tokens itself. An error (bad frame, or a status from downstream) ends this stream with its
-status; other streams and the node go on.
+answers with sampled tokens itself: up its stream, or (``OpenStream.direct_results``) on the Results call of the
+stream's session, which the coordinator holds to the last stage, so the stages between relay no replies. An error
+(bad frame, or a status from downstream) ends this stream with its status (and a direct-results stream's Results
+call with the same); other streams and the node go on.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -22,10 +24,12 @@ from grpc import aio
 from node.authz import with_behaviour
 from node.service import NodeService, NodeState
 from node.slices import PartialSlice, SliceMismatchError
+from node.stage_host import StageHost
 from node.wire import (
     MAX_MESSAGE_BYTES,
     Frame,
     FrameAssembler,
+    FrameResult,
     WireError,
     chunk_crc,
     frame_to_messages,
@@ -45,6 +49,8 @@ CHANNEL_OPTIONS = [
 ]
 PROTOCOL_METADATA = ((PROTOCOL_METADATA_KEY, str(PROTOCOL_VERSION)),)
 _HEALTH = "/llama_node.v1.Node/Health"
+#: How long the replies of a direct-results stream wait for their Results call after the stream ended.
+RESULTS_UNCLAIMED_S = 60.0
 _STATES = {NodeState.idle: pb.HealthReply.IDLE, NodeState.loading: pb.HealthReply.LOADING,
            NodeState.ready: pb.HealthReply.READY}  # fmt: skip
 
@@ -75,9 +81,43 @@ class ProtocolInterceptor(aio.ServerInterceptor):
         return with_behaviour(handler, refuse)
 
 
+def _step(
+    host: StageHost, build: Callable[[], Frame], rows_pb: Sequence[pb.Row]
+) -> list[pb.ForwardMessage] | pb.ForwardReply:
+    """On the compute thread: the frame made from its bytes (``FrameAssembler.take``), run through the stage, and its
+    result encoded (the messages for the next stage, the rows passed on as they came; or the reply with the tokens),
+    so the event loop only reads and writes messages: less work there, and no torch call that would hand the GIL to
+    the compute thread and wait to get it back."""
+    frame = build()
+    result = host.run(frame)
+    if isinstance(result, FrameResult):
+        return result_to_pb(result)
+    return list(frame_to_messages(result, rows_pb=rows_pb if result.rows is frame.rows else None))
+
+
+def _report(out: asyncio.Queue[Any], error: BaseException) -> None:
+    """End a Forward stream with ``error``: a peer's status or bad input as it is, anything else as INTERNAL."""
+    if not isinstance(error, WireError | aio.AioRpcError):
+        log.error("Forward failed", exc_info=error)
+        error = WireError(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+    out.put_nowait(error)
+
+
+class _Results:
+    """The replies of one direct-results Forward stream on the last stage, for its Results call: replies, then
+    ``None`` (the stream ended) or the ``WireError`` it ended with."""
+
+    __slots__ = ("queue", "taken")
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[pb.ForwardReply | BaseException | None] = asyncio.Queue()
+        self.taken = False  # a Results call reads it
+
+
 class NodeServicer(pb_grpc.NodeServicer):
     def __init__(self, service: NodeService, channel_credentials: grpc.ChannelCredentials | None = None) -> None:
         self.service = service
+        self._results: dict[str, _Results] = {}  # session -> the replies its Results call reads
         self._channels: dict[str, aio.Channel] = {}
         self._credentials = channel_credentials  # mutual TLS to the next stage (the join issue); None: plain text
 
@@ -209,16 +249,22 @@ class NodeServicer(pb_grpc.NodeServicer):
         out: asyncio.Queue[pb.ForwardReply | BaseException | None] = asyncio.Queue()
         tasks: list[asyncio.Task[None]] = []
         downstream: Any = None
+        box: _Results | None = None
+        ended: BaseException | None = WireError(grpc.StatusCode.CANCELLED, "the Forward stream was cancelled")
         try:
             first = await anext(aiter(request_iterator), None)
             if first is None:
+                ended = None
                 return
             if first.WhichOneof("kind") != "open":
                 raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a Forward stream starts with an OpenStream message")
+            opened = first.open
+            if opened.direct_results and not opened.route:
+                box = self._results_box(opened.session)
             host = self.service.host
             if host is None:
                 raise WireError(grpc.StatusCode.FAILED_PRECONDITION, "this node holds no shard (LoadShard first)")
-            route = list(first.open.route)
+            route = list(opened.route)
             if host.spec.has_head == bool(route):
                 raise WireError(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -228,11 +274,12 @@ class NodeServicer(pb_grpc.NodeServicer):
             if route:
                 stub = pb_grpc.NodeStub(self._channel(route[0]))
                 downstream = stub.Forward(metadata=PROTOCOL_METADATA)
-                await downstream.write(
-                    pb.ForwardMessage(open=pb.OpenStream(route=route[1:], session=first.open.session))
-                )
+                await downstream.write(pb.ForwardMessage(open=pb.OpenStream(
+                    route=route[1:], session=opened.session, direct_results=opened.direct_results
+                )))  # fmt: skip
                 tasks.append(asyncio.create_task(self._relay(downstream, out)))
-            tasks.append(asyncio.create_task(self._pump(request_iterator, downstream, out)))
+            emit = out.put_nowait if box is None else box.queue.put_nowait
+            tasks.append(asyncio.create_task(self._pump(request_iterator, downstream, emit, out)))
             finished = 0
             while finished < len(tasks):
                 item = await out.get()
@@ -242,75 +289,119 @@ class NodeServicer(pb_grpc.NodeServicer):
                     raise item
                 else:
                     yield item
+            ended = None
         except WireError as e:
+            ended = e
             log.warning("Forward refused: %s (%s)", e.message, e.code.name)
             await context.abort(e.code, e.message)
         except aio.AioRpcError as e:
-            await context.abort(e.code(), f"from the next stage: {e.details()}")
+            ended = WireError(e.code(), f"from the next stage: {e.details()}")
+            await context.abort(ended.code, ended.message)
         finally:
             for t in tasks:
                 t.cancel()
             if downstream is not None:
                 downstream.cancel()
+            if box is not None:
+                self._end_results(opened.session, box, ended)
 
     async def _pump(
-        self, request_iterator: AsyncIterator[pb.ForwardMessage], downstream: Any, out: asyncio.Queue[Any]
+        self,
+        request_iterator: AsyncIterator[pb.ForwardMessage],
+        downstream: Any,
+        emit: Callable[[pb.ForwardReply], None],
+        out: asyncio.Queue[Any],
     ) -> None:
         """Assemble frames and queue each on the compute thread as soon as it is whole; ``_send`` passes the results
         on in the same order. So a frame that arrives while another computes starts the moment that one ends, not
         after its result has been encoded and written and the next frame read (the event loop's work per frame)."""
         computed: asyncio.Queue[asyncio.Future[Any] | None] = asyncio.Queue()
-        sender = asyncio.create_task(self._send(computed, downstream, out))
+        sender = asyncio.create_task(self._send(computed, downstream, emit, out))
         try:
             assembler = FrameAssembler()
             async for msg in request_iterator:
                 if msg.WhichOneof("kind") != "part":
                     raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "OpenStream may only be the first message")
-                frame = assembler.push(msg.part)
-                if frame is None:
+                build = assembler.take(msg.part)
+                if build is None:
                     continue
                 host = self.service.host
                 if host is None:
                     raise WireError(grpc.StatusCode.FAILED_PRECONDITION, "the shard was released")
-                computed.put_nowait(self._start(host.run, frame))
+                computed.put_nowait(self._start(_step, host, build, assembler.rows_pb))
             computed.put_nowait(None)
             await sender
-        except (WireError, aio.AioRpcError) as e:
-            await out.put(e)
         except Exception as e:
-            log.exception("Forward failed")
-            await out.put(WireError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
+            _report(out, e)
         finally:
             sender.cancel()
 
     async def _send(
-        self, computed: asyncio.Queue[asyncio.Future[Any] | None], downstream: Any, out: asyncio.Queue[Any]
+        self,
+        computed: asyncio.Queue[asyncio.Future[Any] | None],
+        downstream: Any,
+        emit: Callable[[pb.ForwardReply], None],
+        out: asyncio.Queue[Any],
     ) -> None:
-        """Each computed frame, in order: its activations downstream, or (on the last stage) its tokens up."""
+        """Each computed frame, in order: its activations downstream, or (on the last stage) its tokens to ``emit``,
+        encoded already on the compute thread (``_step``)."""
         try:
             while (future := await computed.get()) is not None:
                 result = await future
-                if isinstance(result, Frame):
-                    for m in frame_to_messages(result):
+                if isinstance(result, list):
+                    for m in result:
                         await downstream.write(m)
                 else:
-                    await out.put(result_to_pb(result))
+                    emit(result)
             if downstream is not None:
                 await downstream.done_writing()
-            await out.put(None)
-        except (WireError, aio.AioRpcError) as e:
-            await out.put(e)
+            out.put_nowait(None)
         except Exception as e:
-            log.exception("Forward failed")
-            await out.put(WireError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
+            _report(out, e)
 
     async def _relay(self, downstream: Any, out: asyncio.Queue[Any]) -> None:
+        """The replies (none with direct results) and then the status of the next stage's stream, up this one."""
         try:
             async for reply in downstream:
-                await out.put(reply)
-            await out.put(None)
+                out.put_nowait(reply)
+            out.put_nowait(None)
         except aio.AioRpcError as e:
-            await out.put(e)
+            out.put_nowait(e)
+
+    # ---- Results --------------------------------------------------------------------------------------------
+
+    def _results_box(self, session: str) -> _Results:
+        box = self._results.get(session)
+        if box is None:
+            box = self._results[session] = _Results()
+        return box
+
+    def _end_results(self, session: str, box: _Results, error: BaseException | None) -> None:
+        """The Forward stream of ``session`` ended (``error``: how); its Results call ends the same way. A box that
+        no Results call took is dropped a while later (the coordinator went away before it asked)."""
+        box.queue.put_nowait(error)
+        if not box.taken:
+            asyncio.get_running_loop().call_later(RESULTS_UNCLAIMED_S, self._drop_results, session, box)
+
+    def _drop_results(self, session: str, box: _Results) -> None:
+        if self._results.get(session) is box and not box.taken:
+            del self._results[session]
+
+    async def Results(  # noqa: N802 - generated servicer name
+        self, request: pb.ResultsRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.ForwardReply]:
+        box = self._results_box(request.session)
+        if box.taken:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"session {request.session!r} is read already")
+        box.taken = True
+        try:
+            while (item := await box.queue.get()) is not None and not isinstance(item, BaseException):
+                yield item
+        finally:
+            if self._results.get(request.session) is box:
+                del self._results[request.session]
+        if isinstance(item, WireError):
+            await context.abort(item.code, item.message)
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -7,8 +7,9 @@ micro-batch of rows; ``frame_to_messages`` splits it into parts below the messag
 
 from __future__ import annotations
 
+import functools
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -79,8 +80,15 @@ def dtype_from_name(name: str) -> torch.dtype:
     return _BY_NAME[name]
 
 
+_ITEMSIZE = {d: torch.empty(0, dtype=d).element_size() for d in _DTYPES}
+_NUMPY = frozenset(d for d in _DTYPES if d is not torch.bfloat16)  # dtypes that .numpy() takes as they are
+
+
 def tensor_bytes(t: torch.Tensor) -> bytes:
-    """Raw bytes of a CPU tensor in row-major order (any dtype, bf16 included)."""
+    """Raw bytes of a CPU tensor in row-major order (any dtype, bf16 included). Few torch calls on the common path
+    (each may hand the GIL to the compute thread and wait to get it back)."""
+    if t.dtype in _NUMPY and not t.requires_grad and t.device.type == "cpu" and t.is_contiguous():
+        return t.numpy().tobytes()
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().tobytes()
 
@@ -92,7 +100,7 @@ def tensor_from_bytes(data: bytes | bytearray, dtype: torch.dtype, shape: Sequen
         if d < 0:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"negative dimension in shape {list(shape)}")
         numel *= d
-    expected = numel * torch.empty(0, dtype=dtype).element_size()
+    expected = numel * _ITEMSIZE[dtype]
     if len(data) != expected:
         raise WireError(
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -101,7 +109,7 @@ def tensor_from_bytes(data: bytes | bytearray, dtype: torch.dtype, shape: Sequen
     if expected == 0:
         return torch.empty(tuple(shape), dtype=dtype)
     buf = data if isinstance(data, bytearray) else bytearray(data)
-    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(tuple(shape))
+    return torch.frombuffer(buf, dtype=dtype).view(tuple(shape))
 
 
 def tensor_to_pb(t: torch.Tensor) -> pb.Tensor:
@@ -277,17 +285,34 @@ def _row_to_pb(r: RowInput) -> pb.Row:
     )  # fmt: skip
 
 
+#: Decoded ``SamplingParams`` by their encoding: a request's rows carry the same ones frame after frame, and
+#: decoding (with its checks) costs several times the lookup.
+_SAMPLING: dict[bytes, SamplingParams] = {}
+
+
+def _sampling_from_row(m: pb.Row) -> SamplingParams:
+    key = m.sampling.SerializeToString()
+    params = _SAMPLING.get(key)
+    if params is None:
+        params = sampling_from_pb(m.sampling)
+        if len(_SAMPLING) >= 4096:
+            _SAMPLING.clear()
+        _SAMPLING[key] = params
+    return params
+
+
 def _row_from_pb(m: pb.Row) -> RowInput:
     if not m.tokens:
         raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"row of request {m.request_id} has no tokens")
-    return RowInput(
-        m.request_id, m.slot, m.start, tuple(m.tokens), sampling_from_pb(m.sampling), m.return_logits, m.prefill
-    )
+    return RowInput(m.request_id, m.slot, m.start, tuple(m.tokens), _sampling_from_row(m), m.return_logits, m.prefill)
 
 
-def frame_to_messages(frame: Frame, part_bytes: int = DEFAULT_PART_BYTES) -> Iterator[pb.ForwardMessage]:
-    """The frame as one or more ``FramePart`` messages of at most ``part_bytes`` tensor bytes each."""
-    rows = [_row_to_pb(r) for r in frame.rows]
+def frame_to_messages(
+    frame: Frame, part_bytes: int = DEFAULT_PART_BYTES, rows_pb: Sequence[pb.Row] | None = None
+) -> Iterator[pb.ForwardMessage]:
+    """The frame as one or more ``FramePart`` messages of at most ``part_bytes`` tensor bytes each. ``rows_pb``:
+    ``frame.rows`` already encoded (a stage passes on the rows it was sent: ``FrameAssembler.rows_pb``)."""
+    rows = [_row_to_pb(r) for r in frame.rows] if rows_pb is None else rows_pb
     if frame.hidden is None:
         part = pb.FramePart(frame_id=frame.frame_id, layer=frame.layer, rows=rows, last=True)
         yield pb.ForwardMessage(part=part)
@@ -313,9 +338,16 @@ class FrameAssembler:
         self.max_frame_bytes = max_frame_bytes
         self._first: pb.FramePart | None = None
         self._data = bytearray()
+        self.rows_pb: Sequence[pb.Row] = ()  # the rows of the last frame returned, as they came
 
     def push(self, part: pb.FramePart) -> Frame | None:
         """Add a part; returns the frame when its last part arrived."""
+        build = self.take(part)
+        return None if build is None else build()
+
+    def take(self, part: pb.FramePart) -> Callable[[], Frame] | None:
+        """``push``, but the whole frame comes as a function that makes it: its tensor from the bytes (checked
+        there), which a node leaves to its compute thread (no torch call on the event loop)."""
         if self._first is None:
             if part.HasField("hidden") and part.hidden.nbytes > self.max_frame_bytes:
                 raise WireError(
@@ -340,14 +372,20 @@ class FrameAssembler:
         if not part.last:
             return None
         self._first = None
-        rows = tuple(_row_from_pb(r) for r in first.rows)
+        rows = tuple(map(_row_from_pb, first.rows))
+        self.rows_pb = first.rows
         if not rows:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"frame {first.frame_id} has no rows")
-        hidden = None
-        if first.HasField("hidden"):
-            dtype = dtype_from_pb(first.hidden.dtype)
-            hidden = tensor_from_bytes(self._data, dtype, list(first.hidden.shape))
-        return Frame(first.frame_id, first.layer, rows, hidden)
+        if not first.HasField("hidden"):
+            return functools.partial(Frame, first.frame_id, first.layer, rows, None)
+        dtype, shape = dtype_from_pb(first.hidden.dtype), list(first.hidden.shape)
+        return functools.partial(_frame_of_bytes, first.frame_id, first.layer, rows, self._data, dtype, shape)
+
+
+def _frame_of_bytes(
+    frame_id: int, layer: int, rows: tuple[RowInput, ...], data: bytearray, dtype: torch.dtype, shape: list[int]
+) -> Frame:
+    return Frame(frame_id, layer, rows, tensor_from_bytes(data, dtype, shape))
 
 
 def result_to_pb(result: FrameResult) -> pb.ForwardReply:

@@ -9,6 +9,8 @@ regenerating gives identical files.
 #: peer would silently misread a message (ignore a field that changes the result): 2 added ``Row.prefill``,
 #: ``LoadShardRequest.quantize`` and ``TensorDigest.gguf_type``; 3 the penalties of ``SamplingParams`` (an older
 #: node would sample without them); 4 ``LoadShardRequest.kv_dtype`` (an older node would keep an fp32 cache where
-#: the plan has an f16 one: other bits, twice the memory). The Cluster service (join, describe) carries it too.
-PROTOCOL_VERSION = 4
+#: the plan has an f16 one: other bits, twice the memory); 5 ``OpenStream.direct_results`` and the ``Results``
+#: call (an older last stage would send the tokens up a chain that no longer relays them). The Cluster service
+#: (join, describe) carries it too.
+PROTOCOL_VERSION = 5
 PROTOCOL_METADATA_KEY = "llama-node-protocol"

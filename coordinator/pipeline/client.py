@@ -1,9 +1,11 @@
 """Async clients: ``NodeClient`` for one node's control calls, ``PipelineClient`` for the activation stream.
 
 ``PipelineClient`` holds one Forward stream to the first stage; the route of the others travels in its
-OpenStream message, the stages connect to each other, and sampled tokens come back up the chain. Frames are
-matched to replies by ``frame_id``, so any number of ``forward`` calls may be in flight at once (micro-batches
-pipelined across the stages); each frame's parts are written contiguously.
+OpenStream message and the stages connect to each other. With two or more stages it also holds a Results call
+to the last stage, which sends the sampled tokens there directly (``direct_results``: the stages between relay
+nothing back); the Forward stream then carries only the status of the chain, so an error anywhere still ends it.
+Frames are matched to replies by ``frame_id``, so any number of ``forward`` calls may be in flight at once
+(micro-batches pipelined across the stages); each frame's parts are written contiguously.
 """
 
 from __future__ import annotations
@@ -124,33 +126,52 @@ class PipelineClient:
         if not addresses:
             raise ValueError("a pipeline needs at least one stage")
         self.addresses, self.part_bytes = list(addresses), part_bytes
-        self.session = uuid.uuid4().hex[:12]
+        self.session = uuid.uuid4().hex
+        self.direct = len(self.addresses) > 1  # the last stage answers on a Results call of this client's
         self._channel = _channel(self.addresses[0], credentials)
+        self._last_channel = _channel(self.addresses[-1], credentials) if self.direct else None
         self._call: Any = None
-        self._reader: asyncio.Task[None] | None = None
+        self._results: Any = None
+        self._readers: list[asyncio.Task[None]] = []
         self._pending: dict[int, asyncio.Future[tuple[RowOutput, ...]]] = {}
         self._ids = itertools.count(1)
         self._write_lock = asyncio.Lock()
         self._error: BaseException | None = None
 
     async def open(self) -> None:
-        stub = pb_grpc.NodeStub(self._channel)
-        self._call = stub.Forward(metadata=PROTOCOL_METADATA)
-        await self._call.write(pb.ForwardMessage(open=pb.OpenStream(route=self.addresses[1:], session=self.session)))
-        self._reader = asyncio.create_task(self._read())
+        self._call = pb_grpc.NodeStub(self._channel).Forward(metadata=PROTOCOL_METADATA)
+        opening = pb.OpenStream(route=self.addresses[1:], session=self.session, direct_results=self.direct)
+        await self._call.write(pb.ForwardMessage(open=opening))
+        self._readers.append(asyncio.create_task(self._read(self._call, answers=not self.direct)))
+        if self._last_channel is not None:
+            self._results = pb_grpc.NodeStub(self._last_channel).Results(
+                pb.ResultsRequest(session=self.session), metadata=PROTOCOL_METADATA
+            )
+            self._readers.append(asyncio.create_task(self._read(self._results, answers=True)))
 
-    async def _read(self) -> None:
+    async def _read(self, call: Any, answers: bool) -> None:
+        """Settle the frames from ``call``'s replies. When it ends: on an error, fail every pending frame (either
+        stream's error is the pipeline's); when it ends cleanly, only if it is the one that ``answers`` (the Forward
+        stream of a direct-results pipeline ends before the Results call has delivered the last replies)."""
         try:
-            async for reply in self._call:
+            async for reply in call:
                 result = result_from_pb(reply)
                 future = self._pending.pop(result.frame_id, None)
                 if future is not None and not future.done():
                     future.set_result(result.rows)
-            self._error = ConnectionError("the pipeline closed its Forward stream")
+            error: BaseException = ConnectionError("the pipeline closed its Forward stream")
+            failed = answers
         except aio.AioRpcError as e:
-            self._error = e
+            error, failed = e, True
         except asyncio.CancelledError:
-            self._error = ConnectionError("the pipeline client was closed")
+            error, failed = ConnectionError("the pipeline client was closed"), True
+        if self._error is None:
+            self._error = error
+        if not failed:
+            return
+        for other in (self._call, self._results):
+            if other is not None and other is not call:
+                other.cancel()  # the other stream ends too (no reader waits on a call that will never answer)
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(self._error)
@@ -174,11 +195,13 @@ class PipelineClient:
         if self._call is not None:
             with contextlib.suppress(aio.AioRpcError):
                 await self._call.done_writing()
-        if self._reader is not None:
-            try:
-                await asyncio.wait_for(self._reader, timeout=5.0)
-            except TimeoutError:
-                self._reader.cancel()
-        if self._call is not None:
-            self._call.cancel()
+        if self._readers:
+            _, waiting = await asyncio.wait(self._readers, timeout=5.0)
+            for task in waiting:
+                task.cancel()
+        for call in (self._call, self._results):
+            if call is not None:
+                call.cancel()
         await self._channel.close()
+        if self._last_channel is not None:
+            await self._last_channel.close()

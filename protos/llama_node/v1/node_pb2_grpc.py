@@ -59,6 +59,11 @@ class NodeStub:
                 request_serializer=protos_dot_llama__node_dot_v1_dot_node__pb2.ForwardMessage.SerializeToString,
                 response_deserializer=protos_dot_llama__node_dot_v1_dot_node__pb2.ForwardReply.FromString,
                 _registered_method=True)
+        self.Results = channel.unary_stream(
+                '/llama_node.v1.Node/Results',
+                request_serializer=protos_dot_llama__node_dot_v1_dot_node__pb2.ResultsRequest.SerializeToString,
+                response_deserializer=protos_dot_llama__node_dot_v1_dot_node__pb2.ForwardReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -101,6 +106,14 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Results(self, request, context):
+        """The sampled tokens of the Forward stream opened with this session and direct_results: the last stage answers
+        the coordinator here, so they skip the stages between. Ends with that stream's status (an error included).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +140,11 @@ def add_NodeServicer_to_server(servicer, server):
             'Forward': grpc.stream_stream_rpc_method_handler(
                     servicer.Forward,
                     request_deserializer=protos_dot_llama__node_dot_v1_dot_node__pb2.ForwardMessage.FromString,
+                    response_serializer=protos_dot_llama__node_dot_v1_dot_node__pb2.ForwardReply.SerializeToString,
+            ),
+            'Results': grpc.unary_stream_rpc_method_handler(
+                    servicer.Results,
+                    request_deserializer=protos_dot_llama__node_dot_v1_dot_node__pb2.ResultsRequest.FromString,
                     response_serializer=protos_dot_llama__node_dot_v1_dot_node__pb2.ForwardReply.SerializeToString,
             ),
     }
@@ -264,6 +282,33 @@ class Node:
             target,
             '/llama_node.v1.Node/Forward',
             protos_dot_llama__node_dot_v1_dot_node__pb2.ForwardMessage.SerializeToString,
+            protos_dot_llama__node_dot_v1_dot_node__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Results(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llama_node.v1.Node/Results',
+            protos_dot_llama__node_dot_v1_dot_node__pb2.ResultsRequest.SerializeToString,
             protos_dot_llama__node_dot_v1_dot_node__pb2.ForwardReply.FromString,
             options,
             channel_credentials,
