@@ -148,6 +148,7 @@ def sample(logits: Tensor, params: SamplingParams, position: int, history: Itera
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always survives)
         drop_sorted = (sorted_probs.cumsum(0) - sorted_probs) >= params.top_p
+        drop_sorted[0] = False  # also when top_p is 0 in float32 (a top_p under 1.2e-38 would drop every token)
         probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), 0.0)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)

@@ -121,6 +121,15 @@ def test_tiny_temperature_draws_the_argmax_not_nan(temperature: float) -> None:
         assert {sample(logits, params, pos) for pos in range(20)} == {int(logits.argmax())}
 
 
+@pytest.mark.parametrize("top_p", [2.2e-311, 1e-46, 1e-300])
+def test_top_p_below_float32s_smallest_keeps_the_first_token(top_p: float) -> None:
+    # a valid top_p (> 0) that is 0 in float32 made the cumulative-mass test drop every token, and multinomial
+    # raised on all-zero probabilities: the node failed the frame (found by the schemathesis run)
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(6)) * 3
+    params = SamplingParams(temperature=1.0, top_p=top_p, seed=1)
+    assert {sample(logits, params, pos) for pos in range(10)} == {int(logits.argmax())}
+
+
 def test_extreme_repetition_penalty_never_makes_nan() -> None:
     logits = torch.randn(300, generator=torch.Generator().manual_seed(5)) * 10
     history = [int(i) for i in torch.topk(logits, 3).indices]  # positive logits / 1e-300: inf in float32
