@@ -6,7 +6,9 @@ import functools
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import torch
+from grpc import aio
 
 from coordinator.pipeline.client import NodeClient, PipelineClient
 from coordinator.pipeline.engine import LoopThread, PipelineEngine
@@ -16,6 +18,21 @@ from llama_shard.loading import load_stage, open_source
 from llama_shard.model import Stage
 from llama_shard.sampling import SamplingParams
 from llama_shard.shard import ShardSpec, split_evenly
+from protos.llama_node.v1 import node_pb2 as pb
+
+#: the replies of a raw stream and how it ended
+Outcome = tuple[list[pb.ForwardReply], grpc.StatusCode, str]
+
+
+async def drain(call: aio.UnaryStreamCall | aio.StreamStreamCall) -> Outcome:
+    """Read ``call`` to its end: its replies, status code and details (an error status is not raised)."""
+    replies: list[pb.ForwardReply] = []
+    try:
+        async for reply in call:
+            replies.append(reply)
+    except aio.AioRpcError:
+        pass
+    return replies, await call.code(), await call.details() or ""
 
 
 class Cluster:

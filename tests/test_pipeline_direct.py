@@ -15,7 +15,7 @@ import grpc
 import pytest
 import torch
 from grpc import aio
-from pipeline_helpers import Cluster
+from pipeline_helpers import Cluster, Outcome, drain
 
 from coordinator.pipeline.local import StageOptions
 from llama_shard.shard import ShardSpec
@@ -38,19 +38,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, make_hf_llama: Callable[..
     c.stop()
 
 
-Outcome = tuple[list[pb.ForwardReply], grpc.StatusCode, str]
-
-
-async def _drain(call: aio.UnaryStreamCall | aio.StreamStreamCall) -> Outcome:
-    replies: list[pb.ForwardReply] = []
-    try:
-        async for reply in call:
-            replies.append(reply)
-    except aio.AioRpcError:
-        pass
-    return replies, await call.code(), await call.details() or ""
-
-
 def _direct(cluster: Cluster, node: int, route: Sequence[str], frames: Sequence[Frame], session: str) -> list[Outcome]:
     """A raw Forward stream to ``node`` with ``direct_results`` and the last stage's Results call for ``session``:
     how each ended (Forward first)."""
@@ -67,7 +54,7 @@ def _direct(cluster: Cluster, node: int, route: Sequence[str], frames: Sequence[
                     yield m
 
         forward = stub.Forward(requests(), metadata=PROTOCOL_METADATA)
-        return list(await asyncio.gather(_drain(forward), _drain(results)))
+        return list(await asyncio.gather(drain(forward), drain(results)))
 
     return cluster.runner.run(go(), timeout=60)
 
@@ -101,7 +88,7 @@ def test_an_error_before_the_last_stage_reaches_the_coordinator(cluster: Cluster
             for m in frame_to_messages(bad):
                 yield m
 
-        return await _drain(stub.Forward(requests(), metadata=PROTOCOL_METADATA))
+        return await drain(stub.Forward(requests(), metadata=PROTOCOL_METADATA))
 
     replies, code, details = cluster.runner.run(go(), timeout=60)
     assert not replies and code == grpc.StatusCode.INVALID_ARGUMENT and "vocabulary" in details
@@ -113,7 +100,7 @@ def test_a_session_has_one_results_call(cluster: Cluster) -> None:
         first = stub.Results(pb.ResultsRequest(session="s-twice"), metadata=PROTOCOL_METADATA)
         await asyncio.sleep(0.2)  # the first call is being served
         second = stub.Results(pb.ResultsRequest(session="s-twice"), metadata=PROTOCOL_METADATA)
-        _, code, details = await _drain(second)
+        _, code, details = await drain(second)
         first.cancel()
         return code, details
 

@@ -13,7 +13,7 @@ import grpc
 import pytest
 import torch
 from grpc import aio
-from pipeline_helpers import Cluster
+from pipeline_helpers import Cluster, Outcome, drain
 
 from coordinator.pipeline.local import StageOptions
 from llama_shard.loading import open_source
@@ -52,11 +52,11 @@ def _send(
     messages: Sequence[pb.ForwardMessage],
     metadata: tuple[tuple[str, str], ...] = PROTOCOL_METADATA,
     send_limit: int | None = None,
-) -> tuple[list[pb.ForwardReply], grpc.StatusCode, str]:
+) -> Outcome:
     """Send messages on a fresh Forward stream; the replies and how the stream ended. ``send_limit`` raises this
     client's own message limit (to see the node's)."""
 
-    async def go() -> tuple[list[pb.ForwardReply], grpc.StatusCode, str]:
+    async def go() -> Outcome:
         stub = cluster.clients[0].stub
         if send_limit is not None:
             options = [("grpc.max_send_message_length", send_limit)]
@@ -68,14 +68,7 @@ def _send(
 
         # a request iterator, not call.write(): a write racing the node's early abort would turn the node's
         # status into a local INTERNAL on this side
-        call = stub.Forward(requests(), metadata=metadata)
-        replies: list[pb.ForwardReply] = []
-        try:
-            async for reply in call:
-                replies.append(reply)
-        except aio.AioRpcError:
-            pass
-        return replies, await call.code(), await call.details() or ""
+        return await drain(stub.Forward(requests(), metadata=metadata))
 
     return cluster.runner.run(go(), timeout=60)
 
