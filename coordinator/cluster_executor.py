@@ -47,6 +47,16 @@ def _row_input(request_id: int, slot: int, segment: Segment, params: SamplingPar
     return RowInput(request_id, slot, start, tokens, params, **extra)
 
 
+#: statuses a node gives one frame (a refused row, an exception while computing it); any other error of a stream
+#: (UNAVAILABLE, CANCELLED, ...) means a node or link is gone, and the re-plan over the survivors is waited for
+_FRAME_CODES = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION", "DATA_LOSS", "INTERNAL"})
+
+
+def _frame_error(e: BaseException) -> bool:
+    code = getattr(e, "code", None)
+    return callable(code) and getattr(code(), "name", None) in _FRAME_CODES
+
+
 @dataclass(slots=True)
 class _SlotLog:
     """What one request has fed into its KV slot, and on which pipeline client that cache lives."""
@@ -103,6 +113,7 @@ class ClusterExecutor:
 
     # ------------------------------------------------------------------------ on the runtime's event loop
     async def _run(self, rows: list[RowWork]) -> list[int | None]:
+        frame_errors = 0
         while True:
             client = await self._client()
             logs = [self._log_for(r, client) for r in rows]
@@ -112,6 +123,15 @@ class ClusterExecutor:
                     [_row_input(r.request_id, r.slot, (r.start, r.tokens, r.prefill), r.params) for r in rows]
                 )
             except Exception as e:
+                if _frame_error(e):
+                    # a node refused or failed one frame and so ended the stream every frame in flight was on:
+                    # reopen it, retry this step once (it may be another frame's victim), fail it the second time
+                    frame_errors += 1
+                    await self.runtime.cluster.reopen(client)
+                    if frame_errors == 1:
+                        log.warning("a step of %d rows failed (%s); retrying it on reopened streams", len(rows), e)
+                        continue
+                    raise
                 if await self._replaced(client):
                     log.warning("a step of %d rows failed on the old pipeline (%s); retrying on the new one", len(rows),
                                 e)  # fmt: skip

@@ -10,12 +10,15 @@ later answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import pytest
+from grpc import aio
 
 from coordinator.cluster_executor import ClusterExecutor
 from coordinator.pipeline.engine import LoopThread
@@ -27,15 +30,23 @@ from node.wire import RowInput, RowOutput
 class FakePipeline:
     """A pipeline whose per-slot cache is the list of tokens fed; ``on_forward`` may re-plan (or fail) mid-run."""
 
-    def __init__(self, cluster: FakeCluster | None = None, *, replan_after: int = -1, fail: bool = False) -> None:
+    def __init__(
+        self, cluster: FakeCluster | None = None, *, replan_after: int = -1, fail: bool = False, bad: int = -1
+    ) -> None:
         self.kv: dict[int, list[tuple[int, bool]]] = {}  # (token, fed as prefill) per position
         self.frames = 0
         self.cluster, self.replan_after, self.fail = cluster, replan_after, fail
         self.next: FakePipeline | None = None
+        self.bad = bad  # a request id a node fails with INTERNAL, which ends the stream (every later frame fails too)
+        self.broken: aio.AioRpcError | None = None
 
     async def forward(self, rows: Sequence[RowInput]) -> list[RowOutput]:
         await asyncio.sleep(0)
         self.frames += 1
+        if self.broken is None and any(r.request_id == self.bad for r in rows):
+            self.broken = aio.AioRpcError(grpc.StatusCode.INTERNAL, aio.Metadata(), aio.Metadata(), "ValueError: bad")
+        if self.broken is not None:
+            raise self.broken
         if self.frames == self.replan_after:
             assert self.cluster is not None and self.next is not None
             self.cluster.client = self.next  # a node joined: the runtime loaded a new pipeline
@@ -61,6 +72,11 @@ class FakeCluster:
     state: str = "ready"
     stage_nodes: list[tuple[str, str, int, int]] = field(default_factory=lambda: [("a", "x:1", 0, 1)])
     depth: int = 1  # frames in flight through the current pipeline (``Cluster.depth``)
+    reopened: int = 0
+
+    async def reopen(self, failed: FakePipeline) -> None:
+        if self.client is failed:  # new streams: the fake's caches start empty, so replay must rebuild them
+            self.client, self.reopened = FakePipeline(bad=failed.bad), self.reopened + 1
 
 
 @dataclass
@@ -115,3 +131,40 @@ def test_requests_survive_a_replan(runner: LoopThread, fail: bool) -> None:
     assert got == expected
     assert new.frames > 0 and executor.replayed_rows > 0
     assert all(len(new.kv[s]) >= 1 for s in new.kv)
+
+
+def test_a_frame_a_node_fails_does_not_break_the_pipeline(runner: LoopThread) -> None:
+    """A node error in one frame ends the stream all frames in flight share: the executor reopens the streams and
+    retries the step once, so the failing request ends with an error, and requests running beside it or coming
+    after it get exactly their answers (replayed into the reopened streams), at once rather than after failover_s."""
+    expected, _ = _answers(FakePipeline(), FakeCluster(), runner)
+    bad_prompt = [50, 51, 52]
+    cluster = FakeCluster(depth=3)
+    runner.run(_set(cluster.ready))
+    executor = ClusterExecutor(FakeRuntime(runner, cluster), n_slots=4, max_len=64, failover_s=60)  # type: ignore[arg-type]
+
+    async def go() -> tuple[list[tuple[str, list[int]]], float]:
+        scheduler = Scheduler(executor, prefill_chunk=4)
+        good = [scheduler.submit(p, SamplingParams(), 12, frozenset()) for p in PROMPTS[:2]]
+        bad = scheduler.submit(bad_prompt, SamplingParams(), 12, frozenset())
+        assert cluster.client is not None
+        cluster.client.bad = bad.id
+        t0 = asyncio.get_running_loop().time()
+        out = []
+        for r in [*good, bad]:
+            tokens: list[int] = []
+            with contextlib.suppress(Exception):
+                tokens.extend([t async for t in r.tokens()])
+            out.append((r.finish_reason, tokens))
+        later = scheduler.submit(PROMPTS[2], SamplingParams(), 12, frozenset())
+        tokens = [t async for t in later.tokens()]
+        out.append((later.finish_reason, tokens))
+        await scheduler.stop()
+        return out, asyncio.get_running_loop().time() - t0
+
+    cluster.client = FakePipeline()
+    out, elapsed = asyncio.run(go())
+    assert out[2][0] == "error"
+    assert [out[0], out[1], out[3]] == [("length", expected[0]), ("length", expected[1]), ("length", expected[2])]
+    assert cluster.reopened >= 1 and executor.replayed_rows > 0
+    assert elapsed < 30, f"{elapsed:.1f} s: the executor waited for a re-plan that never comes"
