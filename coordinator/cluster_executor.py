@@ -99,6 +99,7 @@ class ClusterExecutor:
         self.replayed_rows = 0  # rows fed again into a new pipeline (visible to tests and logs)
         self._current: PipelineClient | None = None
         self._slots: dict[int, _SlotLog] = {}
+        self._retry = asyncio.Lock()  # steps retried after a frame error run one at a time
 
     async def run(self, rows: Sequence[RowWork]) -> list[int | None]:
         future = asyncio.run_coroutine_threadsafe(self._run(list(rows)), self.runtime.runner.loop)
@@ -113,35 +114,44 @@ class ClusterExecutor:
 
     # ------------------------------------------------------------------------ on the runtime's event loop
     async def _run(self, rows: list[RowWork]) -> list[int | None]:
-        frame_errors = 0
+        failed: PipelineClient | None = None  # after a frame error: the client it broke, and this step runs again
         while True:
             client = await self._client()
-            logs = [self._log_for(r, client) for r in rows]
             try:
-                await self._replay(client, logs)
-                outputs = await client.forward(
-                    [_row_input(r.request_id, r.slot, (r.start, r.tokens, r.prefill), r.params) for r in rows]
-                )
+                if failed is None:
+                    return await self._step(client, rows)
+                # A node that fails one frame ends the stream every frame in flight shares, so this step may be
+                # another's victim: it runs again on reopened streams, one such retry at a time, so that failing
+                # again is its own doing (a victim's retry no longer shares the stream with the culprit's).
+                async with self._retry:
+                    await self.runtime.cluster.reopen(failed)  # nothing if another retry reopened it already
+                    client = await self._client()
+                    return await self._step(client, rows)
             except Exception as e:
                 if _frame_error(e):
-                    # a node refused or failed one frame and so ended the stream every frame in flight was on:
-                    # reopen it, retry this step once (it may be another frame's victim), fail it the second time
-                    frame_errors += 1
-                    await self.runtime.cluster.reopen(client)
-                    if frame_errors == 1:
-                        log.warning("a step of %d rows failed (%s); retrying it on reopened streams", len(rows), e)
-                        continue
-                    raise
+                    if failed is not None:
+                        await self.runtime.cluster.reopen(client)
+                        raise
+                    log.warning("a step of %d rows failed (%s); retrying it on reopened streams", len(rows), e)
+                    failed = client
+                    continue
                 if await self._replaced(client):
                     log.warning("a step of %d rows failed on the old pipeline (%s); retrying on the new one", len(rows),
                                 e)  # fmt: skip
                     continue
                 raise
-            for r, slot_log in zip(rows, logs, strict=True):
-                slot_log.segments.append((r.start, r.tokens, r.prefill))
-                slot_log.client = client
-            tokens = {o.request_id: o.token for o in outputs}
-            return [tokens.get(r.request_id) if r.sample else None for r in rows]
+
+    async def _step(self, client: PipelineClient, rows: list[RowWork]) -> list[int | None]:
+        logs = [self._log_for(r, client) for r in rows]
+        await self._replay(client, logs)
+        outputs = await client.forward(
+            [_row_input(r.request_id, r.slot, (r.start, r.tokens, r.prefill), r.params) for r in rows]
+        )
+        for r, slot_log in zip(rows, logs, strict=True):
+            slot_log.segments.append((r.start, r.tokens, r.prefill))
+            slot_log.client = client
+        tokens = {o.request_id: o.token for o in outputs}
+        return [tokens.get(r.request_id) if r.sample else None for r in rows]
 
     async def _client(self) -> PipelineClient:
         """The pipeline to use now, once one is loaded (waits while the cluster plans or loads)."""
