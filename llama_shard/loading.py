@@ -362,10 +362,10 @@ def load_quantised_stage(
     """A stage whose linears stay quantised; norms stay fp32, activations fp32.
 
     On CPU with the native kernel (``llama_shard.kernels``), linears are ``GGMLLinear``: ``gguf`` keeps a GGUF
-    file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks as they are in the file, and ``int4``/``int8`` quantise
-    float weights to Q4_1/Q8_0 blocks. Without it (no compiler, ``LLAMA_NODE_KERNELS=0``, or another device) they
-    are int4 planes for torch's kernel (``QuantLinear``, ``llama_shard.quant``): Q4_0/Q4_1/Q4_K/Q8_0 repacked, other
-    types bf16.
+    file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K blocks (Q4_0/Q4_1/Q8_0 reordered 8 rows at a time),
+    and ``int4``/``int8`` quantise float weights to Q4_1/Q8_0 blocks. Without it (no compiler,
+    ``LLAMA_NODE_KERNELS=0``, or another device) they are int4 planes for torch's kernel (``QuantLinear``,
+    ``llama_shard.quant``): Q4_0/Q4_1/Q4_K/Q8_0 repacked, other types bf16.
     wq/wk/wv and w1/w3 are fused into one matmul each. The GGUF token embedding is looked up from the file's own
     blocks, row by row (a tied one from the head's blocks, held once); no float copy of any quantised matrix is
     kept, and the file's pages read while loading are dropped from this process after each layer (they stay in the

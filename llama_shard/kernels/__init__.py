@@ -1,7 +1,7 @@
 """Native CPU kernels, built on first use with ``torch.utils.cpp_extension`` and registered as ``torch.ops.llama_node``.
 
-``ggml_mm(x, w, qtype, k)``: ``y = x @ w.T`` with ``w`` the raw GGUF blocks of a Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/
-Q5_K/Q6_K matrix (uint8 ``[N, bytes per row]``; for Q4_0/Q4_1/Q8_0 also repacked 8 rows at a time, type id
+``ggml_mm(x, w, qtype, k)``: ``y = x @ w.T`` with ``w`` the raw GGUF blocks of a Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K/
+Q3_K/Q4_K/Q5_K/Q6_K matrix (uint8 ``[N, bytes per row]``; for Q4_0/Q4_1/Q8_0 also repacked 8 rows at a time, type id
 ``| 0x100``: ``llama_shard.ggml_linear.repack_x8``) and ``x`` fp32 ``[M, K]``, computed as ggml does on AVX2: the
 activation rounded to 8 bits per block of 32, integer dot products, fp32 scales (see ``csrc/ggml_mm.cpp``).
 
