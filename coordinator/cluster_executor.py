@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from grpc import aio
+
 from coordinator.api.backend import Backend
 from coordinator.api.errors import ApiError
 from coordinator.scheduler import RowWork
@@ -135,7 +137,9 @@ class ClusterExecutor:
                     log.warning("a step of %d rows failed (%s); retrying it on reopened streams", len(rows), e)
                     failed = client
                     continue
-                if await self._replaced(client):
+                # a node or link gone (the stream's status, or the stream closed): wait for the re-plan; an error of
+                # this process (a row the wire cannot carry, a bug) fails the step now
+                if isinstance(e, (aio.AioRpcError, ConnectionError)) and await self._replaced(client):
                     log.warning("a step of %d rows failed on the old pipeline (%s); retrying on the new one", len(rows),
                                 e)  # fmt: skip
                     continue

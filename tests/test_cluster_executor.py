@@ -168,3 +168,31 @@ def test_a_frame_a_node_fails_does_not_break_the_pipeline(runner: LoopThread) ->
     assert [out[0], out[1], out[3]] == [("length", expected[0]), ("length", expected[1]), ("length", expected[2])]
     assert cluster.reopened >= 1 and executor.replayed_rows > 0
     assert elapsed < 30, f"{elapsed:.1f} s: the executor waited for a re-plan that never comes"
+
+
+class LocalErrorPipeline(FakePipeline):
+    """A pipeline whose client raises before anything is sent (a row the wire format cannot carry)."""
+
+    async def forward(self, rows: Sequence[RowInput]) -> list[RowOutput]:
+        raise ValueError("Value out of range: 1035125872496")
+
+
+def test_an_error_of_this_process_fails_the_step_without_waiting_for_a_replan(runner: LoopThread) -> None:
+    """Only a stream's status or a closed stream means a node may be gone (worth failover_s of waiting for a
+    re-plan); schemathesis found a step that failed to encode waiting 30 s, which looked like a hang."""
+    cluster = FakeCluster(client=LocalErrorPipeline())
+    runner.run(_set(cluster.ready))
+    executor = ClusterExecutor(FakeRuntime(runner, cluster), n_slots=4, max_len=64, failover_s=60)  # type: ignore[arg-type]
+
+    async def go() -> tuple[str, float]:
+        scheduler = Scheduler(executor, prefill_chunk=4)
+        t0 = asyncio.get_running_loop().time()
+        request = scheduler.submit(PROMPTS[0], SamplingParams(), 4, frozenset())
+        with contextlib.suppress(Exception):
+            _ = [t async for t in request.tokens()]
+        await scheduler.stop()
+        return request.finish_reason, asyncio.get_running_loop().time() - t0
+
+    reason, elapsed = asyncio.run(go())
+    assert reason == "error"
+    assert elapsed < 10, f"{elapsed:.1f} s: the step waited for a re-plan"

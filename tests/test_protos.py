@@ -29,6 +29,7 @@ from node.wire import (
     manifest_to_pb,
     result_from_pb,
     result_to_pb,
+    sampling_to_pb,
     spec_from_pb,
     spec_to_pb,
 )
@@ -126,3 +127,13 @@ def test_a_client_refuses_a_node_of_another_protocol_version() -> None:
 
     message = asyncio.run(go())
     assert "speaks llama-node protocol 99" in message and f"speaks {PROTOCOL_VERSION}" in message
+
+
+def test_an_ollama_window_past_uint32_still_goes_on_the_wire() -> None:
+    # Ollama's repeat_last_n has no upper bound; 1035125872496 (from schemathesis) overflowed Row's uint32 field
+    from coordinator.api.backend import sampling_params
+
+    params = sampling_params(
+        temperature=0.8, top_p=0.9, top_k=40, min_p=None, repetition_penalty=1.1, seed=7, penalty_last_n=1035125872496
+    )
+    assert sampling_to_pb(params).penalty_last_n == 2**32 - 1

@@ -136,7 +136,7 @@ def sampling_params(
             seed=SamplingParams.random_seed() if seed is None else seed % 2**63,
             frequency_penalty=frequency_penalty or 0.0,
             presence_penalty=presence_penalty or 0.0,
-            penalty_last_n=penalty_last_n,
+            penalty_last_n=min(penalty_last_n, 2**32 - 1),  # the wire's uint32; a window past any context is all
             penalty_start=penalty_start,
         )
     except LlamaShardError as e:  # the schemas bound every field; this is the sampler's own last word
