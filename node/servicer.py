@@ -271,6 +271,9 @@ class NodeServicer(pb_grpc.NodeServicer):
                     f"layers {host.spec} {'end the model' if host.spec.has_head else 'need a next stage'}, "
                     f"but the route has {len(route)} more stage(s)",
                 )
+            # the headers now: a direct-results stream yields no reply, and headers sent together with the final
+            # status fail in gRPC core (a logged ExecuteBatchError traceback) when the server stops as it ends
+            await context.send_initial_metadata(())
             if route:
                 stub = pb_grpc.NodeStub(self._channel(route[0]))
                 downstream = stub.Forward(metadata=PROTOCOL_METADATA)
