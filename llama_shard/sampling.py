@@ -44,15 +44,6 @@ class SamplingParams:
     penalty_start: int = 0  # frequency and presence count history[penalty_start:] only (OpenAI: the prompt's length)
 
     def __post_init__(self) -> None:
-        # one test first, the messages only for a failure: a node builds these for every row of every frame
-        if not (
-            self.temperature >= 0 and self.top_k >= 0 and 0 < self.top_p <= 1 and 0 <= self.min_p <= 1
-            and self.repetition_penalty > 0 and abs(self.frequency_penalty) <= 100
-            and abs(self.presence_penalty) <= 100 and self.penalty_last_n >= 0 and self.penalty_start >= 0
-        ):  # fmt: skip
-            self._refuse()
-
-    def _refuse(self) -> None:
         checks = [
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
