@@ -103,9 +103,9 @@ class ClusterExecutor:
         self._slots: dict[int, _SlotLog] = {}
         self._retry = asyncio.Lock()  # steps retried after a frame error run one at a time
 
-    async def run(self, rows: Sequence[RowWork]) -> list[int | None]:
-        future = asyncio.run_coroutine_threadsafe(self._run(list(rows)), self.runtime.runner.loop)
-        return await asyncio.wrap_future(future)
+    def run(self, rows: Sequence[RowWork]) -> asyncio.Future[list[int | None]]:
+        """Hands the step to the runtime's event loop now; the future settles on the caller's loop."""
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._run(list(rows)), self.runtime.runner.loop))
 
     async def close(self) -> None:
         try:
@@ -161,7 +161,8 @@ class ClusterExecutor:
         """The pipeline to use now, once one is loaded (waits while the cluster plans or loads)."""
         cluster = self.runtime.cluster
         try:
-            await asyncio.wait_for(cluster.ready.wait(), self.wait_s)
+            if not cluster.ready.is_set():  # wait_for makes a task of its own: not on every step
+                await asyncio.wait_for(cluster.ready.wait(), self.wait_s)
         except TimeoutError:
             raise RuntimeError(f"no pipeline within {self.wait_s:.0f} s: {cluster.state}") from None
         client = cluster.client

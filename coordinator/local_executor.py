@@ -43,8 +43,8 @@ class LocalExecutor:
         log.info("KV cache: %d slots x %d tokens, %s, %.1f MB", n_slots, max_len,
                  str(self.cache.dtype).removeprefix("torch."), self.cache.nbytes / 1e6)  # fmt: skip
 
-    async def run(self, rows: Sequence[RowWork]) -> list[int | None]:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.run_sync, list(rows))
+    def run(self, rows: Sequence[RowWork]) -> asyncio.Future[list[int | None]]:
+        return asyncio.get_running_loop().run_in_executor(self._pool, self.run_sync, list(rows))
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -73,7 +73,11 @@ class StepExecutor(Protocol):
     max_len: int
     depth: int
 
-    async def run(self, rows: Sequence[RowWork]) -> list[int | None]: ...
+    def run(self, rows: Sequence[RowWork]) -> Awaitable[list[int | None]]:
+        """The step's outcome. An executor that computes elsewhere (a thread, a pipeline) should hand the step over
+        before it returns, not when the awaitable is first awaited: the scheduler's loop first delivers the previous
+        step's tokens to their streams (work of the same loop), and a step started after that starts late."""
+        ...
 
     async def close(self) -> None: ...
 

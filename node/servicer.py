@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from node import timeline
 from node.authz import with_behaviour
 from node.service import NodeService, NodeState
 from node.slices import PartialSlice, SliceMismatchError
@@ -89,7 +90,9 @@ def _step(
     so the event loop only reads and writes messages: less work there, and no torch call that would hand the GIL to
     the compute thread and wait to get it back."""
     frame = build()
+    timeline.mark("start", frame.frame_id)
     result = host.run(frame)
+    timeline.mark("end", frame.frame_id)
     if isinstance(result, FrameResult):
         return result_to_pb(result)
     return list(frame_to_messages(result, rows_pb=rows_pb if result.rows is frame.rows else None))
@@ -328,6 +331,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                 build = assembler.take(msg.part)
                 if build is None:
                     continue
+                timeline.mark("arrive", msg.part.frame_id)
                 host = self.service.host
                 if host is None:
                     raise WireError(grpc.StatusCode.FAILED_PRECONDITION, "the shard was released")
@@ -351,6 +355,8 @@ class NodeServicer(pb_grpc.NodeServicer):
         try:
             while (future := await computed.get()) is not None:
                 result = await future
+                if timeline.enabled():
+                    timeline.mark("out", result[0].part.frame_id if isinstance(result, list) else result.frame_id)
                 if isinstance(result, list):
                     for m in result:
                         await downstream.write(m)

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from node import timeline
 from node.servicer import CHANNEL_OPTIONS, PROTOCOL_METADATA
 from node.slices import SliceManifest
 from node.wire import (
@@ -156,6 +157,7 @@ class PipelineClient:
         try:
             async for reply in call:
                 result = result_from_pb(reply)
+                timeline.mark("recv", result.frame_id)
                 future = self._pending.pop(result.frame_id, None)
                 if future is not None and not future.done():
                     future.set_result(result.rows)
@@ -184,6 +186,7 @@ class PipelineClient:
         if self._error is not None:
             raise self._error
         frame = Frame(next(self._ids), 0, tuple(rows))
+        timeline.mark("send", frame.frame_id)
         future: asyncio.Future[tuple[RowOutput, ...]] = asyncio.get_running_loop().create_future()
         self._pending[frame.frame_id] = future
         async with self._write_lock:

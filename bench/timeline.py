@@ -1,0 +1,127 @@
+"""Where a frame's time goes on a loopback pipeline: compute, queueing and each hop between processes.
+
+    python bench/timeline.py                      # 3 local nodes, 8 streams for 15 s
+    python bench/timeline.py --streams 1 --seconds 10
+
+Starts ``llama-node serve --nodes N`` (as ``bench/concurrency.py`` does) with ``LLAMA_NODE_TIMELINE`` set, so the
+coordinator and the node processes write timestamps of each frame's events (``node/timeline.py``), drives
+``--streams`` concurrent streaming completions for ``--seconds``, and prints, per segment of a frame's path, the
+median and mean milliseconds over the frames of the middle of the run (the first 20% and last 10% dropped).
+The summary line gives the frames computing at once on average (compute time of all frames ÷ wall time): with
+``--micro-batches`` frames in flight, what the rest of a frame's cycle costs in lost compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import collections
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt, load_average, print_table, setup_logging  # noqa: E402
+from concurrency import level, start_server  # noqa: E402
+
+log = logging.getLogger("bench.timeline")
+
+ENV = "LLAMA_NODE_TIMELINE"  # node.timeline.ENV (not imported: the bench stays free of the package's imports)
+
+
+def segments(lines: list[tuple[int, str, int, float]]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Milliseconds of each segment over the frames that went through every stage, and a summary."""
+    coord = next(pid for pid, event, _, _ in lines if event == "send")
+    frames: dict[int, list[tuple[float, int, str]]] = collections.defaultdict(list)
+    for pid, event, fid, t in lines:
+        frames[fid].append((t, pid, event))
+    ids = sorted(frames)
+    ids = ids[len(ids) // 5 : len(ids) - len(ids) // 10]
+    n_stages = max(sum(e == "start" for _, _, e in frames[f]) for f in ids)
+    out: dict[str, list[float]] = collections.defaultdict(list)
+    compute, t_first, t_last = 0.0, float("inf"), 0.0
+    for fid in ids:
+        events = sorted(frames[fid])
+        first = {(pid, e): t for t, pid, e in reversed(events)}  # each (process, event)'s first time
+        stages = [pid for _, pid, e in events if e == "start"]
+        if len(stages) != n_stages or (coord, "send") not in first or (coord, "recv") not in first:
+            continue
+        path = [("coordinator send", first[coord, "send"])]
+        for i, pid in enumerate(stages, 1):
+            arrive = max(t for t, p, e in events if p == pid and e == "arrive")
+            path += [(f"S{i} arrive", arrive), (f"S{i} start", first[pid, "start"]), (f"S{i} end", first[pid, "end"]),
+                     (f"S{i} out", first[pid, "out"])]  # fmt: skip
+            compute += first[pid, "end"] - first[pid, "start"]
+        path.append(("coordinator recv", first[coord, "recv"]))
+        for (a, ta), (b, tb) in zip(path, path[1:], strict=False):
+            out[f"{a} → {b}"].append((tb - ta) * 1e3)
+        out["whole frame"].append((path[-1][1] - path[0][1]) * 1e3)
+        t_first, t_last = min(t_first, path[0][1]), max(t_last, path[-1][1])
+    sends = sorted(t for pid, e, _, t in lines if pid == coord and e == "send")
+    recvs = sorted(t for pid, e, _, t in lines if pid == coord and e == "recv")
+    recvs = recvs[len(recvs) // 5 : len(recvs) - len(recvs) // 10]
+    turn = [(sends[i] - t) * 1e3 for t in recvs if (i := bisect.bisect_right(sends, t)) < len(sends)]
+    out["coordinator recv → its next send"] = turn
+    summary = {"frames": len(out["whole frame"]), "frames_computing": compute / max(t_last - t_first, 1e-9)}
+    return out, summary
+
+
+def read(path: Path) -> list[tuple[int, str, int, float]]:
+    rows = []
+    for line in path.read_text().splitlines():
+        pid, event, fid, t = line.split()
+        rows.append((int(pid), event, int(fid), float(t)))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per node process")
+    ap.add_argument("--micro-batches", type=int, default=0, help="serve --micro-batches (0: the server's default)")
+    ap.add_argument("--keep", help="also copy the raw timeline here")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args()
+    setup_logging(args.verbose)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "timeline.txt"
+        os.environ[ENV] = str(path)
+        proc, url = start_server(args.nodes, args.streams, 256 + args.max_tokens, args.threads, "auto",
+                                 args.micro_batches)  # fmt: skip
+        try:
+            asyncio.run(level(url, "smollm2", 1, 4))  # warm-up
+            path.write_text("")  # the frames from here on
+            t0, tps = time.monotonic(), []
+            while time.monotonic() - t0 < args.seconds:
+                tps.append(asyncio.run(level(url, "smollm2", args.streams, args.max_tokens))[0])
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        lines = read(path)
+        if args.keep:
+            Path(args.keep).write_text(path.read_text())
+    segs, summary = segments(lines)
+    summary["tokens_per_s"] = statistics.median(tps)
+    if args.json:
+        print(json.dumps({"segments_ms": {k: {"p50": statistics.median(v), "mean": statistics.mean(v)}
+                                          for k, v in segs.items() if v}, **summary}))  # fmt: skip
+        return
+    rows = [[k, fmt(statistics.median(v), 2), fmt(statistics.mean(v), 2), len(v)] for k, v in segs.items() if v]
+    caption = (f"{args.nodes} local nodes, {args.streams} streams, {summary['tokens_per_s']:.1f} tok/s (median of "
+               f"{len(tps)} rounds), {summary['frames_computing']:.2f} frames computing at once on average, "
+               f"load avg {load_average() or 0:.1f}")  # fmt: skip
+    print_table("A frame's path (ms)", ["segment", "p50", "mean", "frames"], rows, caption)
+
+
+if __name__ == "__main__":
+    main()
