@@ -5,9 +5,13 @@ time to first token p50/p95.
     python bench/concurrency.py --dtype float32       # the same with dense fp32 stages
     python bench/concurrency.py --url http://host:11434 --model NAME   # an already running server
     python bench/concurrency.py --plot bench/concurrency.png
+    python bench/concurrency.py --levels 1,8 --rounds 5   # the ratio at 8 alone, from 5 interleaved rounds
 
 Each stream is a streaming ``/v1/completions`` with its own prompt and ``max_tokens``; the tokens counted are the
-ones the server reports in ``usage``. The goal at 8 streams is at least 6x the single stream's tokens/s. When the bench
+ones the server reports in ``usage``. The levels run ``--rounds`` times interleaved (1, 2, .., 16, 1, 2, ..) and the
+table shows each level's median, with every round's tokens/s beside it: one pass of a single stream over a few dozen
+tokens swung by ±15% between runs, and every ratio divides by it. The goal at 8 streams is at least 6x the single
+stream's tokens/s. When the bench
 starts the server, it also reports the CPU time per token of the node processes and of the server: on a machine
 whose cores are shared (with each other, or with other work), tokens/s follows the CPU a token costs.
 """
@@ -20,6 +24,7 @@ import contextlib
 import json
 import logging
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -109,6 +114,26 @@ def percentile(values: list[float], q: float) -> float:
     return data[k]
 
 
+def measure(url: str, model: str, n: int, max_tokens: int, proc: subprocess.Popen[bytes] | None) -> dict[str, float]:
+    """One level: ``n`` streams at once; tokens/s, TTFT and the CPU per token of the server, nodes and this bench."""
+    cpu0 = cpu_seconds(proc.pid) if proc is not None else (float("nan"), float("nan"))
+    stats0 = scheduler_stats(url)
+    client0 = time.process_time()
+    tps, results = asyncio.run(level(url, model, n, max_tokens))
+    client_s = time.process_time() - client0
+    cpu1 = cpu_seconds(proc.pid) if proc is not None else cpu0
+    stats1 = scheduler_stats(url)
+    steps = stats1.get("steps", 0) - stats0.get("steps", 0)
+    decode_rows = stats1.get("decode_rows", 0) - stats0.get("decode_rows", 0)
+    tokens = sum(r.tokens for r in results)
+    serve_ms, nodes_ms = ((b - a) * 1e3 / tokens for a, b in zip(cpu0, cpu1, strict=True))
+    ttfts = [r.ttft_s for r in results]
+    return {"tokens_per_s": tps, "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
+            "serve_cpu_ms_per_token": serve_ms, "nodes_cpu_ms_per_token": nodes_ms,
+            "client_cpu_ms_per_token": client_s * 1e3 / tokens, "steps": steps,
+            "decode_rows_per_step": decode_rows / steps if steps else float("nan")}  # fmt: skip
+
+
 def start_server(
     nodes: int, slots: int, context: int, threads: int, dtype: str, micro_batches: int
 ) -> tuple[subprocess.Popen[bytes], str]:
@@ -139,7 +164,9 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per node process")
     ap.add_argument("--levels", default="1,2,4,8,16")
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="passes over the levels (1,2,..,16, 1,2,..,16, ...); the table shows each level's median")
     ap.add_argument("--dtype", default="auto", help="serve --dtype: auto (GGUF blocks packed on the nodes), float32")
     ap.add_argument("--micro-batches", type=int, default=0, help="serve --micro-batches (0: the server's default)")
     ap.add_argument("--plot", help="write a PNG plot here")
@@ -157,44 +184,35 @@ def main() -> None:
                                  args.micro_batches)  # fmt: skip
     try:
         asyncio.run(level(url, args.model, 1, 4))  # warm-up
-        rows, data = [], {}
-        base = None
+        runs: dict[int, list[dict[str, float]]] = {n: [] for n in levels}
+        for _ in range(args.rounds):  # interleaved, so a load spike does not land on one level only
+            for n in levels:
+                runs[n].append(measure(url, args.model, n, args.max_tokens, proc))
+                log.info("%d streams: %.1f tok/s", n, runs[n][-1]["tokens_per_s"])
+        data = {n: {k: statistics.median(r[k] for r in runs[n]) for k in runs[n][0]} for n in levels}
+        base = data[levels[0]]["tokens_per_s"]
+        rows = []
         for n in levels:
-            cpu0 = cpu_seconds(proc.pid) if proc is not None else (float("nan"), float("nan"))
-            stats0 = scheduler_stats(url)
-            client0 = time.process_time()
-            tps, results = asyncio.run(level(url, args.model, n, args.max_tokens))
-            client_ms = (time.process_time() - client0) * 1e3
-            cpu1 = cpu_seconds(proc.pid) if proc is not None else cpu0
-            stats1 = scheduler_stats(url)
-            steps = stats1.get("steps", 0) - stats0.get("steps", 0)
-            decode_rows = stats1.get("decode_rows", 0) - stats0.get("decode_rows", 0)
-            rows_per_step = decode_rows / steps if steps else float("nan")
-            tokens = sum(r.tokens for r in results)
-            serve_ms, nodes_ms = ((b - a) * 1e3 / tokens for a, b in zip(cpu0, cpu1, strict=True))
-            client_ms /= tokens
-            base = base or tps
-            ttfts = [r.ttft_s for r in results]
-            data[n] = {"tokens_per_s": tps, "speedup": tps / base, "ttft_p50_s": percentile(ttfts, 50),
-                       "ttft_p95_s": percentile(ttfts, 95), "serve_cpu_ms_per_token": serve_ms,
-                       "nodes_cpu_ms_per_token": nodes_ms, "client_cpu_ms_per_token": client_ms, "steps": steps,
-                       "decode_rows_per_step": rows_per_step}  # fmt: skip
-            log.info("%d streams: %.1f tok/s", n, tps)
-            rows.append([n, fmt(tps), fmt(tps / base, 2, "x"), fmt(data[n]["ttft_p50_s"] * 1e3, 0),
-                         fmt(data[n]["ttft_p95_s"] * 1e3, 0), fmt(nodes_ms), fmt(serve_ms), fmt(client_ms), steps,
-                         fmt(rows_per_step)])  # fmt: skip
+            d = data[n]
+            d["speedup"] = d["tokens_per_s"] / base
+            rows.append([n, fmt(d["tokens_per_s"]), " ".join(f"{r['tokens_per_s']:.0f}" for r in runs[n]),
+                         fmt(d["speedup"], 2, "x"), fmt(d["ttft_p50_s"] * 1e3, 0), fmt(d["ttft_p95_s"] * 1e3, 0),
+                         fmt(d["nodes_cpu_ms_per_token"]), fmt(d["serve_cpu_ms_per_token"]),
+                         fmt(d["client_cpu_ms_per_token"]), fmt(d["decode_rows_per_step"])])  # fmt: skip
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
     if args.json:
+        rounds = {n: [r["tokens_per_s"] for r in runs[n]] for n in levels}
         print(json.dumps({"nodes": args.nodes, "max_tokens": args.max_tokens, "dtype": args.dtype,
-                          "load_avg_1m": load_average(), "levels": data}))  # fmt: skip
+                          "load_avg_1m": load_average(), "levels": data, "tokens_per_s_rounds": rounds}))  # fmt: skip
     else:
         caption = (f"{args.nodes}-node loopback pipeline, --dtype {args.dtype}, --micro-batches {args.micro_batches}, "
-                   f"{args.max_tokens} tokens/stream, load avg {load_average() or 0:.1f}; goal at 8: 6x")  # fmt: skip
-        columns = ["streams", "tok/s", "÷ 1 stream", "TTFT p50 ms", "TTFT p95 ms", "nodes CPU ms/tok",
-                   "serve CPU ms/tok", "bench CPU ms/tok", "steps", "decode rows/step"]  # fmt: skip
+                   f"{args.max_tokens} tokens/stream, medians of {args.rounds} interleaved rounds, "
+                   f"load avg {load_average() or 0:.1f}; goal at 8: 6x")  # fmt: skip
+        columns = ["streams", "tok/s", "rounds", f"÷ {levels[0]} stream(s)", "TTFT p50 ms", "TTFT p95 ms",
+                   "nodes CPU ms/tok", "serve CPU ms/tok", "bench CPU ms/tok", "decode rows/step"]  # fmt: skip
         print_table("Concurrent streams", columns, rows, caption)
     if args.plot:
         import matplotlib
