@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import zlib
-
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any

@@ -15,9 +15,10 @@ The steps are cut so the bad row is alone in its step (a row in the same step as
 bad request is the oldest, its refused chunk is its second one and fills the prefill budget, and the others are
 still in their prompts then, so no decode row joins it.
 
-Known race (a bug this test finds, not fixed here): about one run in four the refused frame reaches the executor as
-CANCELLED ("the Forward stream was cancelled") instead of INVALID_ARGUMENT; that is no frame error, so the executor
-waits failover_s for a re-plan and every request fails.
+The test found two races. A culprit whose retry failed again reopened the streams after letting the retry lock go,
+so the next victim's retry took the broken streams. And the last stage's Results call, cancelled by the refusing
+stage, could end the frames CANCELLED before the Forward stream brought INVALID_ARGUMENT: no frame error, so the
+executor waited failover_s for a re-plan and every request failed (about one run in four).
 """
 
 from __future__ import annotations
