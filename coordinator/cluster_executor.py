@@ -128,11 +128,17 @@ class ClusterExecutor:
                 async with self._retry:
                     await self.runtime.cluster.reopen(failed)  # nothing if another retry reopened it already
                     client = await self._client()
-                    return await self._step(client, rows)
+                    try:
+                        return await self._step(client, rows)
+                    except Exception as e:
+                        # the culprit's retry breaks its streams again: they are reopened before the lock is let
+                        # go (reopened after it, the next victim's retry took the broken streams and failed too)
+                        if _frame_error(e):
+                            await self.runtime.cluster.reopen(client)
+                        raise
             except Exception as e:
                 if _frame_error(e):
                     if failed is not None:
-                        await self.runtime.cluster.reopen(client)
                         raise
                     log.warning("a step of %d rows failed (%s); retrying it on reopened streams", len(rows), e)
                     failed = client

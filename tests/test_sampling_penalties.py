@@ -126,10 +126,11 @@ def _greedy(model: Path, prompt: list[int], params: SamplingParams, n: int) -> l
 def test_tiny_llama_greedy_loop_is_broken_by_each_penalty(
     make_hf_llama: Callable[..., Path], params: SamplingParams
 ) -> None:
-    # arrange: this random model's greedy answer to this prompt ends in a loop of one token
+    # arrange: the property the test needs of the random weights, checked rather than assumed of a seed: the greedy
+    # answer to this prompt ends in a loop (a cycle of at most 3 tokens over its last 12), as tiny random models do
     model, prompt = make_hf_llama(), [1, 5, 6, 7, 8]
     plain = _greedy(model, prompt, SamplingParams(), 20)
-    assert len(set(plain[-6:])) == 1, plain
+    assert any(plain[-12:] == (plain[-p:] * 12)[-12:] for p in (1, 2, 3)), f"no greedy loop to break: {plain}"
     # act
     penalised = _greedy(model, prompt, params, 20)
     # assert: the same start (nothing repeated yet), then no loop

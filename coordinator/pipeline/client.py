@@ -115,6 +115,10 @@ class NodeClient:
         await self.channel.close()
 
 
+#: How long a Results call that ended CANCELLED waits for the Forward stream's status, the cause (an earlier stage's).
+UPSTREAM_STATUS_S = 5.0
+
+
 class PipelineClient:
     """The Forward stream into the first stage of ``addresses`` (stages in order)."""
 
@@ -165,6 +169,12 @@ class PipelineClient:
             failed = answers
         except aio.AioRpcError as e:
             error, failed = e, True
+            forward = self._readers[0] if self._readers else None
+            if call is self._results and e.code() == grpc.StatusCode.CANCELLED and forward is not None:
+                # a stage that fails a frame cancels the streams after it, so the last stage's Results call ends
+                # CANCELLED; that stage's own status (INVALID_ARGUMENT, ...) comes up the Forward stream: wait for it
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(forward), UPSTREAM_STATUS_S)
         except asyncio.CancelledError:
             error, failed = ConnectionError("the pipeline client was closed"), True
         if self._error is None:
