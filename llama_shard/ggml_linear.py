@@ -1,10 +1,11 @@
 """Linears over GGUF blocks, computed by ``llama_shard.kernels`` (ggml's AVX2 dot products).
 
-A ``GGMLLinear`` holds a matrix as the file's bytes: uint8 ``[N, bytes per row]`` of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
-Q2_K, Q3_K, Q4_K, Q5_K or Q6_K blocks, so its memory is the file's size for that tensor, and fusing wq/wk/wv or w1/w3 is
-concatenating rows. Q4_0, Q4_1 and Q8_0 are reordered at load 8 rows at a time (``repack_x8``: the same bytes, laid out
-for the AVX2 kernel, see ``csrc/ggml_x8.cpp``); the other types stay as the file stores them. ``--quantize
-int4|int8`` writes float weights into the same formats (Q4_1, Q8_0).
+A ``GGMLLinear`` holds a matrix as the file's bytes: uint8 ``[N, bytes per row]`` of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K,
+Q3_K, Q4_K, Q5_K or Q6_K blocks, so its memory is the file's size for that tensor, and fusing wq/wk/wv or w1/w3 is
+concatenating rows (where their types differ, a ``GGMLStack`` holds one ``GGMLLinear`` per run of one type). Q4_0, Q4_1
+and Q8_0 are reordered at load 8 rows at a time (``repack_x8``: the same bytes, laid out for the AVX2 kernel, see
+``csrc/ggml_x8.cpp``); the other types stay as the file stores them. ``--quantize int4|int8`` writes float weights into
+the same formats (Q4_1, Q8_0).
 
 Numerics, as llama.cpp's: each activation row is rounded to 8 bits per block of 32 (scale ``amax/127``), products
 are exact integers, and each block's integer sum is scaled by ``d_w · d_x`` in fp32. So the error against
