@@ -1,12 +1,13 @@
 """Steps through all of a stage's layers in one native call (``kernels/csrc/decode.cpp``).
 
-A packed stage (every linear a ``GGMLLinear``, fp32 norms, an fp32 or f16 KV cache, on CPU) runs a step through a
-``DecodePlan``: the layers' math of ``llama_shard.model`` in C++, with the same matmul kernel, so a token costs its
-matmuls plus little else (the eager path spent about half of a SmolLM2 token in ~150 small torch ops and the
-Python between them per layer). Every token of a step is one row of the plan at its own position, decode rows and
-the tokens of prompt chunks alike (``llama_shard.batching.run_step``): the plan writes all rows' keys before any
-row attends, and a row's arithmetic depends only on its own token, position and slot, so a token's bits do not
-depend on what shares its step, on how its prompt was chunked, or on whether it was decoded or prefilled.
+A packed stage (every linear a ``GGMLLinear``, or a ``GGMLStack`` of them where wq/wk/wv or w1/w3 differ in type, fp32
+norms, an fp32 or f16 KV cache, on CPU) runs a step through a ``DecodePlan``: the layers' math of ``llama_shard.model``
+in C++, with the same matmul kernels, so a token costs its matmuls plus little else (the eager path spent about half of
+a SmolLM2 token in ~150 small torch ops and the Python between them per layer). Every token of a step is one row of the
+plan at its own position, decode rows and the tokens of prompt chunks alike (``llama_shard.batching.run_step``): the
+plan writes all rows' keys before any row attends, and a row's arithmetic depends only on its own token, position and
+slot, so a token's bits do not depend on what shares its step, on how its prompt was chunked, or on whether it was
+decoded or prefilled.
 
 The plan's numerics are its own: fp32 throughout, as the eager packed path, but norms, softmax and SiLU round in
 another order, so its logits differ from the eager path's in the last bits. An f16 cache (the packed stages'
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from llama_shard import kernels
-from llama_shard.ggml_linear import GGMLLinear
+from llama_shard.ggml_linear import GGMLLinear, GGMLStack
 from llama_shard.model import Block, KVCache, Stage
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,13 @@ def _linear(module: object) -> GGMLLinear | None:
     return module if isinstance(module, GGMLLinear) else None
 
 
+def _parts(module: object) -> list[GGMLLinear] | None:
+    """A matrix of the plan as its row-stacked parts: one for a ``GGMLLinear``, a ``GGMLStack``'s parts."""
+    if isinstance(module, GGMLStack):
+        return [p for p in module.parts if isinstance(p, GGMLLinear)]
+    return [module] if isinstance(module, GGMLLinear) else None
+
+
 def _build(stage: Stage, *, scalar: bool = False) -> FusedDecoder | None:
     """``scalar``: the plan's portable code (what CPUs without AVX2 run), for tests on a machine with it."""
     if os.environ.get("LLAMA_NODE_FUSED", "1") == "0" or stage.inv_freq.device.type != "cpu":
@@ -101,22 +109,26 @@ def _build(stage: Stage, *, scalar: bool = False) -> FusedDecoder | None:
     if not kernels.available() or not hasattr(torch.classes.llama_node, "DecodePlan"):
         return None
     c = stage.config
-    tensors: list[Tensor] = []
+    norms: list[Tensor] = []
+    blocks: list[Tensor] = []
     qtypes: list[int] = []
+    counts: list[int] = []
     for block in stage.layers.values():
         if type(block) is not Block:  # another block kind (e.g. a future MoE layer): the eager path
             return None
         attn, ffn = block.attention, block.feed_forward
-        found = [_linear(attn.wqkv), _linear(attn.wo), _linear(ffn.w13), _linear(ffn.w2)]
-        linears = [m for m in found if m is not None]
-        norms = [block.attention_norm.weight.detach(), block.ffn_norm.weight.detach()]
-        if len(linears) < 4 or any(n.dtype != torch.float32 for n in norms):
+        found = [_parts(attn.wqkv), _parts(attn.wo), _parts(ffn.w13), _parts(ffn.w2)]
+        layer_norms = [block.attention_norm.weight.detach(), block.ffn_norm.weight.detach()]
+        if any(not f for f in found) or any(n.dtype != torch.float32 for n in layer_norms):
             return None
-        wqkv, wo, w13, w2 = (m.blocks for m in linears)
-        tensors += [norms[0], wqkv, wo, norms[1], w13, w2]
-        qtypes += [m._qtype for m in linears]
+        norms += layer_norms
+        for parts in found:
+            assert parts is not None
+            blocks += [p.blocks for p in parts]
+            qtypes += [p._qtype for p in parts]
+            counts.append(len(parts))
     plan = torch.classes.llama_node.DecodePlan(
-        c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.norm_eps, tensors, qtypes, scalar
+        c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.norm_eps, norms, blocks, qtypes, counts, scalar
     )
     if stage.spec.has_head:
         head = _linear(stage.output)

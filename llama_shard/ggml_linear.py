@@ -1,10 +1,11 @@
 """Linears over GGUF blocks, computed by ``llama_shard.kernels`` (ggml's AVX2 dot products).
 
-A ``GGMLLinear`` holds a matrix as the file's bytes: uint8 ``[N, bytes per row]`` of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
-Q2_K, Q3_K, Q4_K, Q5_K or Q6_K blocks, so its memory is the file's size for that tensor, and fusing wq/wk/wv or w1/w3 is
-concatenating rows. Q4_0, Q4_1 and Q8_0 are reordered at load 8 rows at a time (``repack_x8``: the same bytes, laid out
-for the AVX2 kernel, see ``csrc/ggml_x8.cpp``); the other types stay as the file stores them. ``--quantize
-int4|int8`` writes float weights into the same formats (Q4_1, Q8_0).
+A ``GGMLLinear`` holds a matrix as the file's bytes: uint8 ``[N, bytes per row]`` of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K,
+Q3_K, Q4_K, Q5_K or Q6_K blocks, so its memory is the file's size for that tensor, and fusing wq/wk/wv or w1/w3 is
+concatenating rows (where their types differ, a ``GGMLStack`` holds one ``GGMLLinear`` per run of one type). Q4_0, Q4_1
+and Q8_0 are reordered at load 8 rows at a time (``repack_x8``: the same bytes, laid out for the AVX2 kernel, see
+``csrc/ggml_x8.cpp``); the other types stay as the file stores them. ``--quantize int4|int8`` writes float weights into
+the same formats (Q4_1, Q8_0).
 
 Numerics, as llama.cpp's: each activation row is rounded to 8 bits per block of 32 (scale ``amax/127``), products
 are exact integers, and each block's integer sum is scaled by ``d_w · d_x`` in fp32. So the error against
@@ -195,6 +196,42 @@ class GGMLLinear(nn.Module):
     def extra_repr(self) -> str:
         layout = ", repacked x8" if self.repacked else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}{layout}"
+
+
+class GGMLStack(nn.Module):
+    """The row-stack of ``GGMLLinear`` parts of different types, as one linear: ``y = x @ cat(w_0, w_1, ...).T``.
+
+    llama.cpp's Q3_K_M and Q2_K mixes store attn_v (and some ffn_up / attn_k) in another type than attn_q in the same
+    layer, so wq|wk|wv (or w1|w3) cannot be one matrix of blocks; this holds each run of one type as a part and runs
+    each part's kernel into its own columns of one output (``kernels.ggml_mm_parts``: the activations rounded once),
+    so its outputs are q|k|v as a one-type ``GGMLLinear``'s, and the fused plan (``llama_shard.fused``) takes it too.
+    A column's bits are those of its part computed alone; ``row_invariant`` as ``GGMLLinear``.
+    """
+
+    row_invariant = True
+
+    def __init__(self, parts: list[GGMLLinear]) -> None:
+        super().__init__()
+        if len({p.in_features for p in parts}) != 1:
+            raise ValueError("the parts of a stacked linear must have the same number of columns")
+        self.parts = nn.ModuleList(parts)
+        self.in_features, self.out_features = parts[0].in_features, sum(p.out_features for p in parts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        parts: list[GGMLLinear] = list(self.parts)  # type: ignore[arg-type]
+        blocks, qtypes = [p.blocks for p in parts], [p._qtype for p in parts]
+        y = kernels.ggml_mm_parts(x2 if x2.dtype == torch.float32 else x2.float(), blocks, qtypes, self.in_features)
+        if x.dim() != 2:
+            y = y.view(x.shape[:-1] + (self.out_features,))
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def dequantize(self) -> Tensor:
+        """The fp32 weight ``[N, K]`` the parts stand for, stacked."""
+        return torch.cat([p.dequantize() for p in self.parts])  # type: ignore[operator]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 class TiedEmbedding(QuantEmbedding):

@@ -22,7 +22,7 @@ from torch import nn
 from llama_shard import kernels
 from llama_shard.config import ModelConfig, kv_cache_dtype
 from llama_shard.errors import ModelFormatError
-from llama_shard.ggml_linear import KERNEL_TYPES, GGMLLinear, TiedEmbedding, quantize_blocks
+from llama_shard.ggml_linear import KERNEL_TYPES, GGMLLinear, GGMLStack, TiedEmbedding, quantize_blocks
 from llama_shard.gguf_file import GGUF_TO_NATIVE, GGUFFile
 from llama_shard.model import Stage
 from llama_shard.quant import (
@@ -303,21 +303,34 @@ _FUSED = {
 _SINGLE = ("attention.wo", "feed_forward.w2")
 
 
-def _gguf_rows(
-    source: WeightSource, names: list[str], packable: frozenset[GGMLQuantizationType]
-) -> tuple[torch.Tensor, GGMLQuantizationType, int] | None:
-    """The raw blocks of ``names`` stacked by rows (Q/K rows un-permuted), if they share one ``packable`` type."""
+@dataclass(frozen=True, slots=True)
+class _Rows:
+    """The raw blocks of consecutive tensors of one type, stacked by rows (Q/K rows un-permuted)."""
+
+    blocks: torch.Tensor
+    qtype: GGMLQuantizationType
+    cols: int
+    tensors: int  # how many: one may be the file's mapping itself, several are a copy
+
+
+def _gguf_runs(source: WeightSource, names: list[str], packable: frozenset[GGMLQuantizationType]) -> list[_Rows] | None:
+    """The raw blocks of ``names``, each run of consecutive tensors of one type stacked by rows (a single run when
+    they share a type), if they are all of ``packable`` types and of one width."""
     if not isinstance(source, GGUFSource):
         return None
     blocks = [source.blocks(n) for n in names]
-    qtypes, cols = {b[1] for b in blocks}, {b[2] for b in blocks}
-    if len(qtypes) != 1 or len(cols) != 1 or next(iter(qtypes)) not in packable:
+    if len({b[2] for b in blocks}) != 1 or any(b[1] not in packable for b in blocks):
         return None
-    rows = []
-    for name, (raw, _, _) in zip(names, blocks, strict=True):
+    runs: list[tuple[GGMLQuantizationType, list[torch.Tensor]]] = []
+    for name, (raw, qtype, _) in zip(names, blocks, strict=True):
         order = source.row_order(name)  # permuting whole rows of blocks = permuting weight rows
-        rows.append(raw if order is None else raw[order])
-    return (rows[0] if len(rows) == 1 else torch.cat(rows)), qtypes.pop(), cols.pop()
+        rows = raw if order is None else raw[order]
+        if runs and runs[-1][0] == qtype:
+            runs[-1][1].append(rows)
+        else:
+            runs.append((qtype, [rows]))
+    cols = blocks[0][2]
+    return [_Rows(r[0] if len(r) == 1 else torch.cat(r), qtype, cols, len(r)) for qtype, r in runs]
 
 
 def _use_kernel(device: torch.device) -> bool:
@@ -326,14 +339,16 @@ def _use_kernel(device: torch.device) -> bool:
 
 
 def _linear(source: WeightSource, names: list[str], mode: QuantMode, device: torch.device) -> nn.Module | None:
-    """One module for the row-stack of ``names``; None when several cannot share one packed matmul."""
+    """One module for the row-stack of ``names``; None when several cannot share one packed matmul. With the native
+    kernel, parts of different types (llama.cpp's Q3_K_M attn_v) are one ``GGMLStack``."""
     ggml = _use_kernel(device)
     if mode == QuantMode.gguf:
-        found = _gguf_rows(source, names, KERNEL_TYPES if ggml else frozenset(PACKED_TYPES))
-        if found is not None:
-            raw, qtype, cols = found
-            if ggml:  # the file's bytes, copied out of the mapping (a fused or permuted stack is a copy already)
-                return GGMLLinear(raw, qtype, cols, copy=len(names) == 1)
+        runs = _gguf_runs(source, names, KERNEL_TYPES if ggml else frozenset(PACKED_TYPES))
+        if runs is not None and ggml:  # the file's bytes, copied out of the mapping
+            parts = [GGMLLinear(r.blocks, r.qtype, r.cols, copy=r.tensors == 1) for r in runs]
+            return parts[0] if len(parts) == 1 else GGMLStack(parts)
+        if runs is not None and len(runs) == 1:
+            raw, qtype, cols = runs[0].blocks, runs[0].qtype, runs[0].cols
             if device.type == "cpu":
                 return QuantLinear.from_gguf(raw, qtype, cols)
             return linear_from_planes(gguf_planes(raw, qtype, cols), device)
@@ -366,10 +381,11 @@ def load_quantised_stage(
     and ``int4``/``int8`` quantise float weights to Q4_1/Q8_0 blocks. Without it (no compiler,
     ``LLAMA_NODE_KERNELS=0``, or another device) they are int4 planes for torch's kernel (``QuantLinear``,
     ``llama_shard.quant``): Q4_0/Q4_1/Q4_K/Q8_0 repacked, other types bf16.
-    wq/wk/wv and w1/w3 are fused into one matmul each. The GGUF token embedding is looked up from the file's own
-    blocks, row by row (a tied one from the head's blocks, held once); no float copy of any quantised matrix is
-    kept, and the file's pages read while loading are dropped from this process after each layer (they stay in the
-    page cache).
+    wq/wk/wv and w1/w3 are fused into one matmul each (with the native kernel also where their types differ, as
+    llama.cpp's Q3_K_M attn_v: a ``GGMLStack``; ``QuantLinear`` then keeps them apart). The GGUF token embedding is
+    looked up from the file's own blocks, row by row (a tied one from the head's blocks, held once); no float copy of
+    any quantised matrix is kept, and the file's pages read while loading are dropped from this process after each
+    layer (they stay in the page cache).
     """
     config, dev = source.config, torch.device(device)
     with torch.device("meta"):

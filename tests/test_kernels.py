@@ -39,6 +39,7 @@ from llama_shard.ggml_linear import (
     X8,
     X8_TYPES,
     GGMLLinear,
+    GGMLStack,
     TiedEmbedding,
     quantize_blocks,
     repack_x8,
@@ -329,7 +330,7 @@ def test_smollm2_tied_head_is_held_once() -> None:
 
 # the type of every matrix, and single tensors of another: q5_k_m as llama.cpp mixes in Q6_K (head, some ffn_down);
 # q3_k_m and q2_k as llama.cpp's mixes (the head Q6_K, ffn_down and attn_output a type or two up), except attn_v,
-# which llama.cpp also raises but that would split wqkv (see test_a_split_wqkv_... below)
+# which llama.cpp also raises but that makes wqkv a stack of two types (see test_a_mixed_type_wqkv_... below)
 Q5_FILES = {
     "q5_0": (Q.Q5_0, {}),
     "q5_1": (Q.Q5_1, {}),
@@ -380,23 +381,25 @@ def test_a_low_bit_gguf_stays_packed_and_tracks_the_fp32_model(
 
 
 @needs_kernel
-def test_a_split_wqkv_stays_packed(make_hf_llama: Callable[..., Path], tmp_path: Path) -> None:
+def test_a_mixed_type_wqkv_stays_packed_and_fused(make_hf_llama: Callable[..., Path], tmp_path: Path) -> None:
     """llama.cpp's Q3_K_M and Q2_K raise attn_v (to Q5_K / Q4_K in the first layers) above attn_q / attn_k: that layer
-    cannot fuse wqkv, so it holds wq, wk and wv as three packed linears and stays close to the exact path. The fused
-    decode plan wants one wqkv per layer, so such a stage decodes eagerly (``fused.decoder`` is None)."""
+    holds wq|wk and wv as two packed parts of one ``GGMLStack`` and stays close to the exact path, and the stage still
+    decodes through the fused plan (``tests/test_fused_mixed.py`` compares it with the eager path)."""
     hf = make_hf_llama(hidden_size=256, intermediate_size=512)
     overrides = {"output.weight": Q.Q6_K, "blk.0.attn_v.weight": Q.Q5_K, "blk.1.attn_v.weight": Q.Q4_K}
     source = open_source(hf_to_gguf(hf, tmp_path / "m.gguf", weight_type=Q.Q3_K, type_overrides=overrides))
     exact = load_stage(source, ShardSpec.whole(4))
     packed = load_stage(source, ShardSpec.whole(4), quantize=QuantMode.gguf)
     linears = {n: m for n, m in packed.named_modules() if isinstance(m, GGMLLinear | QuantLinear | DenseLinear)}
-    assert len(linears) == 4 * 4 + 1 + 2 * 2 and all(isinstance(m, GGMLLinear) for m in linears.values()), linears
-    assert packed.layers["0"].attention.wv.qtype == Q.Q5_K and packed.layers["2"].attention.wqkv.qtype == Q.Q3_K
+    assert len(linears) == 4 * 4 + 1 + 2 and all(isinstance(m, GGMLLinear) for m in linears.values()), linears
+    wqkv = packed.layers["0"].attention.wqkv
+    assert isinstance(wqkv, GGMLStack) and [p.qtype for p in wqkv.parts] == [Q.Q3_K, Q.Q5_K]
+    assert packed.layers["2"].attention.wqkv.qtype == Q.Q3_K
     ids = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(7))
     a, b = _logits(exact, ids), _logits(packed, ids)
     assert ((a - b).norm() / a.norm()).item() < 0.03
     cache = packed.new_cache(2, batching.cache_len(64))
-    assert fused.decoder(packed, cache) is None
+    assert fused.decoder(packed, cache) is not None
     (last,) = batching.run_step(packed, cache, [batching.StepRow(0, 0, ids[0], prefill=True)], 1)
     assert last is not None
     assert ((last.reshape(-1) - a[0, -1]).norm() / a[0, -1].norm()).item() < 0.03

@@ -4,6 +4,7 @@
 Q3_K/Q4_K/Q5_K/Q6_K matrix (uint8 ``[N, bytes per row]``; for Q4_0/Q4_1/Q8_0 also repacked 8 rows at a time, type id
 ``| 0x100``: ``llama_shard.ggml_linear.repack_x8``) and ``x`` fp32 ``[M, K]``, computed as ggml does on AVX2: the
 activation rounded to 8 bits per block of 32, integer dot products, fp32 scales (see ``csrc/ggml_mm.cpp``).
+``ggml_mm_parts(x, ws, qtypes, k)``: the same over a row-stack of matrices whose types may differ.
 
 The shared library is compiled once (``-O3 -mavx2 -mfma -mf16c``, ~30 s) into
 ``$LLAMA_NODE_CACHE/kernels/<hash>`` (default ``~/.cache/llama-node``), the hash covering the source, torch's version
@@ -115,6 +116,10 @@ def _register_fake() -> None:
     def _(x: Tensor, w: Tensor, qtype: int, k: int, scalar: bool = False) -> Tensor:
         return x.new_empty(x.shape[0], w.shape[0])
 
+    @torch.library.register_fake("llama_node::ggml_mm_parts")
+    def _parts(x: Tensor, ws: list[Tensor], qtypes: list[int], k: int, scalar: bool = False) -> Tensor:
+        return x.new_empty(x.shape[0], sum(w.shape[0] for w in ws))
+
 
 def available() -> bool:
     """Whether ``torch.ops.llama_node.ggml_mm`` can be called: builds (or loads) the kernel on the first call.
@@ -152,3 +157,9 @@ def ggml_mm(x: Tensor, w: Tensor, qtype: int, k: int, *, scalar: bool = False) -
     if not _op:
         _op.append(torch.ops.llama_node.ggml_mm.default)
     return _op[0](x, w, qtype, k, scalar)
+
+
+def ggml_mm_parts(x: Tensor, ws: list[Tensor], qtypes: list[int], k: int, *, scalar: bool = False) -> Tensor:
+    """``ggml_mm`` of the row-stack of ``ws`` (``ws[i]`` of type ``qtypes[i]``, the types may differ) -> ``[M, N]``,
+    N the rows of all: each output column the bits ``ggml_mm`` of its own matrix gives, the activations rounded once."""
+    return torch.ops.llama_node.ggml_mm_parts.default(x, ws, qtypes, k, scalar)

@@ -2,15 +2,15 @@
 // llama_shard/model.py's Block on GGMLLinear weights, without ~150 dispatched torch ops and the Python between them
 // per layer (measured: ~10 of the ~20 ms a SmolLM2 token took, the matmuls being ~8).
 //
-// Per layer and row: RMSNorm, the fused q/k/v matmul, RoPE (the stage's cos and sign-folded sin tables, so
-// x·cos + roll(x, E/2)·sin as in model.apply_rope), the new k and v written into the row's KV slot, attention of each
-// query head over the slot's keys 0..position (grouped-query: head h reads KV head h / (H/K)), the output matmul and
-// residual, RMSNorm, the fused gate/up matmul, SiLU(gate)·up, the down matmul and residual. On a last stage, the
-// final norm and the head too.
+// Per layer and row: RMSNorm, the fused q/k/v matmul (each part's kernel into its own columns where wq/wk/wv differ
+// in type), RoPE (the stage's cos and sign-folded sin tables, so x·cos + roll(x, E/2)·sin as in model.apply_rope),
+// the new k and v written into the row's KV slot, attention of each query head over the slot's keys 0..position
+// (grouped-query: head h reads KV head h / (H/K)), the output matmul and residual, RMSNorm, the fused gate/up
+// matmul, SiLU(gate)·up, the down matmul and residual. On a last stage, the final norm and the head too.
 //
-// Row invariance: a row's arithmetic never depends on its batch-mates: the matmuls are ggml_mm_into's (threads split
-// output columns only), the norms and element-wise ops run per row, and attention runs per (row, head) with a fixed
-// order over that row's own keys; threads only pick which (row, head) pairs they compute.
+// Row invariance: a row's arithmetic never depends on its batch-mates: the matmuls are ggml_mm_parts_into's
+// (threads split output columns only), the norms and element-wise ops run per row, and attention runs per (row, head)
+// with a fixed order over that row's own keys; threads only pick which (row, head) pairs they compute.
 //
 // The KV cache is fp32 or f16 (at::Half; llama_shard.config.kv_cache_dtype picks it). f16 keys and values are
 // rounded to nearest even when written (F16C's _mm256_cvtps_ph, or c10::Half: the same rounding as torch's
@@ -176,33 +176,58 @@ void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t di
   }
 }
 
+// a matrix of the plan: the row-stack of one or more parts (wq|wk|wv of different types in a Q3_K_M file), each
+// raw GGUF blocks of its own type; its outputs are the parts' in order (ggml_mm_parts_into)
+struct Linear {
+  std::vector<at::Tensor> blocks;         // keeps the parts' memory alive
+  std::vector<llama_node::MMPart> parts;  // into blocks
+};
+
 struct Layer {
-  at::Tensor attn_norm, wqkv, wo, ffn_norm, w13, w2;
-  int64_t t_qkv, t_o, t_13, t_2;
+  at::Tensor attn_norm, ffn_norm;
+  Linear wqkv, wo, w13, w2;
 };
 
 class DecodePlan : public torch::CustomClassHolder {
  public:
-  // tensors: per layer [attn_norm, wqkv, wo, ffn_norm, w13, w2] (norms fp32 [D], the rest raw GGUF blocks);
-  // qtypes: per layer [wqkv, wo, w13, w2]
+  // norms: per layer [attn_norm, ffn_norm] (fp32 [D]); blocks: per layer the parts of wqkv, wo, w13 and w2 in that
+  // order (raw GGUF blocks, row-stacked within a matrix), qtypes[i] the type of blocks[i]; parts: per layer how many
+  // parts each of the 4 matrices has (1 where a matrix is of one type)
   DecodePlan(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn_dim, double eps,
-             std::vector<at::Tensor> tensors, std::vector<int64_t> qtypes, bool scalar)
+             std::vector<at::Tensor> norms, std::vector<at::Tensor> blocks, std::vector<int64_t> qtypes,
+             std::vector<int64_t> parts, bool scalar)
       : dim_(dim), heads_(n_heads), kv_heads_(n_kv_heads), head_dim_(head_dim), ffn_(ffn_dim),
         eps_(static_cast<float>(eps)), scalar_(scalar) {
-    TORCH_CHECK(tensors.size() % 6 == 0 && qtypes.size() == tensors.size() / 6 * 4, "DecodePlan: 6 tensors and 4 types per layer");
+    TORCH_CHECK(norms.size() % 2 == 0 && parts.size() == norms.size() / 2 * 4 && qtypes.size() == blocks.size(),
+                "DecodePlan: 2 norms and 4 part counts per layer, one type per part");
     TORCH_CHECK(n_heads % n_kv_heads == 0, "DecodePlan: heads ", n_heads, " not a multiple of KV heads ", n_kv_heads);
     const int64_t qkv = (n_heads + 2 * n_kv_heads) * head_dim;
-    for (size_t l = 0; l < tensors.size() / 6; ++l) {
-      Layer L{tensors[6 * l], tensors[6 * l + 1], tensors[6 * l + 2], tensors[6 * l + 3], tensors[6 * l + 4],
-              tensors[6 * l + 5], qtypes[4 * l], qtypes[4 * l + 1], qtypes[4 * l + 2], qtypes[4 * l + 3]};
+    size_t next = 0;  // the next part of blocks
+    auto take = [&](int64_t count, int64_t rows, int64_t k) {
+      TORCH_CHECK(count >= 1 && next + count <= blocks.size(), "DecodePlan: fewer parts than the counts say");
+      Linear m;
+      int64_t total = 0;
+      for (int64_t i = 0; i < count; ++i, ++next) {
+        const at::Tensor& t = blocks[next];
+        check_blocks(t, qtypes[next], t.size(0), k);
+        m.blocks.push_back(t);
+        m.parts.push_back({t.data_ptr<uint8_t>(), qtypes[next], t.size(0)});
+        total += t.size(0);
+      }
+      TORCH_CHECK(total == rows, "DecodePlan: a matrix has ", total, " rows, expected ", rows);
+      return m;
+    };
+    for (size_t l = 0; l < norms.size() / 2; ++l) {
+      Layer L{norms[2 * l], norms[2 * l + 1]};
       check_norm(L.attn_norm);
       check_norm(L.ffn_norm);
-      check_blocks(L.wqkv, L.t_qkv, qkv, dim);
-      check_blocks(L.wo, L.t_o, dim, n_heads * head_dim);
-      check_blocks(L.w13, L.t_13, 2 * ffn_dim, dim);
-      check_blocks(L.w2, L.t_2, dim, ffn_dim);
+      L.wqkv = take(parts[4 * l], qkv, dim);
+      L.wo = take(parts[4 * l + 1], dim, n_heads * head_dim);
+      L.w13 = take(parts[4 * l + 2], 2 * ffn_dim, dim);
+      L.w2 = take(parts[4 * l + 3], dim, ffn_dim);
       layers_.push_back(std::move(L));
     }
+    TORCH_CHECK(next == blocks.size(), "DecodePlan: more parts than the counts say");
   }
 
   // the final norm and head of a last stage: forward then returns logits [B, V]
@@ -259,7 +284,7 @@ class DecodePlan : public torch::CustomClassHolder {
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
       rms_norm(hp, L.attn_norm.data_ptr<float>(), xn.data(), B, D, eps_);
-      llama_node::ggml_mm_into(xn.data(), B, D, L.wqkv.data_ptr<uint8_t>(), L.t_qkv, QKV, qkv.data(), scalar_);
+      mm(L.wqkv, xn.data(), B, D, qkv.data());
       for (int64_t b = 0; b < B; ++b) {
         const int64_t p = positions[b];
         rope(qkv.data() + b * QKV, H + K, cp + p * E, sp + p * E);  // q heads then k heads
@@ -268,12 +293,12 @@ class DecodePlan : public torch::CustomClassHolder {
         write_and_attend<at::Half>(l, qkv.data(), max_len, slots, positions, attn.data());
       else
         write_and_attend<float>(l, qkv.data(), max_len, slots, positions, attn.data());
-      llama_node::ggml_mm_into(attn.data(), B, H * E, L.wo.data_ptr<uint8_t>(), L.t_o, D, out.data(), scalar_);
+      mm(L.wo, attn.data(), B, H * E, out.data());
       for (int64_t i = 0; i < B * D; ++i) hp[i] = out[i] + hp[i];
       rms_norm(hp, L.ffn_norm.data_ptr<float>(), xn.data(), B, D, eps_);
-      llama_node::ggml_mm_into(xn.data(), B, D, L.w13.data_ptr<uint8_t>(), L.t_13, 2 * F, gu.data(), scalar_);
+      mm(L.w13, xn.data(), B, D, gu.data());
       for (int64_t b = 0; b < B; ++b) silu_mul(gu.data() + b * 2 * F, act.data() + b * F, F);
-      llama_node::ggml_mm_into(act.data(), B, F, L.w2.data_ptr<uint8_t>(), L.t_2, D, out.data(), scalar_);
+      mm(L.w2, act.data(), B, F, out.data());
       for (int64_t i = 0; i < B * D; ++i) hp[i] = out[i] + hp[i];
     }
     if (!head_.defined()) return h;
@@ -293,6 +318,11 @@ class DecodePlan : public torch::CustomClassHolder {
  private:
   static void check_norm(const at::Tensor& t) {
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.is_contiguous(), "DecodePlan: norms must be fp32 [D]");
+  }
+
+  // y [B, rows of w] = x [B, k] @ w.T
+  void mm(const Linear& w, const float* x, int64_t B, int64_t k, float* y) const {
+    llama_node::ggml_mm_parts_into(x, B, k, w.parts.data(), static_cast<int64_t>(w.parts.size()), y, scalar_);
   }
 
   static void check_blocks(const at::Tensor& t, int64_t qtype, int64_t rows, int64_t k) {
@@ -423,7 +453,7 @@ class DecodePlan : public torch::CustomClassHolder {
 TORCH_LIBRARY_FRAGMENT(llama_node, m) {
   m.class_<DecodePlan>("DecodePlan")
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, std::vector<at::Tensor>,
-                       std::vector<int64_t>, bool>())
+                       std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>, bool>())
       .def("set_head", &DecodePlan::set_head)
       .def("bind_cache", &DecodePlan::bind_cache)
       .def("forward", &DecodePlan::forward)

@@ -20,7 +20,6 @@
 // tile instantiations (the fmas are explicit, the same in every variant).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "ggml_kernels.h"
 #include "ggml_mm.h"
@@ -371,19 +370,6 @@ void mm_scalar_x8(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std:
   });
 }
 
-at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t k, bool scalar) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "ggml_mm runs on CPU");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.scalar_type() == at::kFloat, "ggml_mm: x must be fp32 [M, K]");
-  const int64_t row_bytes = llama_node::ggml_row_bytes(qtype, k);
-  TORCH_CHECK(w.dim() == 2 && w.size(1) == row_bytes && w.scalar_type() == at::kByte && w.is_contiguous(),
-              "ggml_mm: w must be contiguous uint8 [N, ", row_bytes, "]");
-  const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty({xc.size(0), w.size(0)}, xc.options());
-  llama_node::ggml_mm_into(xc.data_ptr<float>(), xc.size(0), k, w.data_ptr<uint8_t>(), qtype, w.size(0),
-                           y.data_ptr<float>(), scalar);
-  return y;
-}
-
 void mm_raw(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vector<Acts>& acts, float* y,
             int64_t n_out, int64_t ldy, int64_t k, bool scalar) {
 #if LN_AVX2
@@ -408,8 +394,6 @@ void mm_raw(int64_t qtype, const uint8_t* w, int64_t row_bytes, const std::vecto
   mm<Scalar>(qtype, w, row_bytes, acts, y, n_out, ldy, k);
 }
 
-bool has_avx2() { return LN_AVX2 != 0; }
-
 }  // namespace
 
 namespace llama_node {
@@ -420,10 +404,15 @@ int64_t ggml_row_bytes(int64_t qtype, int64_t k) {
   return k / info.block * info.bytes;
 }
 
-void ggml_mm_into(const float* x, int64_t m_rows, int64_t k, const uint8_t* w, int64_t qtype, int64_t n_out, float* y,
-                  bool scalar) {
-  const int64_t row_bytes = ggml_row_bytes(qtype, k), nb = k / 32;
-  if (m_rows == 0 || n_out == 0) return;
+void ggml_mm_parts_into(const float* x, int64_t m_rows, int64_t k, const MMPart* parts, int64_t n_parts, float* y,
+                        bool scalar) {
+  const int64_t nb = k / 32;
+  int64_t ldy = 0;
+  for (int64_t p = 0; p < n_parts; ++p) {
+    ggml_row_bytes(parts[p].qtype, k);  // checks the type and k
+    ldy += parts[p].n_out;
+  }
+  if (m_rows == 0 || ldy == 0) return;
   // the quantised activations: per thread, reused across calls (no allocation per matmul)
   thread_local std::vector<int8_t> q;
   thread_local std::vector<float> ds;
@@ -440,29 +429,34 @@ void ggml_mm_into(const float* x, int64_t m_rows, int64_t k, const uint8_t* w, i
   });
   std::vector<Acts> acts(m_rows);
   for (int64_t m = 0; m < m_rows; ++m) acts[m] = {qp + m * k, dp + 2 * m * nb, dp + (2 * m + 1) * nb, sp + m * nb};
-  if (qtype & X8) {  // full groups of 8 rows repacked, the rest raw
-    const int64_t groups = n_out / 8, raw_type = qtype & ~X8;
+  float* yp = y;  // part p's columns: after those of parts 0 .. p - 1
+  for (int64_t p = 0; p < n_parts; yp += parts[p].n_out, ++p) {
+    const uint8_t* w = parts[p].w;
+    const int64_t qtype = parts[p].qtype, n_out = parts[p].n_out, row_bytes = ggml_row_bytes(qtype, k);
+    if (n_out == 0) continue;
+    if (!(qtype & X8)) {
+      mm_raw(qtype, w, row_bytes, acts, yp, n_out, ldy, k, scalar);
+      continue;
+    }
+    const int64_t groups = n_out / 8, raw_type = qtype & ~X8;  // full groups of 8 rows repacked, the rest raw
     if (groups > 0) {
 #if LN_AVX2
       if (!scalar)
-        mm_x8(raw_type, w, row_bytes, acts.data(), m_rows, y, groups, n_out, k);
+        mm_x8(raw_type, w, row_bytes, acts.data(), m_rows, yp, groups, ldy, k);
       else
 #endif
-        mm_scalar_x8(raw_type, w, row_bytes, acts, y, groups, n_out, k);
+        mm_scalar_x8(raw_type, w, row_bytes, acts, yp, groups, ldy, k);
     }
     if (n_out > 8 * groups)
-      mm_raw(raw_type, w + 8 * groups * row_bytes, row_bytes, acts, y + 8 * groups, n_out - 8 * groups, n_out, k,
+      mm_raw(raw_type, w + 8 * groups * row_bytes, row_bytes, acts, yp + 8 * groups, n_out - 8 * groups, ldy, k,
              scalar);
-    return;
   }
-  mm_raw(qtype, w, row_bytes, acts, y, n_out, n_out, k, scalar);
+}
+
+void ggml_mm_into(const float* x, int64_t m_rows, int64_t k, const uint8_t* w, int64_t qtype, int64_t n_out, float* y,
+                  bool scalar) {
+  const MMPart part{w, qtype, n_out};
+  ggml_mm_parts_into(x, m_rows, k, &part, 1, y, scalar);
 }
 
 }  // namespace llama_node
-
-TORCH_LIBRARY(llama_node, m) {
-  m.def("ggml_mm(Tensor x, Tensor w, int qtype, int k, bool scalar=False) -> Tensor");
-  m.def("ggml_has_avx2() -> bool", &has_avx2);
-}
-
-TORCH_LIBRARY_IMPL(llama_node, CPU, m) { m.impl("ggml_mm", &ggml_mm); }
