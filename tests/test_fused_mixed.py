@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_LLAMA
 from gguf import GGMLQuantizationType as Q
 from gguf_util import hf_to_gguf
 from torch import Tensor
@@ -89,24 +90,14 @@ def mixed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     name: str = request.param
     qtype, overrides, model = MIXES[name]
     kwargs = dict(model)
-    torch.manual_seed(kwargs.pop("seed"))
-    config = LlamaConfig(
-        vocab_size=320,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        **kwargs,
-    )
-    hf = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # norms off 1, so that a wrong norm cannot hide
-        for n, p in hf.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
+    seed = kwargs.pop("seed")
+    with torch.random.fork_rng(devices=[]):  # the global generator stays as other tests expect it
+        torch.manual_seed(seed)
+        hf = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **kwargs})).eval()
+        with torch.no_grad():  # norms off 1, so that a wrong norm cannot hide
+            for n, p in hf.named_parameters():
+                if "norm" in n:
+                    p.add_(torch.randn_like(p) * 0.1)
     path = tmp_path_factory.mktemp(f"mixed_{name}")
     hf.save_pretrained(path)
     return name, hf_to_gguf(path, path / f"{name}.gguf", weight_type=qtype, type_overrides=overrides)
