@@ -13,6 +13,7 @@ does nothing. Events, in a frame's order:
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import TextIO
@@ -27,7 +28,12 @@ def record_to(path: str | None) -> None:
     global _out
     if _out is not None:
         _out.close()
-    _out = None if path is None else open(path, "a", buffering=1)  # noqa: SIM115 - open until stopped, by lines
+    _out = None
+    if path is not None:
+        try:
+            _out = open(path, "a", buffering=1)  # noqa: SIM115 - open until stopped, line by line
+        except OSError as e:
+            logging.getLogger(__name__).warning("no frame timeline: cannot write %s (%s)", path, e)
 
 
 def enabled() -> bool:
