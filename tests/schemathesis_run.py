@@ -7,11 +7,11 @@ from typing import Any
 
 
 def fuzz_operations(
-    schema: Any, mode: str, model: str, examples: int, **call: Any
+    schema: Any, mode: str, model: str, examples: int, paths: set[str] | None = None, **call: Any
 ) -> tuple[list[str], Counter[tuple[str, int]]]:
-    """Call every operation of ``schema`` with ``examples`` generated cases (``mode``: "positive" bodies fit the
-    schema, "negative" ones break it), bodies naming a model renamed to ``model`` (or nearly every request would stop
-    at the 404). ``call``: keyword arguments of ``case.call`` (headers, timeout).
+    """Call every operation of ``schema`` (or those of ``paths``) with ``examples`` generated cases (``mode``:
+    "positive" bodies fit the schema, "negative" ones break it), bodies naming a model renamed to ``model`` (or nearly
+    every request would stop at the 404). ``call``: keyword arguments of ``case.call`` (headers, timeout).
 
     Returns the 5xx answers (one line each) and the count of answers by (path, status).
     """
@@ -28,6 +28,8 @@ def fuzz_operations(
     answered: Counter[tuple[str, int]] = Counter()
     for result in schema.get_all_operations():
         operation = result.ok()
+        if paths is not None and operation.path not in paths:
+            continue
 
         @given(case=operation.as_strategy(schemathesis.GenerationMode(mode)).map(served_model))
         @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)

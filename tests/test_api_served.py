@@ -162,17 +162,30 @@ def test_streamed_text_equals_whole_text_on_random_bytes_and_stop_strings(oai: o
     assert not_streamed.json()["response"] == expected
 
 
+GENERATING = {"/v1/chat/completions", "/v1/completions", "/api/generate", "/api/chat"}
+
+
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_schemathesis_no_server_error_no_hang(server: str, mode: str) -> None:
     """Every operation of the served schema, with bodies that fit it (positive) and that break it (negative)."""
     schema = schemathesis.openapi.from_url(server + "/openapi.json")
     # a request runs at most CONTEXT tokens through the pipeline: 30 s without a byte is a hang
     failures, answered = fuzz_operations(schema, mode, MODEL, EXAMPLES, headers=AUTH, timeout=30)
+    if mode == "positive":
+        # the generation routes must generate, not only refuse; random bodies that fit the schema are refused (400)
+        # most of the time (a prompt or max_tokens past the context, ...), and once all 25 of one route's were (a CI
+        # run of c9699ab): a route that never answered 200 gets up to two more passes of its own
+        for _ in range(2):
+            missing = GENERATING - {path for (path, status) in answered if status == 200}
+            if not missing:
+                break
+            more_failures, more = fuzz_operations(schema, mode, MODEL, EXAMPLES, missing, headers=AUTH, timeout=30)
+            failures += more_failures
+            answered += more
     log.info("answers by (path, status): %s", dict(answered))
     assert not failures, "\n".join(failures)
-    if mode == "positive":  # the generation routes did generate, not only refuse
-        generated = {path for (path, status), n in answered.items() if status == 200 and path != "/v1/models"}
-        assert {"/v1/chat/completions", "/v1/completions", "/api/generate", "/api/chat"} <= generated, answered
+    if mode == "positive":
+        assert {path for (path, status) in answered if status == 200} >= GENERATING, answered
 
 
 def test_every_slot_is_free_afterwards(server: str) -> None:
