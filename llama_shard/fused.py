@@ -98,7 +98,7 @@ def _linear(module: object) -> GGMLLinear | None:
 def _parts(module: object) -> list[GGMLLinear] | None:
     """A matrix of the plan as its row-stacked parts: one for a ``GGMLLinear``, a ``GGMLStack``'s parts."""
     if isinstance(module, GGMLStack):
-        return [p for p in module.parts if isinstance(p, GGMLLinear)]
+        return module.linears
     return [module] if isinstance(module, GGMLLinear) else None
 
 

@@ -217,9 +217,14 @@ class GGMLStack(nn.Module):
         self.parts = nn.ModuleList(parts)
         self.in_features, self.out_features = parts[0].in_features, sum(p.out_features for p in parts)
 
+    @property
+    def linears(self) -> list[GGMLLinear]:
+        """The parts, typed (``nn.ModuleList`` holds them as modules)."""
+        return list(self.parts)  # type: ignore[arg-type]
+
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
-        parts: list[GGMLLinear] = list(self.parts)  # type: ignore[arg-type]
+        parts = self.linears
         blocks, qtypes = [p.blocks for p in parts], [p._qtype for p in parts]
         y = kernels.ggml_mm_parts(x2 if x2.dtype == torch.float32 else x2.float(), blocks, qtypes, self.in_features)
         if x.dim() != 2:
@@ -228,7 +233,7 @@ class GGMLStack(nn.Module):
 
     def dequantize(self) -> Tensor:
         """The fp32 weight ``[N, K]`` the parts stand for, stacked."""
-        return torch.cat([p.dequantize() for p in self.parts])  # type: ignore[operator]
+        return torch.cat([p.dequantize() for p in self.linears])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
