@@ -138,6 +138,7 @@ class PipelineClient:
         self._call: Any = None
         self._results: Any = None
         self._readers: list[asyncio.Task[None]] = []
+        self._forward_reader: asyncio.Task[None] | None = None  # the Forward stream's (first of ``_readers``)
         self._pending: dict[int, asyncio.Future[tuple[RowOutput, ...]]] = {}
         self._ids = itertools.count(1)
         self._write_lock = asyncio.Lock()
@@ -147,7 +148,8 @@ class PipelineClient:
         self._call = pb_grpc.NodeStub(self._channel).Forward(metadata=PROTOCOL_METADATA)
         opening = pb.OpenStream(route=self.addresses[1:], session=self.session, direct_results=self.direct)
         await self._call.write(pb.ForwardMessage(open=opening))
-        self._readers.append(asyncio.create_task(self._read(self._call, answers=not self.direct)))
+        self._forward_reader = asyncio.create_task(self._read(self._call, answers=not self.direct))
+        self._readers.append(self._forward_reader)
         if self._last_channel is not None:
             self._results = pb_grpc.NodeStub(self._last_channel).Results(
                 pb.ResultsRequest(session=self.session), metadata=PROTOCOL_METADATA
@@ -169,7 +171,7 @@ class PipelineClient:
             failed = answers
         except aio.AioRpcError as e:
             error, failed = e, True
-            forward = self._readers[0] if self._readers else None
+            forward = self._forward_reader
             if call is self._results and e.code() == grpc.StatusCode.CANCELLED and forward is not None:
                 # a stage that fails a frame cancels the streams after it, so the last stage's Results call ends
                 # CANCELLED; that stage's own status (INVALID_ARGUMENT, ...) comes up the Forward stream: wait for it
