@@ -222,6 +222,7 @@ def model_info(source: WeightSource, path: Path, name: str, requested: str | Non
         size_bytes=size,
         quantization=_quantization(source),
         context_length=c.max_seq_len,
+        vocab_size=c.vocab_size,
         modified_at=path.stat().st_mtime if path.exists() else time.time(),
     )
 

@@ -186,3 +186,32 @@ def test_models_found_in_ollama_store_and_hf_cache(tmp_path: Path) -> None:
     hf = find_model("HuggingFaceTB/SmolLM2-135M-Instruct", models)
     assert hf is not None and hf.path == snap
     assert find_model("llama3.1", models) is None  # means llama3.1:latest, which is not there
+
+
+def test_ids_past_the_models_embedding_are_refused_in_every_route(tokenizer: object) -> None:
+    """A model whose embedding has fewer rows than its tokenizer has ids (a malformed export): a prompt holding such
+    an id, whether given as ids, as an Ollama context or as text that encodes to it, gets a 400 naming the limit,
+    and never reaches the scheduler (the first node would refuse the whole step, and the requests beside it)."""
+    from dataclasses import replace
+
+    limit = 200  # ids 200.. are past this model's embedding; SmolLM2's tokenizer has 49152
+    executor = SlowExecutor()
+    backend = Backend(replace(INFO, vocab_size=limit), tokenizer, 128, Scheduler(executor, max_queue=0))  # type: ignore[arg-type]
+    text = "hello world"  # SmolLM2 encodes it to ids past 200
+    assert max(tokenizer.encode(text)) >= limit  # type: ignore[attr-defined]
+    bodies = [
+        ("/v1/completions", {"model": "tiny", "prompt": [1, 2, limit]}),
+        ("/v1/completions", {"model": "tiny", "prompt": text}),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": text}]}),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "context": [5, limit + 7], "stream": False}),
+        ("/api/generate", {"model": "tiny", "prompt": text, "raw": True, "stream": False}),
+    ]
+    with TestClient(create_app(backend)) as c:
+        for path, body in bodies:
+            r = c.post(path, json=body)
+            assert r.status_code == 400, (path, body, r.text)
+            assert f"outside the vocabulary of {limit}" in r.text, r.text
+        assert backend.scheduler is not None and backend.scheduler.stats()["steps"] == 0
+        # ids within the embedding still run
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": [1, 2, limit - 1], "max_tokens": 1})
+        assert r.status_code == 200, r.text

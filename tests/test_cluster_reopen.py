@@ -2,9 +2,9 @@
 processes, a stage each, the scheduler on a ``ClusterExecutor``), driven through its scheduler.
 
 A node that refuses one frame ends the Forward stream that every frame in flight shares. The refused frame here is
-a real one: a prompt holding a token id the first node's embedding lacks. The coordinator checks ids only against the
-tokenizer (the API answers 400 past its vocabulary), so a model whose tokenizer has more ids than its embedding lets
-such a prompt through; the test submits it to the scheduler directly. The first node answers INVALID_ARGUMENT, and:
+a real one: a prompt holding a token id the first node's embedding lacks. The API answers such a prompt with a 400
+(``Backend.check_ids``) before it reaches the scheduler, so the test submits it to the scheduler directly. The first
+node answers INVALID_ARGUMENT, and:
 
 - that request ends with an error naming the cause;
 - the requests beside it finish with exactly the greedy tokens they give alone (the executor reopens the streams,

@@ -39,6 +39,7 @@ class ModelInfo:
     context_length: int
     modified_at: float
     digest: str = ""
+    vocab_size: int = 0  # rows of the model's embedding (0: unknown); its tokenizer may list more ids
 
     def matches(self, requested: str) -> bool:
         want = _norm(requested)
@@ -91,6 +92,17 @@ class Backend:
                 code="context_length_exceeded",
             )
         return self.max_len - n_prompt
+
+    def check_ids(self, ids: Sequence[int], param: str | None = "prompt") -> None:
+        """400 for a token id that the tokenizer or the model's embedding lacks: a prompt given as ids, an Ollama
+        ``context``, or text a tokenizer with more ids than the embedding encoded (a malformed model) would
+        otherwise reach the first node, which refuses the whole step it is in."""
+        vocab = self.tokenizer.vocab_size
+        if self.info.vocab_size:
+            vocab = min(vocab, self.info.vocab_size)
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary of {vocab}", param=param)
 
     def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         from llama_shard.errors import LlamaShardError
@@ -164,6 +176,7 @@ class TextRun:
         self.text = ""
         self.finish_reason = "length"
         self.completion_ids: list[int] = []
+        backend.check_ids(self.prompt_ids)
         try:
             self.request: Request = self.scheduler.submit(
                 self.prompt_ids, params, max_tokens, backend.tokenizer.eos_ids

@@ -153,9 +153,7 @@ def router(backend: Backend) -> APIRouter:
         else:
             messages = [{"role": "system", "content": body.system}] if body.system else []
             ids = backend.chat_ids([*messages, {"role": "user", "content": body.prompt}])
-        vocab = backend.tokenizer.vocab_size
-        if body.context and max(body.context) >= vocab:
-            raise ApiError(400, f"context holds token id {max(body.context)}, outside the vocabulary of {vocab}")
+        backend.check_ids(body.context or [], param="context")
         ids = list(body.context or []) + ids
         run = _start(backend, body.options, ids, body.keep_alive)
 

@@ -175,11 +175,8 @@ def router(backend: Backend) -> APIRouter:
             raise ApiError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
-            vocab = backend.tokenizer.vocab_size
-            bad = [p for p in prompt if not 0 <= int(p) < vocab]
-            if bad:
-                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary of {vocab}", param="prompt")
             ids = [int(p) for p in prompt]
+            backend.check_ids(ids)  # before decoding them
             prompt_text = backend.tokenizer.decode(ids)
         else:
             texts = [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
