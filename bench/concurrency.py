@@ -14,6 +14,12 @@ tokens swung by ±15% between runs, and every ratio divides by it. The goal at 8
 stream's tokens/s. When the bench
 starts the server, it also reports the CPU time per token of the node processes and of the server: on a machine
 whose cores are shared (with each other, or with other work), tokens/s follows the CPU a token costs.
+
+``--ceiling`` adds what the machine itself allows at each level, measured in the same rounds: a fresh process
+(``--ceiling-probe``) loads the whole model as one stage on all usable cores and times batched decode steps of n
+rows (``llama_shard.batching.run_step``, greedy, the rows at the streams' positions) with no HTTP, no gRPC and no
+prefill. With the nodes sharing this machine's cores, no pipeline of them can beat it, so "ceiling ÷ 1 stream" is
+the most the ratio could be here.
 """
 
 from __future__ import annotations
@@ -157,6 +163,50 @@ def start_server(
     raise TimeoutError("the server did not come up in 600 s")
 
 
+def ceiling_probe(levels: list[int], max_tokens: int, dtype: str) -> dict[int, float]:
+    """In this process: decode tokens/s of the served model as one stage on every usable core, ``n`` rows per step
+    for each ``n`` in ``levels`` (``--ceiling``)."""
+    import os
+
+    import torch
+
+    from coordinator.pipeline.local import weight_mode
+    from llama_shard import batching
+    from llama_shard.embedded import smollm2_gguf_path
+    from llama_shard.loading import load_stage, open_source
+    from llama_shard.shard import ShardSpec
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    path = smollm2_gguf_path()
+    source = open_source(path)
+    n_layers = source.config.n_layers
+    mode = weight_mode(path, dtype)
+    stage = load_stage(source, ShardSpec(0, n_layers, n_layers), quantize=mode, dtype=torch.float32)
+    start = 16  # about the streams' prompt length
+    cache = stage.new_cache(max(levels) + 1, start + max_tokens + 8)
+    out: dict[int, float] = {}
+    with torch.inference_mode():
+        for n in [*levels, *levels]:  # a first pass untimed: it pages the weights in (1 row: 7 tok/s, then 250)
+            tokens = [torch.tensor([1 + i]) for i in range(n)]
+            t0 = 0.0
+            for step in range(max_tokens + 4):  # 4 warm-up steps, not timed
+                if step == 4:
+                    t0 = time.perf_counter()
+                rows = [batching.StepRow(i, start + step, tokens[i], prefill=False) for i in range(n)]
+                logits = batching.run_step(stage, cache, rows, max(levels))
+                tokens = [lg.argmax().reshape(1) for lg in logits if lg is not None]
+            out[n] = n * max_tokens / (time.perf_counter() - t0)
+    return out
+
+
+def ceiling(levels: list[int], max_tokens: int, dtype: str) -> dict[int, float]:
+    """``ceiling_probe`` in a fresh process (this file with ``--ceiling-probe``), so nothing of this one is warm."""
+    cmd = [sys.executable, __file__, "--ceiling-probe", "--levels", ",".join(map(str, levels)),
+           "--max-tokens", str(max_tokens), "--dtype", dtype]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return {int(k): float(v) for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="an already running server (default: start one)")
@@ -169,12 +219,20 @@ def main() -> None:
                     help="passes over the levels (1,2,..,16, 1,2,..,16, ...); the table shows each level's median")
     ap.add_argument("--dtype", default="auto", help="serve --dtype: auto (GGUF blocks packed on the nodes), float32")
     ap.add_argument("--micro-batches", type=int, default=0, help="serve --micro-batches (0: the server's default)")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also measure each level's ceiling: one process, the whole model, all cores, batched decode")
+    ap.add_argument("--ceiling-probe", action="store_true", help=argparse.SUPPRESS)  # --ceiling's child process
     ap.add_argument("--plot", help="write a PNG plot here")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     setup_logging(args.verbose)
     levels = [int(x) for x in args.levels.split(",")]
+    if args.ceiling_probe:
+        print(json.dumps(ceiling_probe(levels, args.max_tokens, args.dtype)))
+        return
+    if args.ceiling and args.url:
+        ap.error("--ceiling measures the embedded default model the bench serves itself: drop --url")
     if args.plot and not require_matplotlib():
         sys.exit(2)
     proc = None
@@ -189,6 +247,10 @@ def main() -> None:
             for n in levels:
                 runs[n].append(measure(url, args.model, n, args.max_tokens, proc))
                 log.info("%d streams: %.1f tok/s", n, runs[n][-1]["tokens_per_s"])
+            if args.ceiling:  # the server is idle meanwhile
+                for n, tps in ceiling(levels, args.max_tokens, args.dtype).items():
+                    runs[n][-1]["ceiling_tokens_per_s"] = tps
+                    log.info("%d rows in one process: %.1f tok/s", n, tps)
         data = {n: {k: statistics.median(r[k] for r in runs[n]) for k in runs[n][0]} for n in levels}
         base = data[levels[0]]["tokens_per_s"]
         rows = []
@@ -199,6 +261,8 @@ def main() -> None:
                          fmt(d["speedup"], 2, "x"), fmt(d["ttft_p50_s"] * 1e3, 0), fmt(d["ttft_p95_s"] * 1e3, 0),
                          fmt(d["nodes_cpu_ms_per_token"]), fmt(d["serve_cpu_ms_per_token"]),
                          fmt(d["client_cpu_ms_per_token"]), fmt(d["decode_rows_per_step"])])  # fmt: skip
+            if args.ceiling:
+                rows[-1] += [fmt(d["ceiling_tokens_per_s"]), fmt(d["ceiling_tokens_per_s"] / base, 2, "x")]
     finally:
         if proc is not None:
             proc.terminate()
@@ -213,6 +277,8 @@ def main() -> None:
                    f"load avg {load_average() or 0:.1f}; goal at 8: 6x")  # fmt: skip
         columns = ["streams", "tok/s", "rounds", f"÷ {levels[0]} stream(s)", "TTFT p50 ms", "TTFT p95 ms",
                    "nodes CPU ms/tok", "serve CPU ms/tok", "bench CPU ms/tok", "decode rows/step"]  # fmt: skip
+        if args.ceiling:
+            columns += ["1-process ceiling tok/s", f"ceiling ÷ {levels[0]} stream(s)"]
         print_table("Concurrent streams", columns, rows, caption)
     if args.plot:
         import matplotlib
@@ -223,6 +289,8 @@ def main() -> None:
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
         a.plot(levels, [data[n]["speedup"] for n in levels], "o-", label="measured")
         a.plot(levels, levels, "--", color="grey", label="ideal")
+        if args.ceiling:
+            a.plot(levels, [data[n]["ceiling_tokens_per_s"] / base for n in levels], "^:", label="1-process ceiling")
         a.set(xlabel="concurrent streams", ylabel="aggregate tok/s ÷ 1 stream", xscale="log", yscale="log")
         a.legend()
         b.plot(levels, [data[n]["ttft_p50_s"] * 1e3 for n in levels], "o-", label="p50")
