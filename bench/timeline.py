@@ -8,7 +8,8 @@ coordinator and the node processes write timestamps of each frame's events (``no
 ``--streams`` concurrent streaming completions for ``--seconds``, and prints, per segment of a frame's path, the
 median and mean milliseconds over the frames of the middle of the run (the first 20% and last 10% dropped).
 The summary line gives the frames computing at once on average (compute time of all frames ÷ wall time): with
-``--micro-batches`` frames in flight, what the rest of a frame's cycle costs in lost compute.
+``--micro-batches`` frames in flight, what the rest of a frame's cycle costs in lost compute; and the rows per
+frame (mean, and how many frames carried each count), which decide what a row's compute costs.
 """
 
 from __future__ import annotations
@@ -72,12 +73,15 @@ def segments(lines: list[tuple[int, str, int, float]]) -> tuple[dict[str, list[f
     return out, summary
 
 
-def read(path: Path) -> list[tuple[int, str, int, float]]:
-    rows = []
+def read(path: Path) -> tuple[list[tuple[int, str, int, float]], dict[int, int]]:
+    """The events, and each frame's row count (the last field of a coordinator send)."""
+    events, rows = [], {}
     for line in path.read_text().splitlines():
-        pid, event, fid, t = line.split()
-        rows.append((int(pid), event, int(fid), float(t)))
-    return rows
+        pid, event, fid, t, *n = line.split()
+        events.append((int(pid), event, int(fid), float(t)))
+        if n:
+            rows[int(fid)] = int(n[0])
+    return events, rows
 
 
 def main() -> None:
@@ -107,18 +111,24 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-        lines = read(path)
+        lines, frame_rows = read(path)
         if args.keep:
             Path(args.keep).write_text(path.read_text())
     segs, summary = segments(lines)
     summary["tokens_per_s"] = statistics.median(tps)
+    ids = sorted(frame_rows)[len(frame_rows) // 5 : len(frame_rows) - len(frame_rows) // 10]  # as ``segments``
+    counts = collections.Counter(frame_rows[i] for i in ids)
+    summary["rows_per_frame"] = statistics.mean(frame_rows[i] for i in ids) if ids else float("nan")
+    by_rows = dict(sorted(counts.items()))
     if args.json:
         print(json.dumps({"segments_ms": {k: {"p50": statistics.median(v), "mean": statistics.mean(v)}
-                                          for k, v in segs.items() if v}, **summary}))  # fmt: skip
+                                          for k, v in segs.items() if v},
+                          "frames_by_rows": by_rows, **summary}))  # fmt: skip
         return
     rows = [[k, fmt(statistics.median(v), 2), fmt(statistics.mean(v), 2), len(v)] for k, v in segs.items() if v]
     caption = (f"{args.nodes} local nodes, {args.streams} streams, {summary['tokens_per_s']:.1f} tok/s (median of "
                f"{len(tps)} rounds), {summary['frames_computing']:.2f} frames computing at once on average, "
+               f"{summary['rows_per_frame']:.2f} rows per frame (frames by rows: {by_rows}), "
                f"load avg {load_average() or 0:.1f}")  # fmt: skip
     print_table("A frame's path (ms)", ["segment", "p50", "mean", "frames"], rows, caption)
 
