@@ -8,7 +8,8 @@ coordinator and the node processes write timestamps of each frame's events (``no
 ``--streams`` concurrent streaming completions for ``--seconds``, and prints, per segment of a frame's path, the
 median and mean milliseconds over the frames of the middle of the run (the first 20% and last 10% dropped).
 The summary line gives the frames computing at once on average (compute time of all frames ÷ wall time): with
-``--micro-batches`` frames in flight, what the rest of a frame's cycle costs in lost compute.
+``--micro-batches`` frames in flight, what the rest of a frame's cycle costs in lost compute; and the rows per
+frame (mean, and how many frames carried each count), which decide what a row's compute costs.
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ log = logging.getLogger("bench.timeline")
 ENV = "LLAMA_NODE_TIMELINE"  # node.timeline.ENV (not imported: the bench stays free of the package's imports)
 
 
-def segments(lines: list[tuple[int, str, int, float]]) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Milliseconds of each segment over the frames that went through every stage, and a summary."""
+def segments(
+    lines: list[tuple[int, str, int, float]], frame_rows: dict[int, int] | None = None
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Milliseconds of each segment over the frames that went through every stage, and a summary; with each frame's
+    rows, the summary has the compute milliseconds per row too (all stages): tokens/s is about the frames computing
+    at once ÷ that."""
+    frame_rows = frame_rows or {}
     coord = next(pid for pid, event, _, _ in lines if event == "send")
     frames: dict[int, list[tuple[float, int, str]]] = collections.defaultdict(list)
     for pid, event, fid, t in lines:
@@ -45,7 +51,7 @@ def segments(lines: list[tuple[int, str, int, float]]) -> tuple[dict[str, list[f
     ids = ids[len(ids) // 5 : len(ids) - len(ids) // 10]
     n_stages = max(sum(e == "start" for _, _, e in frames[f]) for f in ids)
     out: dict[str, list[float]] = collections.defaultdict(list)
-    compute, t_first, t_last = 0.0, float("inf"), 0.0
+    compute, t_first, t_last, rows, rows_compute = 0.0, float("inf"), 0.0, 0, 0.0
     for fid in ids:
         events = sorted(frames[fid])
         first = {(pid, e): t for t, pid, e in reversed(events)}  # each (process, event)'s first time
@@ -58,6 +64,9 @@ def segments(lines: list[tuple[int, str, int, float]]) -> tuple[dict[str, list[f
             path += [(f"S{i} arrive", arrive), (f"S{i} start", first[pid, "start"]), (f"S{i} end", first[pid, "end"]),
                      (f"S{i} out", first[pid, "out"])]  # fmt: skip
             compute += first[pid, "end"] - first[pid, "start"]
+            if fid in frame_rows:
+                rows_compute += first[pid, "end"] - first[pid, "start"]
+        rows += frame_rows.get(fid, 0)
         path.append(("coordinator recv", first[coord, "recv"]))
         for (a, ta), (b, tb) in zip(path, path[1:], strict=False):
             out[f"{a} → {b}"].append((tb - ta) * 1e3)
@@ -68,16 +77,20 @@ def segments(lines: list[tuple[int, str, int, float]]) -> tuple[dict[str, list[f
     recvs = recvs[len(recvs) // 5 : len(recvs) - len(recvs) // 10]
     turn = [(sends[i] - t) * 1e3 for t in recvs if (i := bisect.bisect_right(sends, t)) < len(sends)]
     out["coordinator recv → its next send"] = turn
-    summary = {"frames": len(out["whole frame"]), "frames_computing": compute / max(t_last - t_first, 1e-9)}
+    summary = {"frames": len(out["whole frame"]), "frames_computing": compute / max(t_last - t_first, 1e-9),
+               "compute_ms_per_row": rows_compute * 1e3 / rows if rows else float("nan")}  # fmt: skip
     return out, summary
 
 
-def read(path: Path) -> list[tuple[int, str, int, float]]:
-    rows = []
+def read(path: Path) -> tuple[list[tuple[int, str, int, float]], dict[int, int]]:
+    """The events, and each frame's row count (the last field of a coordinator send)."""
+    events, rows = [], {}
     for line in path.read_text().splitlines():
-        pid, event, fid, t = line.split()
-        rows.append((int(pid), event, int(fid), float(t)))
-    return rows
+        pid, event, fid, t, *n = line.split()
+        events.append((int(pid), event, int(fid), float(t)))
+        if n:
+            rows[int(fid)] = int(n[0])
+    return events, rows
 
 
 def main() -> None:
@@ -107,18 +120,25 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-        lines = read(path)
+        lines, frame_rows = read(path)
         if args.keep:
             Path(args.keep).write_text(path.read_text())
-    segs, summary = segments(lines)
+    segs, summary = segments(lines, frame_rows)
     summary["tokens_per_s"] = statistics.median(tps)
+    ids = sorted(frame_rows)[len(frame_rows) // 5 : len(frame_rows) - len(frame_rows) // 10]  # as ``segments``
+    counts = collections.Counter(frame_rows[i] for i in ids)
+    summary["rows_per_frame"] = statistics.mean(frame_rows[i] for i in ids) if ids else float("nan")
+    by_rows = dict(sorted(counts.items()))
     if args.json:
         print(json.dumps({"segments_ms": {k: {"p50": statistics.median(v), "mean": statistics.mean(v)}
-                                          for k, v in segs.items() if v}, **summary}))  # fmt: skip
+                                          for k, v in segs.items() if v},
+                          "frames_by_rows": by_rows, **summary}))  # fmt: skip
         return
     rows = [[k, fmt(statistics.median(v), 2), fmt(statistics.mean(v), 2), len(v)] for k, v in segs.items() if v]
     caption = (f"{args.nodes} local nodes, {args.streams} streams, {summary['tokens_per_s']:.1f} tok/s (median of "
                f"{len(tps)} rounds), {summary['frames_computing']:.2f} frames computing at once on average, "
+               f"{summary['rows_per_frame']:.2f} rows per frame (frames by rows: {by_rows}), "
+               f"{summary['compute_ms_per_row']:.2f} ms of compute per row, "
                f"load avg {load_average() or 0:.1f}")  # fmt: skip
     print_table("A frame's path (ms)", ["segment", "p50", "mean", "frames"], rows, caption)
 

@@ -117,9 +117,11 @@ def pipeline_depth(stages: Sequence[NodeRecord]) -> int:
 
     One frame per stage keeps every stage busy when each stage has its own cores (a cluster of machines). But every
     frame pays a fixed cost per layer (kernel calls, Python, gRPC), and the packed kernel's cost grows well under
-    linearly with rows (SmolLM2, 10 layers: 1 row 17 ms, 8 rows 43 ms), so when node processes share a machine's
-    cores, fewer, fuller frames give more tokens per second: on 2 cores with 3 local nodes, 8 streams decode at 63
-    tok/s in one frame, 51 in two, 34 in three (median of 3, load average 6).
+    linearly with rows, so when node processes share a machine's cores, a frame more buys overlap at the price of
+    a dearer row. On 2 cores with 3 local nodes (1 thread each), 8 streams (``bench/timeline.py``, load average 2):
+    two frames of 4 rows compute 1.28 frames at once at 3.76 ms of compute per row (340 rows/s); three (3, 3, 2
+    rows) 1.58 at 4.53 ms (350); four of 2 rows 1.75 at 5.70 ms (307). With other work on those cores, three
+    frames fall behind two (210 and 241 tok/s against 254 and 270): the extra compute thread waits for a core.
     """
     per_host: dict[str, list[NodeRecord]] = {}
     depth = 0

@@ -5,7 +5,7 @@ starts) appends one line per event to PATH: ``pid event frame_id seconds``, the 
 all processes of one machine share, so the lines of a loopback cluster line up. Unset (the normal case), ``mark``
 does nothing. Events, in a frame's order:
 
-- coordinator ``send``: the pipeline client starts encoding the frame;
+- coordinator ``send``: the pipeline client starts encoding the frame (the line ends with the frame's row count);
 - each stage ``arrive`` (the frame's last part read by its event loop), ``start`` and ``end`` (its compute on the
   compute thread, tensor decoding excluded) and ``out`` (the event loop has the encoded result and starts writing it);
 - coordinator ``recv``: the last stage's reply read.
@@ -40,10 +40,12 @@ def enabled() -> bool:
     return _out is not None
 
 
-def mark(event: str, frame_id: int) -> None:
-    """Record ``event`` of frame ``frame_id`` now (nothing unless ``LLAMA_NODE_TIMELINE`` is set)."""
+def mark(event: str, frame_id: int, rows: int | None = None) -> None:
+    """Record ``event`` of frame ``frame_id`` now (nothing unless ``LLAMA_NODE_TIMELINE`` is set); ``rows``, where
+    given, ends the line."""
     if _out is not None:
-        _out.write(f"{os.getpid()} {event} {frame_id} {time.monotonic():.6f}\n")
+        tail = "" if rows is None else f" {rows}"
+        _out.write(f"{os.getpid()} {event} {frame_id} {time.monotonic():.6f}{tail}\n")
 
 
 record_to(os.environ.get(ENV) or None)

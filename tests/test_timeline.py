@@ -35,7 +35,8 @@ def test_every_frame_is_stamped_in_order_by_each_process(
 
     frames: dict[int, list[tuple[float, int, str]]] = collections.defaultdict(list)
     for line in path.read_text().splitlines():
-        pid, event, frame_id, t = line.split()
+        pid, event, frame_id, t, *rows = line.split()
+        assert rows == (["1"] if event == "send" else []), line  # a send's line ends with the frame's row count
         frames[int(frame_id)].append((float(t), int(pid), event))
     assert len(frames) == 4  # one frame per step
     coordinator = {pid for f in frames.values() for _, pid, e in f if e == "send"}

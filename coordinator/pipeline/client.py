@@ -198,7 +198,7 @@ class PipelineClient:
         if self._error is not None:
             raise self._error
         frame = Frame(next(self._ids), 0, tuple(rows))
-        timeline.mark("send", frame.frame_id)
+        timeline.mark("send", frame.frame_id, len(rows))
         future: asyncio.Future[tuple[RowOutput, ...]] = asyncio.get_running_loop().create_future()
         self._pending[frame.frame_id] = future
         async with self._write_lock:
