@@ -97,6 +97,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--slots", type=int, default=16,
+                    help="serve --slots (16: as bench/concurrency.py's levels; with one slot the plan minimises the "
+                         "sum of the stages, not the slowest, and may give one node nearly every layer)")
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per node process")
@@ -109,7 +112,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "timeline.txt"
         os.environ[ENV] = str(path)
-        proc, url = start_server(args.nodes, args.streams, 256 + args.max_tokens, args.threads, "auto",
+        proc, url = start_server(args.nodes, max(args.slots, args.streams), 256 + args.max_tokens, args.threads, "auto",
                                  args.micro_batches)  # fmt: skip
         try:
             asyncio.run(level(url, "smollm2", 1, 4))  # warm-up
