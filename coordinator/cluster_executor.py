@@ -1,7 +1,8 @@
 """The scheduler's steps on the cluster's current pipeline (``llama-node serve``: joined nodes and ``--nodes N``).
 
-A step is handed to the pipeline client's event loop (the ``ClusterRuntime``'s) with ``run_coroutine_threadsafe``
-and awaited from the HTTP server's loop, so neither loop ever waits on the other. The pipeline changes:
+``serve`` runs the HTTP server on the pipeline client's event loop (the ``ClusterRuntime``'s), so a step is a task
+of that loop. Called from another loop, a step is handed over with ``run_coroutine_threadsafe`` and awaited from the
+caller's loop, so neither loop ever waits on the other. The pipeline changes:
 when a node joins (or a peer stops answering) the runtime re-plans, loads the new stages and opens a new
 ``PipelineClient``. The executor picks the new client up between steps. The new stages' KV caches are empty, so
 before a request's next row goes there, the rows it already fed are *replayed* into it, cut exactly as they were
@@ -104,8 +105,12 @@ class ClusterExecutor:
         self._retry = asyncio.Lock()  # steps retried after a frame error run one at a time
 
     def run(self, rows: Sequence[RowWork]) -> asyncio.Future[list[int | None]]:
-        """Hands the step to the runtime's event loop now; the future settles on the caller's loop."""
-        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._run(list(rows)), self.runtime.runner.loop))
+        """Hands the step to the runtime's event loop now; the future settles on the caller's loop. Called on that
+        loop (``serve`` runs the HTTP server there), the step is a task of it: no hop between threads."""
+        loop = self.runtime.runner.loop
+        if asyncio.get_running_loop() is loop:
+            return loop.create_task(self._run(list(rows)))
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._run(list(rows)), loop))
 
     async def close(self) -> None:
         try:
