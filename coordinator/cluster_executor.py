@@ -16,11 +16,12 @@ has joined yet, or too few are left), so clients know to come back.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from grpc import aio
 
@@ -41,13 +42,17 @@ Segment = tuple[int, tuple[int, ...], bool]  # (start position, tokens, prefill)
 
 
 def _row_input(request_id: int, slot: int, segment: Segment, params: SamplingParams) -> RowInput:
-    """A ``RowInput`` for a segment; ``prefill`` is passed where the wire format carries it (it decides how a
-    one-token prompt chunk is computed, so a replay must keep it)."""
+    """A ``RowInput`` for a segment, ``prefill`` included (it decides how a one-token prompt chunk is computed, so a
+    replay must keep it). ``node.wire`` (torch) is imported on the first step, not with this module."""
+    start, tokens, prefill = segment
+    return _wire_row()(request_id, slot, start, tokens, params, False, prefill)
+
+
+@functools.cache
+def _wire_row() -> type[RowInput]:
     from node.wire import RowInput
 
-    start, tokens, prefill = segment
-    extra: dict[str, Any] = {"prefill": prefill} if "prefill" in RowInput.__dataclass_fields__ else {}
-    return RowInput(request_id, slot, start, tokens, params, **extra)
+    return RowInput
 
 
 #: statuses a node gives one frame (a refused row, an exception while computing it); any other error of a stream
