@@ -7,7 +7,8 @@ discovered nodes → plan → loaded stages → a pipeline client. When the node
     line = rt.join_command()          # the exact `llama-node join --token …` line, for the user
     rt.wait_ready(timeout=60)         # planned and loaded
     engine = rt.engine(params, max_len)            # a TokenEngine for llama_shard.generate.generate
-    rows = await rt.forward(rows)                  # or: one micro-batch, from any event loop (the scheduler)
+    rows = await rt.forward(rows)                  # or: one micro-batch, from any event loop
+    rt.serve(uvicorn_server)          # `serve`: the HTTP server (and its scheduler) on that same loop, until it exits
 
 No torch at import time (``llama-node --help`` stays fast): the pipeline modules are imported when used.
 """

@@ -1,10 +1,11 @@
 """Continuous batching: many requests share the model, joining and leaving between steps.
 
-The scheduler is an asyncio task on the HTTP server's event loop; it never computes. Each *step* is a list of
-``RowWork`` (one row per request: a decode token, or a chunk of its prompt) handed to a ``StepExecutor``, which runs
-it somewhere else (a worker thread here, a pipeline of nodes there) and answers with the sampled token of every row
-that asked for one. Up to ``depth`` steps are in flight at once, so a pipeline of ``depth`` stages keeps every stage
-busy; a request is in at most one step at a time, since its next row needs the token the last one produced.
+The scheduler is an asyncio task on the HTTP server's event loop (with ``serve`` over a cluster, also the pipeline
+client's); it never computes. Each *step* is a list of ``RowWork`` (one row per request: a decode token, or a chunk
+of its prompt) handed to a ``StepExecutor``, which runs it somewhere else (a worker thread here, a pipeline of nodes
+there) and answers with the sampled token of every row that asked for one. Up to ``depth`` steps are in flight at
+once, so a pipeline of ``depth`` stages keeps every stage busy; a request is in at most one step at a time, since
+its next row needs the token the last one produced.
 
 Each admitted request owns one KV slot until it finishes, is cancelled or its client goes away. Requests beyond the
 slots wait in a bounded queue; beyond that, ``submit`` raises ``QueueFullError`` (the API answers 429 with
