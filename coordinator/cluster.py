@@ -7,7 +7,8 @@ discovered nodes → plan → loaded stages → a pipeline client. When the node
     line = rt.join_command()          # the exact `llama-node join --token …` line, for the user
     rt.wait_ready(timeout=60)         # planned and loaded
     engine = rt.engine(params, max_len)            # a TokenEngine for llama_shard.generate.generate
-    rows = await rt.forward(rows)                  # or: one micro-batch, from any event loop (the scheduler)
+    rows = await rt.forward(rows)                  # or: one micro-batch, from any event loop
+    rt.serve(uvicorn_server)          # `serve`: the HTTP server (and its scheduler) on that same loop, until it exits
 
 No torch at import time (``llama-node --help`` stays fast): the pipeline modules are imported when used.
 """
@@ -34,6 +35,7 @@ from protos.llama_node.v1 import cluster_pb2 as cpb
 
 if TYPE_CHECKING:
     import grpc
+    import uvicorn
     from grpc import aio
 
     from coordinator.pipeline.client import NodeClient, PipelineClient
@@ -334,6 +336,7 @@ class ClusterRuntime:
         from coordinator.pipeline.engine import LoopThread
 
         self.runner: LoopThread = LoopThread()
+        self._serving = False  # the loop runs an HTTP server (``serve``)
         self.cluster: Cluster = self.runner.run(self._make(settings))
         try:
             self.runner.run(self.cluster.start())
@@ -369,8 +372,33 @@ class ClusterRuntime:
 
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(go(), self.runner.loop))
 
+    def serve(self, server: uvicorn.Server) -> None:
+        """Run the HTTP ``server`` on this runtime's event loop until it exits, its signals handled as by
+        ``uvicorn.run``. The scheduler then shares the loop of the pipeline's streams: a step goes out and its tokens
+        come back with no hop between threads (two wake-ups of another thread per step, and their GIL hand-overs)."""
+
+        async def serve() -> SystemExit | None:
+            try:
+                await server.serve()
+            except SystemExit as e:  # uvicorn exits where it cannot start (a port taken): out of run(), not the loop
+                return e
+            return None
+
+        self._serving = True
+        try:
+            with server.capture_signals():  # in this (the main) thread; serve() on the loop's thread captures none
+                exited = self.runner.run(serve())
+        finally:
+            self._serving = False
+            self.runner.stop()
+        if exited is not None:
+            raise exited
+
     def close(self) -> None:
+        """Close the cluster and stop its loop (after ``serve`` returns, when the loop serves HTTP: the server's
+        shutdown closes the cluster from that loop)."""
         try:
             self.runner.run(self.cluster.close(), timeout=10)
         finally:
-            self.runner.stop()
+            if not self._serving:
+                self.runner.stop()

@@ -1,7 +1,8 @@
 """The scheduler's steps on the cluster's current pipeline (``llama-node serve``: joined nodes and ``--nodes N``).
 
-A step is handed to the pipeline client's event loop (the ``ClusterRuntime``'s) with ``run_coroutine_threadsafe``
-and awaited from the HTTP server's loop, so neither loop ever waits on the other. The pipeline changes:
+``serve`` runs the HTTP server on the pipeline client's event loop (the ``ClusterRuntime``'s), so a step is a task
+of that loop. Called from another loop, a step is handed over with ``run_coroutine_threadsafe`` and awaited from the
+caller's loop, so neither loop ever waits on the other. The pipeline changes:
 when a node joins (or a peer stops answering) the runtime re-plans, loads the new stages and opens a new
 ``PipelineClient``. The executor picks the new client up between steps. The new stages' KV caches are empty, so
 before a request's next row goes there, the rows it already fed are *replayed* into it, cut exactly as they were
@@ -15,11 +16,12 @@ has joined yet, or too few are left), so clients know to come back.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from grpc import aio
 
@@ -40,13 +42,17 @@ Segment = tuple[int, tuple[int, ...], bool]  # (start position, tokens, prefill)
 
 
 def _row_input(request_id: int, slot: int, segment: Segment, params: SamplingParams) -> RowInput:
-    """A ``RowInput`` for a segment; ``prefill`` is passed where the wire format carries it (it decides how a
-    one-token prompt chunk is computed, so a replay must keep it)."""
+    """A ``RowInput`` for a segment, ``prefill`` included (it decides how a one-token prompt chunk is computed, so a
+    replay must keep it). ``node.wire`` (torch) is imported on the first step, not with this module."""
+    start, tokens, prefill = segment
+    return _wire_row()(request_id, slot, start, tokens, params, False, prefill)
+
+
+@functools.cache
+def _wire_row() -> type[RowInput]:
     from node.wire import RowInput
 
-    start, tokens, prefill = segment
-    extra: dict[str, Any] = {"prefill": prefill} if "prefill" in RowInput.__dataclass_fields__ else {}
-    return RowInput(request_id, slot, start, tokens, params, **extra)
+    return RowInput
 
 
 #: statuses a node gives one frame (a refused row, an exception while computing it); any other error of a stream
@@ -104,8 +110,12 @@ class ClusterExecutor:
         self._retry = asyncio.Lock()  # steps retried after a frame error run one at a time
 
     def run(self, rows: Sequence[RowWork]) -> asyncio.Future[list[int | None]]:
-        """Hands the step to the runtime's event loop now; the future settles on the caller's loop."""
-        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._run(list(rows)), self.runtime.runner.loop))
+        """Hands the step to the runtime's event loop now; the future settles on the caller's loop. Called on that
+        loop (``serve`` runs the HTTP server there), the step is a task of it: no hop between threads."""
+        loop = self.runtime.runner.loop
+        if asyncio.get_running_loop() is loop:
+            return loop.create_task(self._run(list(rows)))
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._run(list(rows)), loop))
 
     async def close(self) -> None:
         try:

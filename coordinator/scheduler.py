@@ -1,10 +1,11 @@
 """Continuous batching: many requests share the model, joining and leaving between steps.
 
-The scheduler is an asyncio task on the HTTP server's event loop; it never computes. Each *step* is a list of
-``RowWork`` (one row per request: a decode token, or a chunk of its prompt) handed to a ``StepExecutor``, which runs
-it somewhere else (a worker thread here, a pipeline of nodes there) and answers with the sampled token of every row
-that asked for one. Up to ``depth`` steps are in flight at once, so a pipeline of ``depth`` stages keeps every stage
-busy; a request is in at most one step at a time, since its next row needs the token the last one produced.
+The scheduler is an asyncio task on the HTTP server's event loop (with ``serve`` over a cluster, also the pipeline
+client's); it never computes. Each *step* is a list of ``RowWork`` (one row per request: a decode token, or a chunk
+of its prompt) handed to a ``StepExecutor``, which runs it somewhere else (a worker thread here, a pipeline of nodes
+there) and answers with the sampled token of every row that asked for one. Up to ``depth`` steps are in flight at
+once, so a pipeline of ``depth`` stages keeps every stage busy; a request is in at most one step at a time, since
+its next row needs the token the last one produced.
 
 Each admitted request owns one KV slot until it finishes, is cancelled or its client goes away. Requests beyond the
 slots wait in a bounded queue; beyond that, ``submit`` raises ``QueueFullError`` (the API answers 429 with
@@ -23,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from llama_shard.sampling import SamplingParams
@@ -141,6 +142,8 @@ class Scheduler:
         self._active: dict[int, Request] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._settled: deque[asyncio.Future[list[int | None]]] = deque()  # steps done, not yet applied
+        self._outbox: list[tuple[Request, int | Finished]] | None = None  # held deliveries (see ``_loop``)
         self.steps = 0  # steps handed to the executor, and their decode rows and prompt tokens (``/stats``)
         self.decode_rows = 0
         self.prefill_tokens = 0
@@ -221,7 +224,17 @@ class Scheduler:
         if r.slot is not None:
             self._free.append(r.slot)
             r.slot = None
-        r._queue.put_nowait(finish)
+        self._deliver(r, finish)
+
+    def _deliver(self, r: Request, item: int | Finished) -> None:
+        if self._outbox is not None:
+            self._outbox.append((r, item))
+        else:
+            r._queue.put_nowait(item)
+
+    def _step_done(self, fut: asyncio.Future[list[int | None]]) -> None:
+        self._settled.append(fut)
+        self._wake.set()
 
     def _admit(self) -> None:
         while self._free and self._waiting:
@@ -287,7 +300,7 @@ class Scheduler:
             if not r.generated:
                 r.t_first = now
             r.generated.append(token)
-            r._queue.put_nowait(token)
+            self._deliver(r, token)
             if token in r.eos:
                 self._end(r, Finished("stop"))
             elif len(r.generated) >= r.max_tokens:
@@ -302,8 +315,10 @@ class Scheduler:
                 self._end(r, Finished("error", f"the model failed: {error}"))
 
     async def _loop(self) -> None:
+        """Start steps while fewer than ``depth`` are in flight, then sleep until one settles or a request comes or
+        goes. A settled step's tokens reach their streams only after the next steps are handed over: the executor
+        gets its next frame before this loop's event loop turns to the streams' work (SSE, detokenising)."""
         in_flight: dict[asyncio.Future[list[int | None]], list[RowWork]] = {}
-        wake: asyncio.Future[Any] | None = None
         try:
             while True:
                 for r in [r for r in self._active.values() if r.cancelled and not r.in_flight]:
@@ -313,28 +328,34 @@ class Scheduler:
                     rows = self._next_step()
                     if not rows:
                         break
-                    in_flight[asyncio.ensure_future(self.executor.run(rows))] = rows
+                    step: asyncio.Future[list[int | None]] = asyncio.ensure_future(self.executor.run(rows))
+                    in_flight[step] = rows
+                    step.add_done_callback(self._step_done)
                     self.steps += 1
                     self.decode_rows += sum(not r.prefill for r in rows)
                     self.prefill_tokens += sum(len(r.tokens) for r in rows if r.prefill)
-                if wake is None:
+                self._flush()
+                if not self._settled:
                     self._wake.clear()
-                    wake = asyncio.ensure_future(self._wake.wait())
-                waiting: list[asyncio.Future[Any]] = [*in_flight, wake]
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if wake in done:
-                    wake = None
-                for fut in done:
-                    if fut is wake or fut not in in_flight:
-                        continue
-                    rows = in_flight.pop(fut)
-                    error = fut.exception()
+                    await self._wake.wait()
+                self._outbox = []
+                while self._settled:
+                    done = self._settled.popleft()
+                    rows = in_flight.pop(done)
+                    error = done.exception()
                     if error is not None:
                         self._fail(rows, error)
                     else:
-                        self._apply(rows, fut.result())
+                        self._apply(rows, done.result())
         finally:
-            if wake is not None:
-                wake.cancel()
+            self._flush()
             for fut in in_flight:
+                fut.remove_done_callback(self._step_done)
                 fut.cancel()
+            self._settled.clear()
+
+    def _flush(self) -> None:
+        """Hand the held tokens and ends to their streams."""
+        outbox, self._outbox = self._outbox, None
+        for r, item in outbox or ():
+            r._queue.put_nowait(item)

@@ -134,7 +134,18 @@ def serve_command(
     app = create_app(backend, api_key=api_key)
     log.info("serving %s on http://%s:%d (%d slots x %d tokens)", info.name, host, port, n_slots, max_len)
     try:
-        uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                                timeout_graceful_shutdown=5)  # fmt: skip
+        server = uvicorn.Server(config)
+        try:
+            if served is not None:
+                served.runtime.serve(server)  # on the pipeline's event loop: a step crosses no threads
+            else:
+                server.run()
+        except KeyboardInterrupt:  # as uvicorn.run: the SIGINT it handled is raised again once it has shut down
+            pass
+        if not server.started:  # as uvicorn.run: the port was taken, the app failed to start
+            raise typer.Exit(code=3)
     finally:
         if served is not None:
             served.stop_local()

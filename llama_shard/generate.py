@@ -68,6 +68,8 @@ class StopStrings:
 
     def push(self, delta: str) -> tuple[str, bool]:
         """Returns (text safe to emit, stopped)."""
+        if not self.stops:
+            return delta, False
         text = self.pending + delta
         hits = [(text.find(s), s) for s in self.stops if s in text]
         if hits:

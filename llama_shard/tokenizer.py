@@ -150,7 +150,10 @@ class IncrementalDecoder:
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes (possibly ``""``)."""
         self._ids.append(token_id)
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read], skip_special=self._skip)
+        if self._read - self._prefix == 1:  # the usual window: the last emitted token alone (decoded once per id)
+            prefix_text = self._tok.decode_one(self._ids[self._prefix], skip_special=self._skip)
+        else:
+            prefix_text = self._tok.decode(self._ids[self._prefix : self._read], skip_special=self._skip)
         new_text = self._tok.decode(self._ids[self._prefix :], skip_special=self._skip)
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return ""
@@ -202,6 +205,7 @@ class Tokenizer:
         self.add_eos = add_eos and eos_id is not None
         self.vocab_size = max(vocab_size or 0, backend.get_vocab_size(with_added_tokens=True))
         self._template = ChatTemplate(chat_template, template_tokens) if chat_template else None
+        self._one: dict[tuple[int, bool], str] = {}  # decode_one's answers: at most two per id of the vocabulary
 
     @property
     def backend(self) -> _HFTokenizer:
@@ -412,6 +416,14 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         """Ids -> text; with ``skip_special`` control tokens (BOS, ``<|im_end|>``...) are left out."""
         return str(self._backend.decode(list(ids), skip_special_tokens=skip_special))
+
+    def decode_one(self, token_id: int, *, skip_special: bool = True) -> str:
+        """``decode([token_id])``, remembered: streaming decoders ask for the same ids again and again."""
+        key = (token_id, skip_special)
+        text = self._one.get(key)
+        if text is None:
+            text = self._one[key] = self.decode((token_id,), skip_special=skip_special)
+        return text
 
     def render_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
         """The conversation as prompt text, through the model's chat template.

@@ -280,9 +280,25 @@ class FrameResult:
 
 def _row_to_pb(r: RowInput) -> pb.Row:
     return pb.Row(
-        request_id=r.request_id, slot=r.slot, start=r.start, tokens=list(r.tokens),
-        sampling=sampling_to_pb(r.sampling), return_logits=r.return_logits, prefill=r.prefill,
+        request_id=r.request_id, slot=r.slot, start=r.start, tokens=r.tokens,
+        sampling=_sampling_pb(r.sampling), return_logits=r.return_logits, prefill=r.prefill,
     )  # fmt: skip
+
+
+#: Encoded ``SamplingParams`` by the object's id (the object kept, so the id stays its own): a request's rows carry
+#: the same object step after step, and building the message costs more than the rest of the row.
+_SAMPLING_PB: dict[int, tuple[SamplingParams, pb.SamplingParams]] = {}
+
+
+def _sampling_pb(p: SamplingParams) -> pb.SamplingParams:
+    hit = _SAMPLING_PB.get(id(p))
+    if hit is not None and hit[0] is p:
+        return hit[1]
+    m = sampling_to_pb(p)
+    if len(_SAMPLING_PB) >= 4096:
+        _SAMPLING_PB.clear()
+    _SAMPLING_PB[id(p)] = (p, m)
+    return m
 
 
 #: Decoded ``SamplingParams`` by their encoding: a request's rows carry the same ones frame after frame, and

@@ -215,3 +215,30 @@ def test_ids_past_the_models_embedding_are_refused_in_every_route(tokenizer: obj
         # ids within the embedding still run
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": [1, 2, limit - 1], "max_tokens": 1})
         assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_delta_events_are_the_bytes_of_the_encoded_chunk(include_usage: bool) -> None:
+    """Each token's SSE event, made from a chunk encoded once, is byte for byte the chunk encoded anew (both routes'
+    chunk shapes, deltas JSON must escape); a chunk where a field mimics the mark is encoded anew."""
+    from coordinator.api.openai_routes import _MARK, _delta_events, _sse
+
+    def completion(delta: str | None, finish: str | None) -> dict[str, object]:
+        return {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+                "choices": [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}]}  # fmt: skip
+
+    def chat(delta: str | None, finish: str | None) -> dict[str, object]:
+        choice = {"index": 0, "delta": {"content": delta}, "finish_reason": finish}
+        return {"id": "c", "model": 'x"\\é', "choices": [choice]}
+
+    def mimic(delta: str | None, finish: str | None) -> dict[str, object]:
+        return {"model": _MARK, "text": delta}
+
+    deltas = ["Hello", " world", 'quote " and \\ back', "é中🙂", "\n\t\r", "\u2028\u0000", " </s>", "{}"]
+    for chunk in (completion, chat, mimic):
+        event = _delta_events(chunk, include_usage)
+        for delta in deltas:
+            obj = chunk(delta, None)
+            if include_usage:
+                obj["usage"] = None
+            assert event(delta) == _sse(obj), (chunk.__name__, delta)

@@ -91,7 +91,10 @@ class FakeRuntime:
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]]
 
 
-def _answers(first: FakePipeline, cluster: FakeCluster, runner: LoopThread) -> tuple[list[list[int]], ClusterExecutor]:
+def _answers(
+    first: FakePipeline, cluster: FakeCluster, runner: LoopThread, on_runner: bool = False
+) -> tuple[list[list[int]], ClusterExecutor]:
+    """The tokens of ``PROMPTS``; ``on_runner``: the scheduler on the runtime's loop (as ``serve`` runs it)."""
     cluster.client = first
     runner.run(_set(cluster.ready))
     executor = ClusterExecutor(FakeRuntime(runner, cluster), n_slots=4, max_len=64, failover_s=5)  # type: ignore[arg-type]
@@ -104,7 +107,7 @@ def _answers(first: FakePipeline, cluster: FakeCluster, runner: LoopThread) -> t
         assert all(r.finish_reason == "length" for r in requests), [r.finish for r in requests]
         return answers
 
-    return asyncio.run(go()), executor
+    return (runner.run(go()) if on_runner else asyncio.run(go())), executor
 
 
 async def _set(event: asyncio.Event) -> None:
@@ -131,6 +134,27 @@ def test_requests_survive_a_replan(runner: LoopThread, fail: bool) -> None:
     assert got == expected
     assert new.frames > 0 and executor.replayed_rows > 0
     assert all(len(new.kv[s]) >= 1 for s in new.kv)
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["switch-between-steps", "step-fails-on-old-pipeline"])
+def test_on_the_runtimes_loop_a_step_is_its_task_and_the_answers_are_the_same(runner: LoopThread, fail: bool) -> None:
+    # arrange: the answers with the scheduler on another loop (each step crosses threads), on one pipeline
+    expected, _ = _answers(FakePipeline(), FakeCluster(), runner)
+    cluster = FakeCluster()
+    old = FakePipeline(cluster, replan_after=6, fail=fail)
+    old.next = new = FakePipeline()
+    # act: the scheduler on the runtime's loop, through a re-plan
+    got, executor = _answers(old, cluster, runner, on_runner=True)
+
+    async def one_step() -> bool:
+        step = executor.run([])
+        await step
+        return isinstance(step, asyncio.Task) and step.get_loop() is runner.loop
+
+    # assert: the same tokens, the rows replayed into the new pipeline; a step is a task of that loop (no thread hop)
+    assert got == expected
+    assert new.frames > 0 and executor.replayed_rows > 0
+    assert runner.run(one_step())
 
 
 def test_a_frame_a_node_fails_does_not_break_the_pipeline(runner: LoopThread) -> None:

@@ -137,3 +137,18 @@ def test_an_ollama_window_past_uint32_still_goes_on_the_wire() -> None:
         temperature=0.8, top_p=0.9, top_k=40, min_p=None, repetition_penalty=1.1, seed=7, penalty_last_n=1035125872496
     )
     assert sampling_to_pb(params).penalty_last_n == 2**32 - 1
+
+
+def test_rows_encode_their_own_sampling_step_after_step() -> None:
+    """A request's rows reuse the encoding of its ``SamplingParams`` object; every row still decodes to itself."""
+    import gc
+
+    from node.wire import _row_from_pb, _row_to_pb
+
+    for seed in range(50):  # new objects, some of them at the address of one freed before
+        params = SamplingParams(temperature=0.5, top_k=seed + 1, seed=seed)
+        for start in (0, 7):
+            row = RowInput(seed, 1, start, (3, 4), params, False, start == 0)
+            assert _row_from_pb(_row_to_pb(row)) == row
+        del params
+        gc.collect()

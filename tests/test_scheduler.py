@@ -157,3 +157,22 @@ async def test_short_prompts_start_together_within_the_prefill_budget() -> None:
     long_chunks = [len(r.tokens) for step in ex.steps for r in step if r.tokens[0] == 9]
     assert long_chunks == [8, 8, 4]  # never more than one chunk of a long prompt per step
     await s.stop()
+
+
+@run_async
+async def test_next_step_is_handed_over_before_the_tokens_reach_their_streams() -> None:
+    """A settled step's token is held until the request's next row has gone to the executor (which then computes
+    while the event loop does the streams' work); tokens and the end still come in order."""
+    seen: list[int] = []  # tokens already in the stream's queue when each decode row was handed over
+
+    class Recording(FakeExecutor):
+        def run(self, rows: Sequence[RowWork]) -> Coroutine[Any, Any, list[int | None]]:
+            seen.append(request._queue.qsize())  # when the step is handed over (before it is awaited)
+            return super().run(rows)
+
+    s = Scheduler(Recording(n_slots=1))
+    request = s.submit([1, 2], GREEDY, 4, frozenset())
+    assert [t async for t in request.tokens()] == [3, 4, 5, 6]
+    assert request.finish is not None and request.finish.reason == "length"
+    assert seen == [0, 0, 0, 0]  # the prompt's row, then each decode row before the token it follows was delivered
+    await s.stop()

@@ -10,7 +10,9 @@ pre-tokenizer restored, and stock transformers is compared on every text without
 
 from __future__ import annotations
 
+import copy
 import json
+import random
 import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -170,6 +172,18 @@ def test_incremental_decode_flushes_an_unfinished_character(smol: Tokenizer) -> 
     tail = decoder.flush()
     assert tail.startswith(" ") and tail.endswith("\ufffd")  # the partial emoji, as U+FFFD
     assert text + tail == smol.decode(ids) == decoder.text
+
+
+def test_incremental_deltas_are_those_of_full_window_decodes(smol: Tokenizer) -> None:
+    """The decoder's remembered one-token decodes change no delta: the same deltas as a decoder that decodes every
+    window anew, over every text and a stream of ids in an arbitrary order (split characters, specials)."""
+    plain = copy.copy(smol)
+    plain.decode_one = lambda token_id, *, skip_special=True: smol.decode([token_id], skip_special=skip_special)  # type: ignore[method-assign]
+    rng = random.Random(7)
+    streams = [smol.encode(t) for t in TEXTS] + [[rng.randrange(smol.vocab_size) for _ in range(300)]]
+    for ids in streams:
+        for skip in (True, False):
+            assert stream(smol, ids, skip) == stream(plain, ids, skip)
 
 
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
