@@ -2,13 +2,14 @@
 // benches.
 //
 // Grouped-query attention: H query heads over K KV heads, head h reading KV head h / G (G = H / K). One query head
-// at a time (attend_one), each key and value row of a KV head is read and converted from f16 G times; it was 16.7%
-// of a batched SmolLM2 step (G = 3) at ~3% of its multiply-adds. attend_group computes a KV head's G query heads
-// together: each block of kBlock keys is converted to fp32 once (exactly) and stays in L1 while every head takes
-// its dot products with it; softmax per head; then each block of values once, weighted into every head's
-// accumulators. Per output it does attend_one's fp32 operations in attend_one's order (dot4's summation, the max,
-// exp8, the total, the fma chain over the values in key order), so the bits are the same, which
-// tests/test_attention_grouped.py pins.
+// at a time (attend_one), each key and value row of a KV head is read and converted from f16 G times, and dot4 keeps
+// only 4 fma chains in flight (bound by their latency); it was 16.7% of a batched SmolLM2 step (G = 3) at ~3% of its
+// multiply-adds. attend_group computes up to 3 query heads of a KV head together: each key converted once into
+// registers for the 3 heads' 12 chains, softmax per head, then each value chunk converted once and weighted into the
+// heads' accumulators. Per output it does attend_one's fp32 operations in attend_one's order (dot4's summation and
+// reduction, the max, exp8, the total, the fma chain over the values in key order), so the bits are the same, which
+// tests/test_attention_grouped.py pins. (A first version converted blocks of 32 rows into an fp32 scratch first: no
+// faster than attend_one, its conversion loop stalled on the cache's loads with no arithmetic to overlap them.)
 //
 // Row invariance: a row's arithmetic never depends on its batch-mates; threads only pick which (row, KV head, part
 // of its query heads) units they compute.
@@ -167,106 +168,136 @@ void attend_one(const float* q, const T* keys, const T* values, int64_t n, int64
   for (int64_t i = 0; i < E; ++i) o[i] *= inv;
 }
 
-// what one unit of attend_group reuses: scores [G, n rounded up to 8], kBlock converted rows, accumulators [G, E]
-struct Scratch {
-  std::vector<float> scores, rows, acc;
-};
-
 #if LN_DECODE_AVX2
-// keys (values) per pass over a group's heads: kBlock f16 rows converted to fp32 stay in L1 (8 KiB at E = 64)
-constexpr int64_t kBlock = 32;
-
-// rows[i] = row j0 + i of src (rows `step` elements apart; an index past n - 1 is row n - 1) as fp32: the cache's
-// own rows when it is fp32, else each converted once (exactly) into buf [count, E]
-inline void fp32_rows(const float* src, int64_t j0, int64_t count, int64_t n, int64_t step, int64_t E, float*,
-                      const float** rows) {
-  for (int64_t i = 0; i < count; ++i) {
-    rows[i] = src + std::min(j0 + i, n - 1) * step;
-    prefetch_row(src + std::min(j0 + i + kPrefetch, n - 1) * step, E);
-  }
-}
-inline void fp32_rows(const at::Half* src, int64_t j0, int64_t count, int64_t n, int64_t step, int64_t E,
-                      float* buf, const float** rows) {
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t j = j0 + i;
-    if (j >= n) {
-      rows[i] = rows[n - 1 - j0];
-      continue;
+// scores_h[0, n) = q_h · k_j · scale for NH heads: dot4's fma chain per (head, key) and its reduction, each key
+// converted once for the NH heads and the NH·4 chains interleaved (dot4 alone keeps 4 in flight); 4·NH accumulators
+// and 4 keys in registers, q read from L1
+template <int NH, typename T>
+inline void dot_heads(const float* const* q, const T* keys, int64_t n, int64_t step, int64_t E, float scale,
+                      float* const* scores) {
+  for (int64_t j = 0; j < n; j += 4) {  // past the end, the last key again (its lanes are not stored)
+    const T* k[4];
+    for (int i = 0; i < 4; ++i) {
+      k[i] = keys + std::min(j + i, n - 1) * step;
+      prefetch_row(keys + std::min(j + kPrefetch + i, n - 1) * step, E);
     }
-    prefetch_row(src + std::min(j + kPrefetch, n - 1) * step, E);
-    const at::Half* r = src + j * step;
-    float* d = buf + i * E;
-    for (int64_t e = 0; e < E; e += 8) _mm256_storeu_ps(d + e, load8(r + e));
-    rows[i] = d;
+    __m256 a[NH][4];
+#pragma GCC unroll 4
+    for (int h = 0; h < NH; ++h)
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) a[h][i] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < E; e += 8) {
+      const __m256 k0 = load8(k[0] + e), k1 = load8(k[1] + e), k2 = load8(k[2] + e), k3 = load8(k[3] + e);
+#pragma GCC unroll 4
+      for (int h = 0; h < NH; ++h) {
+        a[h][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h] + e), k0, a[h][0]);
+        a[h][1] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h] + e), k1, a[h][1]);
+        a[h][2] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h] + e), k2, a[h][2]);
+        a[h][3] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h] + e), k3, a[h][3]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int h = 0; h < NH; ++h) {
+      const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a[h][0], a[h][1]), _mm256_hadd_ps(a[h][2], a[h][3]));
+      float four[4];
+      _mm_storeu_ps(four, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)),
+                                     _mm_set1_ps(scale)));
+      std::copy(four, four + std::min<int64_t>(4, n - j), scores[h] + j);
+    }
   }
 }
 
-// acc[0, 8C) += Σ_i p[i] · rows[i][e0, e0 + 8C) for i < m, one fma per element and row in row order: weigh_values'
-// chain, continued across blocks through memory (a store and reload changes no bit)
-template <int C>
-inline void accumulate(const float* p, const float* const* rows, int64_t m, int64_t e0, float* acc) {
-  __m256 a[C];
-  for (int c = 0; c < C; ++c) a[c] = _mm256_loadu_ps(acc + 8 * c);
-  for (int64_t i = 0; i < m; ++i) {
-    const __m256 w = _mm256_set1_ps(p[i]);
-    for (int c = 0; c < C; ++c) a[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(rows[i] + e0 + 8 * c), a[c]);
+// o_h[e0, e0 + 8C) = inv_h · Σ_j p_h[j] · v_j[e0, e0 + 8C) for NH heads: weigh_values' fma chain per element in key
+// order, each value chunk converted once for the NH heads (NH·C accumulators, C values and a weight in registers)
+template <int NH, int C, typename T>
+inline void weigh_heads(const float* const* p, const T* values, int64_t n, int64_t step, const __m256* inv,
+                        int64_t e0, float* const* o) {
+  __m256 a[NH][C];
+#pragma GCC unroll 4
+  for (int h = 0; h < NH; ++h)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) a[h][c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const T* row = values + j * step + e0;
+    prefetch_row(values + std::min(j + kPrefetch, n - 1) * step + e0, 8 * C);
+    __m256 v[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) v[c] = load8(row + 8 * c);
+#pragma GCC unroll 4
+    for (int h = 0; h < NH; ++h) {
+      const __m256 w = _mm256_set1_ps(p[h][j]);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) a[h][c] = _mm256_fmadd_ps(w, v[c], a[h][c]);
+    }
   }
-  for (int c = 0; c < C; ++c) _mm256_storeu_ps(acc + 8 * c, a[c]);
+#pragma GCC unroll 4
+  for (int h = 0; h < NH; ++h)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) _mm256_storeu_ps(o[h] + e0 + 8 * c, _mm256_mul_ps(a[h][c], inv[h]));
+}
+
+// NH heads' outputs over E: chunks of 8C, then of 8
+template <int NH, int C, typename T>
+inline void weigh_all(const float* const* p, const T* values, int64_t n, int64_t step, const __m256* inv, int64_t E,
+                      float* const* o) {
+  int64_t e0 = 0;
+  for (; e0 + 8 * C <= E; e0 += 8 * C) weigh_heads<NH, C>(p, values, n, step, inv, e0, o);
+  for (; e0 < E; e0 += 8) weigh_heads<NH, 1>(p, values, n, step, inv, e0, o);
 }
 
 // G query heads q [G, E] over the n keys and values of their KV head (spaced `step` apart) into o [G, E], each head
-// with attend_one's bits (E a multiple of 8)
+// with attend_one's bits (E a multiple of 8). Heads go in tiles of up to 3 (2 where G is even and not a multiple of
+// 3): enough independent fma chains in AVX2's 16 registers. scores: scratch.
 template <typename T>
 void attend_group(const float* q, int64_t G, const T* keys, const T* values, int64_t n, int64_t step, int64_t E,
-                  Scratch& s, float* o) {
+                  std::vector<float>& scores, float* o) {
   const float scale = 1.f / std::sqrt(static_cast<float>(E));
-  const int64_t padded = (n + 7) / 8 * 8;
-  s.scores.assign(G * padded, kMinusInf);
-  s.rows.resize(kBlock * E);
-  s.acc.assign(G * E, 0.f);
-  const float* rows[kBlock];
-  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-    const int64_t m = std::min(kBlock, n - j0);
-    fp32_rows(keys, j0, (m + 3) / 4 * 4, n, step, E, s.rows.data(), rows);  // dot4 past the end: the last key again
-    for (int64_t h = 0; h < G; ++h) {
-      float* scores = s.scores.data() + h * padded + j0;
-      for (int64_t i = 0; i < m; i += 4) {
-        float four[4];
-        _mm_storeu_ps(four, dot4(q + h * E, rows[i], rows[i + 1], rows[i + 2], rows[i + 3], E, scale));
-        std::copy(four, four + std::min<int64_t>(4, m - i), scores + i);
+  const int64_t padded = (n + 7) / 8 * 8, tile = G % 3 != 0 && G % 2 == 0 ? 2 : 3;
+  scores.assign(G * padded, kMinusInf);
+  const float* qs[3];
+  float* rows[3];
+  for (int64_t h0 = 0; h0 < G; h0 += tile) {
+    const int64_t nh = std::min(tile, G - h0);
+    for (int64_t h = 0; h < nh; ++h) {
+      qs[h] = q + (h0 + h) * E;
+      rows[h] = scores.data() + (h0 + h) * padded;
+    }
+    if (nh == 3)
+      dot_heads<3>(qs, keys, n, step, E, scale, rows);
+    else if (nh == 2)
+      dot_heads<2>(qs, keys, n, step, E, scale, rows);
+    else
+      dot_heads<1>(qs, keys, n, step, E, scale, rows);
+  }
+  __m256 inv[3];
+  const float* ps[3];
+  float* outs[3];
+  for (int64_t h0 = 0; h0 < G; h0 += tile) {
+    const int64_t nh = std::min(tile, G - h0);
+    for (int64_t h = 0; h < nh; ++h) {  // attend_one's softmax, on each head's scores
+      float* sc = scores.data() + (h0 + h) * padded;
+      __m256 best = _mm256_set1_ps(kMinusInf);
+      for (int64_t j = 0; j < padded; j += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(sc + j));
+      float lanes[8];
+      _mm256_storeu_ps(lanes, best);
+      const __m256 top = _mm256_set1_ps(*std::max_element(lanes, lanes + 8));
+      __m256 total = _mm256_setzero_ps();
+      for (int64_t j = 0; j < padded; j += 8) {  // the padding's -inf becomes 0
+        const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), top));
+        _mm256_storeu_ps(sc + j, p);
+        total = _mm256_add_ps(total, p);
       }
+      inv[h] = _mm256_set1_ps(1.f / hsum8(total));
+      ps[h] = sc;
+      outs[h] = o + (h0 + h) * E;
     }
+    if (nh == 3)
+      weigh_all<3, 2>(ps, values, n, step, inv, E, outs);
+    else if (nh == 2)
+      weigh_all<2, 4>(ps, values, n, step, inv, E, outs);
+    else
+      weigh_all<1, 8>(ps, values, n, step, inv, E, outs);
   }
-  std::vector<__m256> inv(G);
-  for (int64_t h = 0; h < G; ++h) {  // attend_one's softmax, on each head's scores
-    float* scores = s.scores.data() + h * padded;
-    __m256 best = _mm256_set1_ps(kMinusInf);
-    for (int64_t j = 0; j < padded; j += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(scores + j));
-    float lanes[8];
-    _mm256_storeu_ps(lanes, best);
-    const __m256 top = _mm256_set1_ps(*std::max_element(lanes, lanes + 8));
-    __m256 total = _mm256_setzero_ps();
-    for (int64_t j = 0; j < padded; j += 8) {  // the padding's -inf becomes 0
-      const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top));
-      _mm256_storeu_ps(scores + j, p);
-      total = _mm256_add_ps(total, p);
-    }
-    inv[h] = _mm256_set1_ps(1.f / hsum8(total));
-  }
-  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-    const int64_t m = std::min(kBlock, n - j0);
-    fp32_rows(values, j0, m, n, step, E, s.rows.data(), rows);
-    for (int64_t h = 0; h < G; ++h) {
-      const float* p = s.scores.data() + h * padded + j0;
-      float* acc = s.acc.data() + h * E;
-      int64_t e0 = 0;
-      for (; e0 + 64 <= E; e0 += 64) accumulate<8>(p, rows, m, e0, acc + e0);
-      for (; e0 < E; e0 += 8) accumulate<1>(p, rows, m, e0, acc + e0);
-    }
-  }
-  for (int64_t h = 0; h < G; ++h)
-    for (int64_t e = 0; e < E; e += 8)
-      _mm256_storeu_ps(o + h * E + e, _mm256_mul_ps(_mm256_loadu_ps(s.acc.data() + h * E + e), inv[h]));
 }
 #endif
 
@@ -301,7 +332,6 @@ void write_and_attend(const AttentionShape& shape, const float* qkv, int64_t B, 
   parts = std::min(std::max<int64_t>(parts, 1), G);
   at::parallel_for(0, B * K * parts, parallel ? 1 : B * K * parts, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
-    Scratch scratch;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / (K * parts), kv = t / parts % K, part = t % parts;
       const int64_t h0 = kv * G + part * G / parts, h1 = kv * G + (part + 1) * G / parts;
@@ -310,7 +340,7 @@ void write_and_attend(const AttentionShape& shape, const float* qkv, int64_t B, 
       float* o = out + (b * H + h0) * E;
 #if LN_DECODE_AVX2
       if (group) {
-        attend_group(q, h1 - h0, kc + cache, vc + cache, n, K * E, E, scratch, o);
+        attend_group(q, h1 - h0, kc + cache, vc + cache, n, K * E, E, scores, o);
         continue;
       }
 #endif
