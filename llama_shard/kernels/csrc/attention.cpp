@@ -5,11 +5,12 @@
 // at a time (attend_one), each key and value row of a KV head is read and converted from f16 G times, and dot4 keeps
 // only 4 fma chains in flight (bound by their latency); it was 16.7% of a batched SmolLM2 step (G = 3) at ~3% of its
 // multiply-adds. attend_group computes up to 3 query heads of a KV head together: each key converted once into
-// registers for the 3 heads' 12 chains, softmax per head, then each value chunk converted once and weighted into the
-// heads' accumulators. Per output it does attend_one's fp32 operations in attend_one's order (dot4's summation and
-// reduction, the max, exp8, the total, the fma chain over the values in key order), so the bits are the same, which
-// tests/test_attention_grouped.py pins. (A first version converted blocks of 32 rows into an fp32 scratch first: no
-// faster than attend_one, its conversion loop stalled on the cache's loads with no arithmetic to overlap them.)
+// registers for the 3 heads' 9 chains (3 keys at a time), softmax per head, then each value chunk converted once
+// and weighted into the heads' accumulators. Per output it does attend_one's fp32 operations in attend_one's order
+// (dot4's summation and reduction, the max, exp8, the total, the fma chain over the values in key order), so the
+// bits are the same, which tests/test_attention_grouped.py pins. (A first version converted blocks of 32 rows into
+// an fp32 scratch first: no faster than attend_one, its conversion loop stalled on the cache's loads with no
+// arithmetic to overlap them.)
 //
 // Row invariance: a row's arithmetic never depends on its batch-mates; threads only pick which (row, KV head, part
 // of its query heads) units they compute.
@@ -169,40 +170,45 @@ void attend_one(const float* q, const T* keys, const T* values, int64_t n, int64
 }
 
 #if LN_DECODE_AVX2
-// scores_h[0, n) = q_h · k_j · scale for NH heads: dot4's fma chain per (head, key) and its reduction, each key
-// converted once for the NH heads and the NH·4 chains interleaved (dot4 alone keeps 4 in flight); 4·NH accumulators
-// and 4 keys in registers, q read from L1
-template <int NH, typename T>
+// scores_h[0, n) = q_h · k_j · scale for NH heads, NK keys (3 or 4) at a time: dot4's fma chain per (head, key)
+// and its reduction (whose lanes each depend on one accumulator only, so 3 keys reduce as dot4 reduces 4), each key
+// converted once for the NH heads and the NH·NK chains interleaved (dot4 alone keeps 4 in flight, bound by the fma
+// latency). NH·NK accumulators, NK keys and q in registers: 3 heads take 3 keys (13 of AVX2's 16; 3 × 4 spilled
+// an accumulator into every iteration's chain)
+template <int NH, int NK, typename T>
 inline void dot_heads(const float* const* q, const T* keys, int64_t n, int64_t step, int64_t E, float scale,
                       float* const* scores) {
-  for (int64_t j = 0; j < n; j += 4) {  // past the end, the last key again (its lanes are not stored)
-    const T* k[4];
-    for (int i = 0; i < 4; ++i) {
+  for (int64_t j = 0; j < n; j += NK) {  // past the end, the last key again (its lanes are not stored)
+    const T* k[NK];
+#pragma GCC unroll 4
+    for (int i = 0; i < NK; ++i) {
       k[i] = keys + std::min(j + i, n - 1) * step;
       prefetch_row(keys + std::min(j + kPrefetch + i, n - 1) * step, E);
     }
-    __m256 a[NH][4];
+    __m256 a[NH][NK];
 #pragma GCC unroll 4
     for (int h = 0; h < NH; ++h)
 #pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) a[h][i] = _mm256_setzero_ps();
+      for (int i = 0; i < NK; ++i) a[h][i] = _mm256_setzero_ps();
     for (int64_t e = 0; e < E; e += 8) {
-      const __m256 k0 = load8(k[0] + e), k1 = load8(k[1] + e), k2 = load8(k[2] + e), k3 = load8(k[3] + e);
+      __m256 kv[NK];
+#pragma GCC unroll 4
+      for (int i = 0; i < NK; ++i) kv[i] = load8(k[i] + e);
 #pragma GCC unroll 4
       for (int h = 0; h < NH; ++h) {
-        a[h][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h] + e), k0, a[h][0]);
-        a[h][1] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h] + e), k1, a[h][1]);
-        a[h][2] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h] + e), k2, a[h][2]);
-        a[h][3] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h] + e), k3, a[h][3]);
+        const __m256 qv = _mm256_loadu_ps(q[h] + e);
+#pragma GCC unroll 4
+        for (int i = 0; i < NK; ++i) a[h][i] = _mm256_fmadd_ps(qv, kv[i], a[h][i]);
       }
     }
 #pragma GCC unroll 4
     for (int h = 0; h < NH; ++h) {
-      const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a[h][0], a[h][1]), _mm256_hadd_ps(a[h][2], a[h][3]));
+      const __m256 a3 = a[h][NK - 1 < 3 ? NK - 1 : 3];  // NK = 3: a lane that is not stored
+      const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a[h][0], a[h][1]), _mm256_hadd_ps(a[h][2], a3));
       float four[4];
       _mm_storeu_ps(four, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)),
                                      _mm_set1_ps(scale)));
-      std::copy(four, four + std::min<int64_t>(4, n - j), scores[h] + j);
+      std::copy(four, four + std::min<int64_t>(NK, n - j), scores[h] + j);
     }
   }
 }
@@ -263,11 +269,11 @@ void attend_group(const float* q, int64_t G, const T* keys, const T* values, int
       rows[h] = scores.data() + (h0 + h) * padded;
     }
     if (nh == 3)
-      dot_heads<3>(qs, keys, n, step, E, scale, rows);
+      dot_heads<3, 3>(qs, keys, n, step, E, scale, rows);
     else if (nh == 2)
-      dot_heads<2>(qs, keys, n, step, E, scale, rows);
+      dot_heads<2, 4>(qs, keys, n, step, E, scale, rows);
     else
-      dot_heads<1>(qs, keys, n, step, E, scale, rows);
+      dot_heads<1, 4>(qs, keys, n, step, E, scale, rows);
   }
   __m256 inv[3];
   const float* ps[3];
