@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -109,6 +110,26 @@ def interleaved(
             if on_result is not None:
                 on_result(name, round_ - warmup if kept else -1, result)
     return results
+
+
+def baseline_tree(rev: str, into: Path) -> Path:
+    """A copy of this checkout's ``llama_shard`` package under ``into`` whose kernel sources
+    (``llama_shard/kernels/csrc``) are those of git revision ``rev``: put ``into`` first on a subprocess's
+    ``PYTHONPATH`` to run ``rev``'s kernels with the working tree's Python (its build is cached under its sources'
+    hash)."""
+    root = Path(__file__).resolve().parent.parent
+    package = into / "llama_shard"
+    shutil.copytree(root / "llama_shard", package, ignore=shutil.ignore_patterns("__pycache__"))
+    csrc = Path("llama_shard/kernels/csrc")
+    for f in (package / "kernels" / "csrc").iterdir():
+        f.unlink()
+    names = subprocess.run(
+        ["git", "ls-tree", "--name-only", rev, f"{csrc}/"], cwd=root, check=True, capture_output=True, text=True
+    ).stdout.split()
+    for name in names:
+        blob = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=root, check=True, capture_output=True).stdout
+        (into / name).write_bytes(blob)
+    return into
 
 
 def median(values: Iterable[float]) -> float:

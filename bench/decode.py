@@ -14,6 +14,11 @@ generation only (model loaded once, KV cache cleared before each repetition).
     python bench/decode.py --dtype auto --dtype float32 --plot bench/out/decode.png
     python bench/decode.py --dtype auto --dtype auto-eager   # the fused step (llama_shard.fused) on and off
     python bench/decode.py --engines llama.cpp    # llama.cpp alone (prompt tokenised by llama.cpp)
+    python bench/decode.py --engines llama-node --baseline main   # the working tree's kernels against main's
+
+``--baseline REV`` adds, for each ``--dtype``, llama-node with the native kernels (``llama_shard/kernels/csrc``) of
+git revision REV and the working tree's Python, interleaved with the rest; their greedy ids must match the working
+tree's where REV's kernels are meant to give the same bits.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    baseline_tree,
     fmt,
     interleaved,
     llama_node_command,
@@ -144,7 +151,16 @@ class LlamaCppEngine:
 class LlamaNodeEngine:
     """``llama-node run ... --json`` as a subprocess; the speeds are the ones it reports itself."""
 
-    def __init__(self, model: Path, threads: int, dtype: str, prompt: str, max_tokens: int, timeout: float) -> None:
+    def __init__(
+        self,
+        model: Path,
+        threads: int,
+        dtype: str,
+        prompt: str,
+        max_tokens: int,
+        timeout: float,
+        pythonpath: str | None = None,
+    ) -> None:
         self.argv = [
             *llama_node_command(),
             "run",
@@ -165,6 +181,8 @@ class LlamaNodeEngine:
         ]
         # auto-eager: the packed weights without the fused step (llama_shard.fused), to show what it is worth
         self.env = {**os.environ, "LLAMA_NODE_FUSED": "0"} if dtype.endswith("-eager") else None
+        if pythonpath is not None:  # --baseline: another revision's kernels first on the path
+            self.env = {**(self.env or os.environ), "PYTHONPATH": pythonpath}
         self.dtype = dtype
         self.timeout = timeout
 
@@ -258,6 +276,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (default: a fixed ~128-token paragraph)")
     prompt.add_argument("--prompt-file", type=Path, help="read the prompt text from a file")
+    p.add_argument("--baseline", metavar="REV", help="also llama-node with git revision REV's native kernels")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per llama-node run (default 900)")
     p.add_argument("--plot", metavar="OUT.png", help="also draw a bar chart (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
@@ -286,10 +305,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompt = args.prompt_file.read_text() if args.prompt_file else (args.prompt or DEFAULT_PROMPT)
 
     node_engines: dict[str, LlamaNodeEngine] = {}
+    own_names: dict[str, str] = {}  # dtype -> the working tree's engine
     if LLAMA_NODE in args.engines:
         for dtype in args.dtype:
             name = f"{LLAMA_NODE} ({dtype})" if len(args.dtype) > 1 or dtype != "auto" else LLAMA_NODE
             node_engines[name] = LlamaNodeEngine(model, args.threads, dtype, prompt, args.max_tokens, args.timeout)
+            own_names[dtype] = name
+        if args.baseline:
+            base = tempfile.TemporaryDirectory(prefix="decode-baseline-")  # removed when main returns
+            root = Path(__file__).resolve().parent.parent
+            path = os.pathsep.join([str(baseline_tree(args.baseline, Path(base.name))), str(root)])
+            for dtype in args.dtype:
+                name = f"{LLAMA_NODE} ({dtype}) @{args.baseline}"
+                node_engines[name] = LlamaNodeEngine(
+                    model, args.threads, dtype, prompt, args.max_tokens, args.timeout, pythonpath=path
+                )
 
     # The prompt ids: whatever llama-node's raw tokenisation produced, so llama.cpp sees exactly the same ids.
     probe: Sample | None = None
@@ -361,6 +391,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(s.token_ids != samples[0].token_ids for s in samples):
             log.warning("%s: greedy token ids differ between repetitions", name)
         log.info("%s text: %r", name, samples[0].text[:300])
+    for dtype, name in own_names.items() if args.baseline else ():
+        new, old = results[name][0].token_ids, results[f"{LLAMA_NODE} ({dtype}) @{args.baseline}"][0].token_ids
+        if new == old:
+            log.info("%s: greedy ids equal to @%s's", name, args.baseline)
+        else:
+            log.warning("%s: greedy ids differ from @%s's at %d", name, args.baseline, _common_prefix(new, old))
 
     summary: dict[str, dict[str, Any]] = {}
     for name, samples in results.items():

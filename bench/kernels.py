@@ -10,11 +10,16 @@ reported with the ratios, so a load spike from other processes hits all three al
 of git revision REV against the working tree's: the two builds live in separate processes (one library per
 process), alternated once per repetition (base new base new ...).
 
+``--baseline REV --step`` compares the whole fused decode step (``llama_shard.fused``: every layer and the head of
+the packaged SmolLM2-135M Q4_1, f16 KV cache) instead, in ms per step of B decode rows (1, 4, 8), each in its own
+KV slot at position 130 or 1000, at 1 thread and ``--threads``: attention's share grows with the position.
+
     python bench/kernels.py                    # M = 1 (decode), 2 threads
     python bench/kernels.py --threads 1 --m 1 --m 16
     python bench/kernels.py --threads 1 --type Q5_0 --type Q5_1 --type Q5_K   # only the shapes of these types
     python bench/kernels.py --baseline HEAD~1 --m 1 --m 16 --repeats 9
     python bench/kernels.py --baseline HEAD~1 --m 1 --m 16 --budget 0.003 --best-of 20   # on a busy machine
+    python bench/kernels.py --baseline HEAD~1 --step --repeats 5 --budget 0.2 --best-of 3
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from common import load_average, median, print_table, setup_logging, warn_if_busy  # noqa: E402
+from common import baseline_tree, load_average, median, print_table, setup_logging, warn_if_busy  # noqa: E402
 
 log = logging.getLogger("bench.kernels")
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,6 +177,43 @@ def _ggml_times(
     return out
 
 
+# --step: decode rows per step, and the position they all decode at
+STEP_ROWS = [1, 4, 8]
+STEP_POSITIONS = [130, 1000]
+
+
+def _step_times(threads: list[int], budget_s: float, best_of: int) -> dict[str, float]:
+    """One repetition of the fused decode step of the packaged SmolLM2 (whole model, head included): seconds per step
+    of B decode rows, each in its own KV slot at one position, for every thread count, B and position
+    (``--worker --step``). The cache holds random f16 keys and values: attention's cost does not depend on them."""
+    import torch
+    from common import packaged_gguf
+
+    from llama_shard import batching, fused
+    from llama_shard.loading import load_stage, open_source
+    from llama_shard.quant import QuantMode
+    from llama_shard.shard import ShardSpec
+
+    source = open_source(packaged_gguf())
+    stage = load_stage(source, ShardSpec.whole(source.config.n_layers), quantize=QuantMode.gguf)
+    cache = stage.new_cache(max(STEP_ROWS), batching.cache_len(max(STEP_POSITIONS) + 1))
+    gen = torch.Generator().manual_seed(0)
+    for t in (*cache.k.values(), *cache.v.values()):
+        t.copy_(torch.randn(t.shape, generator=gen))
+    decoder = fused.decoder(stage, cache)
+    if decoder is None:
+        raise SystemExit("the packaged model has no fused decoder")
+    out = {}
+    with torch.inference_mode():
+        for n in threads:
+            torch.set_num_threads(n)
+            for position in STEP_POSITIONS:
+                for b in STEP_ROWS:
+                    call = partial(decoder, torch.arange(1000, 1000 + b), cache, list(range(b)), [position] * b)
+                    out[f"{n}|{b}|{position}"] = min(_per_call(call, budget_s) for _ in range(best_of))
+    return out
+
+
 def _kernel_layout(raw: Any, qtype: Any, k: int) -> tuple[Any, int]:
     """The blocks and type id as ``GGMLLinear`` hands them to the kernel (Q4_0 / Q4_1 repacked 8 rows at a time),
     or raw where this build's kernel has no repacked layout (an older revision under ``--baseline``)."""
@@ -189,30 +230,22 @@ def _kernel_layout(raw: Any, qtype: Any, k: int) -> tuple[Any, int]:
     return linear.blocks, linear._qtype
 
 
-def _baseline_tree(rev: str, into: Path) -> Path:
-    """A copy of this checkout's ``llama_shard`` package whose kernel sources are those of git revision ``rev``."""
-    package = into / "llama_shard"
-    shutil.copytree(ROOT / "llama_shard", package, ignore=shutil.ignore_patterns("__pycache__"))
-    csrc = Path("llama_shard/kernels/csrc")
-    for f in (package / "kernels" / "csrc").iterdir():
-        f.unlink()
-    names = subprocess.run(
-        ["git", "ls-tree", "--name-only", rev, f"{csrc}/"], cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout.split()
-    for name in names:
-        blob = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=ROOT, check=True, capture_output=True).stdout
-        (into / name).write_bytes(blob)
-    return into
-
-
 def compare(
-    rev: str, threads: int, rows: list[int], repeats: int, budget_s: float, best_of: int, types: list[str] | None
+    rev: str,
+    threads: int,
+    rows: list[int],
+    repeats: int,
+    budget_s: float,
+    best_of: int,
+    types: list[str] | None,
+    step: bool = False,
 ) -> None:
-    """The native kernel of ``rev`` against the working tree's, alternating processes once per repetition."""
+    """The native kernel (``step``: the fused decode step) of ``rev`` against the working tree's, alternating
+    processes once per repetition."""
     warn_if_busy("the kernel bench")
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="kernels-baseline-") as tmp:
-        base_root = _baseline_tree(rev, Path(tmp))
+        base_root = baseline_tree(rev, Path(tmp))
         envs = {
             "base": {**os.environ, "PYTHONPATH": str(base_root)},  # its build is cached under its sources' hash
             "new": {**os.environ, "PYTHONPATH": str(ROOT)},
@@ -221,6 +254,7 @@ def compare(
         argv += ["--best-of", str(best_of)]
         argv += [a for m in rows for a in ("--m", str(m))]
         argv += [a for t in types or [] for a in ("--type", t)]
+        argv += ["--step"] if step else []
 
         def run(which: str) -> dict[str, float]:
             done = subprocess.run(argv, env=envs[which], check=True, capture_output=True, text=True)
@@ -234,6 +268,10 @@ def compare(
                 for key, seconds in run(which).items():
                     times[which].setdefault(key, []).append(seconds)
     load_after = load_average()
+    if step:
+        _step_table(rev, times, repeats, best_of)
+        print(f"load average: {load_before} before, {load_after} after")
+        return
     table = []
     for key, base in times["base"].items():
         if key not in times["new"]:
@@ -251,6 +289,17 @@ def compare(
     print(f"load average: {load_before} before, {load_after} after")
 
 
+def _step_table(rev: str, times: dict[str, dict[str, list[float]]], repeats: int, best_of: int) -> None:
+    table = []
+    for key, base in times["base"].items():
+        n, b, position = key.split("|")
+        old_ms, new_ms = median(base) * 1e3, median(times["new"][key]) * 1e3
+        table.append([n, b, position, f"{old_ms:.2f}", f"{new_ms:.2f}", f"{old_ms / new_ms:.2f}x"])
+    headers = ["threads", "rows", "position", f"{rev} ms", "working tree ms", "speedup"]
+    title = f"fused decode step ms, median of {repeats} alternating processes (each the best of {best_of} batches)"
+    print_table(title, headers, table)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -266,13 +315,18 @@ if __name__ == "__main__":
         help="each repetition keeps the fastest of this many batches (on a loaded machine a multi-threaded call now "
         "and then waits a whole time slice for a descheduled thread)",
     )
+    parser.add_argument("--step", action="store_true", help="with --baseline: the fused decode step, not the matmuls")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one repetition, JSON out
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     setup_logging(args.verbose)
-    if args.worker:
+    if args.worker and args.step:
+        print(json.dumps(_step_times(sorted({1, args.threads}), args.budget, args.best_of)))
+    elif args.worker:
         print(json.dumps(_ggml_times(args.threads, args.m or [1], args.budget, args.best_of, args.type)))
     elif args.baseline:
-        compare(args.baseline, args.threads, args.m or [1], args.repeats, args.budget, args.best_of, args.type)
+        compare(
+            args.baseline, args.threads, args.m or [1], args.repeats, args.budget, args.best_of, args.type, args.step
+        )
     else:
         main(args.threads, args.m or [1], args.repeats, args.budget, args.type, args.best_of)

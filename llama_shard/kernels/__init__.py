@@ -163,3 +163,29 @@ def ggml_mm_parts(x: Tensor, ws: list[Tensor], qtypes: list[int], k: int, *, sca
     """``ggml_mm`` of the row-stack of ``ws`` (``ws[i]`` of type ``qtypes[i]``, the types may differ) -> ``[M, N]``,
     N the rows of all: each output column the bits ``ggml_mm`` of its own matrix gives, the activations rounded once."""
     return torch.ops.llama_node.ggml_mm_parts.default(x, ws, qtypes, k, scalar)
+
+
+def decode_attention(
+    qkv: Tensor,
+    k: Tensor,
+    v: Tensor,
+    slots: list[int],
+    positions: list[int],
+    heads: int,
+    *,
+    grouped: bool = True,
+    parts: int = 0,
+    scalar: bool = False,
+) -> Tensor:
+    """The fused decode step's attention (``csrc/attention.cpp``), for tests and benches: row ``b`` of ``qkv``
+    (fp32 ``[B, (heads + 2K)·E]``, q then k then v heads) writes its key and value at ``positions[b]`` of slot
+    ``slots[b]`` of ``k``/``v`` (contiguous fp32 or f16 ``[slots, max_len, K, E]``, in place), then attends over the
+    slot's keys ``0..positions[b]``: fp32 ``[B, heads·E]``.
+
+    ``grouped=False`` runs the per-head kernel the grouped one replaced (its reference); ``parts`` splits each KV
+    head's query heads into that many units of work (0: the plan's choice). Neither changes a bit of the result.
+    """
+    out: Tensor = torch.ops.llama_node.decode_attention.default(
+        qkv, k, v, slots, positions, heads, grouped, parts, scalar
+    )
+    return out

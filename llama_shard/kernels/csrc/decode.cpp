@@ -9,161 +9,31 @@
 // matmul, SiLU(gate)·up, the down matmul and residual. On a last stage, the final norm and the head too.
 //
 // Row invariance: a row's arithmetic never depends on its batch-mates: the matmuls are ggml_mm_parts_into's
-// (threads split output columns only), the norms and element-wise ops run per row, and attention runs per (row, head)
-// with a fixed order over that row's own keys; threads only pick which (row, head) pairs they compute.
+// (threads split output columns only), the norms and element-wise ops run per row, and attention (attention.cpp)
+// runs per (row, KV head) with a fixed order over that row's own keys; threads only pick which units they compute.
 //
 // The KV cache is fp32 or f16 (at::Half; llama_shard.config.kv_cache_dtype picks it). f16 keys and values are
 // rounded to nearest even when written (F16C's _mm256_cvtps_ph, or c10::Half: the same rounding as torch's
 // .to(float16) on the eager path) and converted exactly to fp32 when read, so attention's arithmetic is the same
 // fp32 arithmetic on the rounded values.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include "attention.h"
+#include "decode_vec.h"
 #include "ggml_mm.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <vector>
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define LN_DECODE_AVX2 1
-#else
-#define LN_DECODE_AVX2 0
-#endif
 
 namespace {
 
+using llama_node::decode::dot;
 #if LN_DECODE_AVX2
-inline float hsum8(__m256 x) {
-  __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_add_ss(r, _mm_movehdup_ps(r));
-  return _mm_cvtss_f32(r);
-}
-#endif
-
-// sum of a[i] * b[i]: 8 lanes then a scalar tail, in a fixed order
-inline float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float sum = 0.f;
-#if LN_DECODE_AVX2
-  if (n >= 8) {
-    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
-    for (i = 8; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    sum = hsum8(acc);
-  }
-#endif
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
-
-// a KV cache element as fp32 (exact for f16)
-inline float kv_float(float x) { return x; }
-inline float kv_float(at::Half x) { return static_cast<float>(x); }
-
-// sum of q[i] * k[i] over a cached key: fp32 keys as dot(), f16 keys converted one by one
-inline float dot_kv(const float* q, const float* k, int64_t n) { return dot(q, k, n); }
-inline float dot_kv(const float* q, const at::Half* k, int64_t n) {
-  float sum = 0.f;
-  for (int64_t i = 0; i < n; ++i) sum += q[i] * static_cast<float>(k[i]);
-  return sum;
-}
-
-// y[i] += s * x[i]
-template <typename T>
-inline void axpy(float s, const T* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += s * kv_float(x[i]);
-}
-
-// the cache's copy of n fp32 values: as they are, or rounded to the nearest f16 (ties to even)
-inline void store_kv(const float* x, float* out, int64_t n, bool) { std::copy(x, x + n, out); }
-inline void store_kv(const float* x, at::Half* out, int64_t n, bool scalar) {
-  int64_t i = 0;
-#if LN_DECODE_AVX2
-  if (!scalar)
-    for (; i + 8 <= n; i += 8)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
-                       _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#endif
-  for (; i < n; ++i) out[i] = at::Half(x[i]);
-}
-
-#if LN_DECODE_AVX2
-// exp(x) on 8 lanes: Cephes' expf (a degree-5 polynomial after range reduction by ln 2; about 1 ulp). Below -87 it
-// is 0, never a denormal (denormal products cost ~100 cycles each: softmax tails and SiLU of large inputs are full of
-// them); above 88 it is exp(88).
-inline __m256 exp8(__m256 x) {
-  const __m256 low = _mm256_set1_ps(-87.f);
-  const __m256 under = _mm256_cmp_ps(x, low, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, low), _mm256_set1_ps(88.f));
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(0.693359375f)));
-  x = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(-2.12194440e-4f)));
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-}
-
-// 8 cached elements as fp32 lanes
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-// Keys and values ahead of the one in use are prefetched: each is a few cache lines, `step` elements apart, and the
-// KV cache comes from DRAM every token (the weights stream through the caches in between). Without it attention was
-// bound by load latency: ~25 ns per key and head (measured on SmolLM2, 1023 keys: 6.6 ms of a token).
-constexpr int64_t kPrefetch = 16;
-
-// the cache lines of n elements from p
-template <typename T>
-inline void prefetch_row(const T* p, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(T)); i += 64) _mm_prefetch(bytes + i, _MM_HINT_T0);
-}
-
-// o[0, 8C) = inv · Σ_j p[j] · v_j[0, 8C), v_j = values + j · step: C independent accumulators, so the chain of
-// fmas over j is not one 4-cycle latency per 8 values
-template <int C, typename T>
-inline void weigh_values(const float* p, const T* values, int64_t n, int64_t step, __m256 inv, float* o) {
-  __m256 acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    const __m256 w = _mm256_set1_ps(p[j]);
-    const T* v = values + j * step;
-    prefetch_row(values + std::min(j + kPrefetch, n - 1) * step, 8 * C);
-    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(w, load8(v + 8 * c), acc[c]);
-  }
-  for (int c = 0; c < C; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], inv));
-}
-
-// the dot products of q with 4 keys (E a multiple of 8), each reduced in the same order whatever its place among
-// the 4, times scale
-template <typename T>
-inline __m128 dot4(const float* q, const T* k0, const T* k1, const T* k2, const T* k3, int64_t E, float scale) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (int64_t e = 0; e < E; e += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + e);
-    a0 = _mm256_fmadd_ps(qv, load8(k0 + e), a0);
-    a1 = _mm256_fmadd_ps(qv, load8(k1 + e), a1);
-    a2 = _mm256_fmadd_ps(qv, load8(k2 + e), a2);
-    a3 = _mm256_fmadd_ps(qv, load8(k3 + e), a3);
-  }
-  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  return _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)), _mm_set1_ps(scale));
-}
+using llama_node::decode::exp8;
 #endif
 
 // y = x * rsqrt(mean(x²) + eps) * w, per row, in model.RMSNorm's order of operations
@@ -289,10 +159,13 @@ class DecodePlan : public torch::CustomClassHolder {
         const int64_t p = positions[b];
         rope(qkv.data() + b * QKV, H + K, cp + p * E, sp + p * E);  // q heads then k heads
       }
+      const llama_node::AttentionShape shape{H, K, E, max_len};
       if (half_kv_)
-        write_and_attend<at::Half>(l, qkv.data(), max_len, slots, positions, attn.data());
+        llama_node::write_and_attend(shape, qkv.data(), B, slots.data(), positions.data(), k_[l].data_ptr<at::Half>(),
+                                     v_[l].data_ptr<at::Half>(), attn.data(), scalar_);
       else
-        write_and_attend<float>(l, qkv.data(), max_len, slots, positions, attn.data());
+        llama_node::write_and_attend(shape, qkv.data(), B, slots.data(), positions.data(), k_[l].data_ptr<float>(),
+                                     v_[l].data_ptr<float>(), attn.data(), scalar_);
       mm(L.wo, attn.data(), B, H * E, out.data());
       for (int64_t i = 0; i < B * D; ++i) hp[i] = out[i] + hp[i];
       rms_norm(hp, L.ffn_norm.data_ptr<float>(), xn.data(), B, D, eps_);
@@ -341,85 +214,6 @@ class DecodePlan : public torch::CustomClassHolder {
       for (int64_t i = 0; i < E; ++i) tmp[i] = v[i] * c[i] + v[(i + half) % E] * s[i];
       std::copy(tmp, tmp + E, v);
     }
-  }
-
-  // every row's new key and value (rows of qkv [B, (H + 2K)·E], after RoPE) into layer l's cache, then each row's
-  // query heads over its slot's keys 0..position: softmax(q·k / sqrt(E)) · v into out [B, H·E]
-  template <typename T>
-  void write_and_attend(size_t l, const float* qkv, int64_t max_len, const std::vector<int64_t>& slots,
-                        const std::vector<int64_t>& positions, float* out) const {
-    const int64_t B = static_cast<int64_t>(slots.size()), H = heads_, K = kv_heads_, E = head_dim_, G = H / K;
-    const int64_t stride = (H + 2 * K) * E;
-    T* kc = k_[l].data_ptr<T>();
-    T* vc = v_[l].data_ptr<T>();
-    for (int64_t b = 0; b < B; ++b) {
-      const float* row = qkv + b * stride;
-      const int64_t at = (slots[b] * max_len + positions[b]) * K * E;
-      store_kv(row + H * E, kc + at, K * E, scalar_);
-      store_kv(row + (H + K) * E, vc + at, K * E, scalar_);
-    }
-    int64_t work = 0;
-    for (int64_t b = 0; b < B; ++b) work += (positions[b] + 1) * E * H;
-    // a parallel region costs a few µs: worth it only with some work per thread
-    const int64_t grain = work < (1 << 16) ? B * H : 1;
-    at::parallel_for(0, B * H, grain, [&](int64_t t0, int64_t t1) {
-      std::vector<float> scores;
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / H, hh = t % H, kv = (slots[b] * max_len * K + hh / G) * E;
-        attend_one(qkv + b * stride + hh * E, kc + kv, vc + kv, positions[b] + 1, K * E, scores,
-                   out + (b * H + hh) * E);
-      }
-    });
-  }
-
-  // one query head over n keys (and values) spaced `step` elements apart
-  template <typename T>
-  void attend_one(const float* q, const T* keys, const T* values, int64_t n, int64_t step,
-                  std::vector<float>& scores, float* o) const {
-    const int64_t E = head_dim_;
-    const float scale = 1.f / std::sqrt(static_cast<float>(E));
-    scores.assign((n + 7) / 8 * 8, -std::numeric_limits<float>::infinity());
-#if LN_DECODE_AVX2
-    if (E % 8 == 0 && !scalar_) {
-      for (int64_t j = 0; j < n; j += 4) {  // past the end, the last key again (its lanes are not stored)
-        const T* k[4];
-        for (int i = 0; i < 4; ++i) {
-          k[i] = keys + std::min(j + i, n - 1) * step;
-          prefetch_row(keys + std::min(j + kPrefetch + i, n - 1) * step, E);
-        }
-        float four[4];
-        _mm_storeu_ps(four, dot4(q, k[0], k[1], k[2], k[3], E, scale));
-        std::copy(four, four + std::min<int64_t>(4, n - j), scores.data() + j);
-      }
-      __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-      for (size_t j = 0; j < scores.size(); j += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(scores.data() + j));
-      float lanes[8];
-      _mm256_storeu_ps(lanes, best);
-      const __m256 top = _mm256_set1_ps(*std::max_element(lanes, lanes + 8));
-      __m256 total = _mm256_setzero_ps();
-      for (size_t j = 0; j < scores.size(); j += 8) {  // the padding's -inf becomes 0
-        const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + j), top));
-        _mm256_storeu_ps(scores.data() + j, p);
-        total = _mm256_add_ps(total, p);
-      }
-      const __m256 inv = _mm256_set1_ps(1.f / hsum8(total));
-      int64_t e0 = 0;
-      for (; e0 + 64 <= E; e0 += 64) weigh_values<8>(scores.data(), values + e0, n, step, inv, o + e0);
-      for (; e0 < E; e0 += 8) weigh_values<1>(scores.data(), values + e0, n, step, inv, o + e0);
-      return;
-    }
-#endif
-    float best = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < n; ++j) {
-      scores[j] = dot_kv(q, keys + j * step, E) * scale;
-      best = std::max(best, scores[j]);
-    }
-    float total = 0.f;
-    for (int64_t j = 0; j < n; ++j) total += (scores[j] = std::exp(scores[j] - best));
-    std::fill(o, o + E, 0.f);
-    for (int64_t j = 0; j < n; ++j) axpy(scores[j], values + j * step, o, E);
-    const float inv = 1.f / total;
-    for (int64_t i = 0; i < E; ++i) o[i] *= inv;
   }
 
   // a[i] = silu(g[i]) · g[F + i] = g[i] / (1 + exp(-g[i])) · g[F + i]
