@@ -215,12 +215,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per node process")
     ap.add_argument("--levels", default="1,2,4,8,16")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="passes over the levels (1,2,..,16, 1,2,..,16, ...); the table shows each level's median")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="passes over the levels (1,2,..,16, 1,2,..,16, ...); the table shows each level's median",
+    )
     ap.add_argument("--dtype", default="auto", help="serve --dtype: auto (GGUF blocks packed on the nodes), float32")
     ap.add_argument("--micro-batches", type=int, default=0, help="serve --micro-batches (0: the server's default)")
-    ap.add_argument("--ceiling", action="store_true",
-                    help="also measure each level's ceiling: one process, the whole model, all cores, batched decode")
+    ap.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also measure each level's ceiling: one process, the whole model, all cores, batched decode",
+    )
     ap.add_argument("--ceiling-probe", action="store_true", help=argparse.SUPPRESS)  # --ceiling's child process
     ap.add_argument("--plot", help="write a PNG plot here")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

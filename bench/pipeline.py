@@ -92,8 +92,9 @@ def main() -> int:
         for n in counts:
             specs = split_evenly(config.n_layers, n)
             runner.run(
-                load_pipeline(clients[:n], model, specs,
-                              StageOptions(max_len=max_len, catalog_dir=Path(catalog), quantize=mode))  # fmt: skip
+                load_pipeline(
+                    clients[:n], model, specs, StageOptions(max_len=max_len, catalog_dir=Path(catalog), quantize=mode)
+                )  # fmt: skip
             )
             client = runner.run(_open(nodes.addresses[:n]))
             # one process and the pipeline alternate (A B A B ...), so a change in the machine's load hits both; the

@@ -42,24 +42,48 @@ class Scenario:
 
 
 SCENARIOS = (
-    Scenario("70B: 3 laptops (16 cpu, 32 cpu, 36 mps)", "llama-3.1-70b",
-             (D("lap16", "16GB"), D("lap32", "32GB"), D("mac36", "36GB", "mps"))),
-    Scenario("70B: 24GB GPU + 64GB Mac + 2x32GB CPU", "llama-3.1-70b",
-             (D("gpu", "24GB", "cuda"), D("mac", "64GB", "mps", membw_gbs=300),
-              D("cpu1", "32GB"), D("cpu2", "32GB"))),
-    Scenario("70B: CPUs at 80/40/15 GB/s (64/32/32 GB)", "llama-3.1-70b",
-             (D("new", "64GB", membw_gbs=80), D("mid", "32GB", membw_gbs=40), D("old", "32GB", membw_gbs=15))),
-    Scenario("8B: 12GB GPU + 32GB + 16GB CPUs", "llama-3.1-8b",
-             (D("gpu", "12GB", "cuda"), D("cpu32", "32GB"), D("cpu16", "16GB"))),
-    Scenario("8B: Mac 24GB + Pi-class 8GB (exo #489)", "llama-3.1-8b",
-             (D("mac", "24GB", "mps"), D("pi", "8GB", tflops=0.05, membw_gbs=8))),
-    Scenario("405B: 4x64GB CPU + 128GB Mac", "llama-3.1-405b",
-             (D("c1", "64GB"), D("c2", "64GB"), D("c3", "64GB"), D("c4", "64GB"),
-              D("mac", "128GB", "mps", membw_gbs=400))),
-    Scenario("Mixtral: 24GB GPU + 2x16GB CPU", "mixtral-8x7b",
-             (D("gpu", "24GB", "cuda"), D("cpu1", "16GB"), D("cpu2", "16GB")), context=4096),
-    Scenario("70B: 4 equal 24GB CPUs (control)", "llama-3.1-70b",
-             tuple(D(f"n{i}", "24GB") for i in range(4)), heterogeneous=False),
+    Scenario(
+        "70B: 3 laptops (16 cpu, 32 cpu, 36 mps)",
+        "llama-3.1-70b",
+        (D("lap16", "16GB"), D("lap32", "32GB"), D("mac36", "36GB", "mps")),
+    ),
+    Scenario(
+        "70B: 24GB GPU + 64GB Mac + 2x32GB CPU",
+        "llama-3.1-70b",
+        (D("gpu", "24GB", "cuda"), D("mac", "64GB", "mps", membw_gbs=300), D("cpu1", "32GB"), D("cpu2", "32GB")),
+    ),
+    Scenario(
+        "70B: CPUs at 80/40/15 GB/s (64/32/32 GB)",
+        "llama-3.1-70b",
+        (D("new", "64GB", membw_gbs=80), D("mid", "32GB", membw_gbs=40), D("old", "32GB", membw_gbs=15)),
+    ),
+    Scenario(
+        "8B: 12GB GPU + 32GB + 16GB CPUs",
+        "llama-3.1-8b",
+        (D("gpu", "12GB", "cuda"), D("cpu32", "32GB"), D("cpu16", "16GB")),
+    ),
+    Scenario(
+        "8B: Mac 24GB + Pi-class 8GB (exo #489)",
+        "llama-3.1-8b",
+        (D("mac", "24GB", "mps"), D("pi", "8GB", tflops=0.05, membw_gbs=8)),
+    ),
+    Scenario(
+        "405B: 4x64GB CPU + 128GB Mac",
+        "llama-3.1-405b",
+        (D("c1", "64GB"), D("c2", "64GB"), D("c3", "64GB"), D("c4", "64GB"), D("mac", "128GB", "mps", membw_gbs=400)),
+    ),
+    Scenario(
+        "Mixtral: 24GB GPU + 2x16GB CPU",
+        "mixtral-8x7b",
+        (D("gpu", "24GB", "cuda"), D("cpu1", "16GB"), D("cpu2", "16GB")),
+        context=4096,
+    ),
+    Scenario(
+        "70B: 4 equal 24GB CPUs (control)",
+        "llama-3.1-70b",
+        tuple(D(f"n{i}", "24GB") for i in range(4)),
+        heterogeneous=False,
+    ),
 )
 
 
@@ -112,10 +136,13 @@ def run(s: Scenario) -> Row:
     stages = [cm.stage(d, a, b) for d, (a, b) in enumerate(ranges)]
     oom = any(st.used_bytes > st.memory_bytes for st in stages)
     return Row(
-        scenario=s.name, planned_tps=planned_tps, planned_split=planned_split,
+        scenario=s.name,
+        planned_tps=planned_tps,
+        planned_split=planned_split,
         proportional_tps=1e3 / sum(st.ms for st in stages),
         proportional_split=" ".join(f"{st.node}[{st.start},{st.end})" for st in stages),
-        proportional_oom=oom, heterogeneous=s.heterogeneous,
+        proportional_oom=oom,
+        heterogeneous=s.heterogeneous,
     )
 
 
@@ -131,8 +158,14 @@ def _table(rows: Sequence[Row], geo: float) -> None:
     for col in ("scenario", "planned tok/s", "proportional tok/s", "ratio", "planned split", "proportional split"):
         table.add_column(col, justify="right" if "tok/s" in col or col == "ratio" else "left")
     for r in rows:
-        table.add_row(r.scenario, f"{r.planned_tps:.2f}", f"{r.proportional_tps:.2f}" + " OOM" * r.proportional_oom,
-                      f"{r.ratio:.2f}", r.planned_split, r.proportional_split)
+        table.add_row(
+            r.scenario,
+            f"{r.planned_tps:.2f}",
+            f"{r.proportional_tps:.2f}" + " OOM" * r.proportional_oom,
+            f"{r.ratio:.2f}",
+            r.planned_split,
+            r.proportional_split,
+        )
     Console(width=240).print(table)
 
 
@@ -153,10 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         _table(rows, geo)
     if args.plot:
-        plot_grouped_bars(args.plot, [r.scenario.split(":")[0] + str(i) for i, r in enumerate(rows)],
-                          {"planned": [r.planned_tps for r in rows],
-                           "memory-proportional": [r.proportional_tps for r in rows]},
-                          "llama-node plan vs memory-proportional split", "predicted tokens/s")
+        plot_grouped_bars(
+            args.plot,
+            [r.scenario.split(":")[0] + str(i) for i, r in enumerate(rows)],
+            {"planned": [r.planned_tps for r in rows], "memory-proportional": [r.proportional_tps for r in rows]},
+            "llama-node plan vs memory-proportional split",
+            "predicted tokens/s",
+        )
     return 0
 
 

@@ -97,9 +97,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--streams", type=int, default=8)
-    ap.add_argument("--slots", type=int, default=16,
-                    help="serve --slots (16: as bench/concurrency.py's levels; with one slot the plan minimises the "
-                         "sum of the stages, not the slowest, and may give one node nearly every layer)")
+    ap.add_argument(
+        "--slots",
+        type=int,
+        default=16,
+        help="serve --slots (16: as bench/concurrency.py's levels; with one slot the plan minimises the "
+        "sum of the stages, not the slowest, and may give one node nearly every layer)",
+    )
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per node process")

@@ -254,8 +254,10 @@ class Cluster:
         options = plan_options(profile, self.s.context, self.s.slots, self.s.kv_dtype)
         chosen = plan(profile, share_hosts(devices, shares), options, keep=self.plan, require=required)
         stages = [(s.node, records[s.node].address, s.start, s.end) for s in chosen.stages]
-        where = "; ".join(f"{n} at {a} holds layers [{b}, {e}) and {s.kv_bytes / 1e6:.1f} MB of KV"
-                          for (n, a, b, e), s in zip(stages, chosen.stages, strict=True))
+        where = "; ".join(
+            f"{n} at {a} holds layers [{b}, {e}) and {s.kv_bytes / 1e6:.1f} MB of KV"
+            for (n, a, b, e), s in zip(stages, chosen.stages, strict=True)
+        )
         log.info("plan over %d node(s): %s (%s KV cache); predicted %.1f ms/token", len(records), where,
                  self.s.kv_dtype, chosen.predicted_ms)  # fmt: skip
         self.state = "loading"

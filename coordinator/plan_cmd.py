@@ -43,15 +43,30 @@ def _show(p: Plan) -> None:
 
     seqs = f"{p.batch} sequence(s)" + (f" x {p.micro_batches} micro-batches" if p.micro_batches > 1 else "")
     table = Table(title=f"{p.model} at {p.weights}, {p.context} tokens x {seqs}")
-    columns = ("node", "kind", "layers", "weights GB", "KV GB", "workspace GB", "reserve GB", "free after GB",
-               "predicted ms")
+    columns = (
+        "node",
+        "kind",
+        "layers",
+        "weights GB",
+        "KV GB",
+        "workspace GB",
+        "reserve GB",
+        "free after GB",
+        "predicted ms",
+    )
     for col in columns:
         table.add_column(col, justify="left" if col in ("node", "kind", "layers") else "right")
     for s in p.stages:
         extras = "+".join(x for x, on in (("embed", s.embed), ("head", s.head)) if on)
         table.add_row(
-            s.node, s.kind, f"[{s.start},{s.end})" + (f" {extras}" if extras else ""), _gb(s.weights_bytes),
-            _gb(s.kv_bytes), _gb(s.workspace_bytes), _gb(s.reserve_bytes), _gb(s.free_bytes),
+            s.node,
+            s.kind,
+            f"[{s.start},{s.end})" + (f" {extras}" if extras else ""),
+            _gb(s.weights_bytes),
+            _gb(s.kv_bytes),
+            _gb(s.workspace_bytes),
+            _gb(s.reserve_bytes),
+            _gb(s.free_bytes),
             f"{s.compute_ms:.1f} + {s.hop_ms:.1f} net",
         )
     console = Console(width=max(Console().width, 120))
@@ -70,14 +85,18 @@ def _show(p: Plan) -> None:
 def plan_command(
     model: str = typer.Argument(..., help="model preset (llama-3.1-70b ...), config.json / HF directory, GGUF"),
     device: list[str] = typer.Option(  # noqa: B008 - typer's declaration style
-        [], "--device", "-d",
+        [],
+        "--device",
+        "-d",
         help="NAME=MEM[,kind=cpu|cuda|mps][,tflops=X][,membw=GB/s][,link=Gbit/s][,latency=ms]; MEM 16GB is "
         "decimal, 16GiB binary; undeclared figures take the kind's defaults (coordinator/planner/profiles.py)",
     ),
     context: int = typer.Option(4096, "--context", min=1, help="tokens of KV cache per sequence"),
     batch: int = typer.Option(1, "--batch", min=1, help="sequences decoded together (one micro-batch)"),
     micro_batches: int | None = typer.Option(
-        None, "--micro-batches", min=1,
+        None,
+        "--micro-batches",
+        min=1,
         help="micro-batches in flight (KV is sized for batch x this); default 1, or the number of devices "
         "with --objective throughput",
     ),
@@ -99,13 +118,20 @@ def plan_command(
         fmt = weights if weights is not None or profile.stored is not None else WeightFormat.Q4_K_M
         if micro_batches is None:
             micro_batches = len(devices) if objective is Objective.THROUGHPUT else 1
-        options = PlanOptions(context=context, batch=batch, micro_batches=micro_batches, weights=fmt,
-                              objective=objective,
-                              kv_bytes_per_element=2.0 if kv is KvType.F16 else 4.0)
+        options = PlanOptions(
+            context=context,
+            batch=batch,
+            micro_batches=micro_batches,
+            weights=fmt,
+            objective=objective,
+            kv_bytes_per_element=2.0 if kv is KvType.F16 else 4.0,
+        )
         result = plan(profile, devices, options)
     except PlanError as e:
         raise _fail(
-            e.message + "\n  would fit with: " + "; or ".join(e.suggestions), EXIT_NO_FIT, as_json,
+            e.message + "\n  would fit with: " + "; or ".join(e.suggestions),
+            EXIT_NO_FIT,
+            as_json,
             {"shortfall_bytes": e.shortfall_bytes, "suggestions": list(e.suggestions)},
         ) from None
     except KeyError as e:

@@ -104,9 +104,7 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise ModelFormatError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
-            raise ModelFormatError(
-                f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
-            )
+            raise ModelFormatError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ModelFormatError(f"head_dim ({self.head_dim}) must be even for RoPE")
 

@@ -26,9 +26,7 @@ class ShardSpec:
 
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.end <= self.n_layers:
-            raise LlamaShardError(
-                f"invalid layer range [{self.start}, {self.end}) for a {self.n_layers}-layer model"
-            )
+            raise LlamaShardError(f"invalid layer range [{self.start}, {self.end}) for a {self.n_layers}-layer model")
 
     @classmethod
     def whole(cls, n_layers: int) -> ShardSpec:

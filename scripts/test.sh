@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/mypy llama_shard node coordinator
 .venv/bin/python -m pytest "$@"

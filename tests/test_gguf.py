@@ -267,7 +267,6 @@ def test_each_stage_reads_only_its_own_tensors(
         assert sorted(reads) == sorted(names + extra), spec
 
 
-
 def test_whole_tied_stage_reads_the_embedding_once_and_shares_it(
     gguf_of: Callable[..., tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -277,6 +276,7 @@ def test_whole_tied_stage_reads_the_embedding_once_and_shares_it(
     assert reads.count("token_embd.weight") == 1
     assert stage.output is not None and stage.tok_embeddings is not None
     assert stage.output.weight is stage.tok_embeddings.weight
+
 
 # ---- Llama 3.1: RoPE scaling as the rope_freqs tensor ----------------------------------------------------------
 

@@ -164,8 +164,9 @@ def test_a_weight_mode_the_node_cannot_honour_is_invalid_argument(
     unknown.quantize = "int3"
     cases = {
         "unknown mode": unknown,
-        "gguf mode with a safetensors dir": request(hf, hf_manifest, QuantMode.gguf, hf_source.config,
-                                                    ShardSpec(0, 2, 2)),  # fmt: skip
+        "gguf mode with a safetensors dir": request(
+            hf, hf_manifest, QuantMode.gguf, hf_source.config, ShardSpec(0, 2, 2)
+        ),  # fmt: skip
         "gguf mode with a float manifest": request(SMOL, floats, QuantMode.gguf),
         "dense mode with a packed manifest": request(SMOL, packed, None),
     }

@@ -52,8 +52,14 @@ def test_memory_sizes_are_decimal_or_binary_as_written() -> None:
 # ---- presets and sizes -----------------------------------------------------------------------------------
 
 PUBLISHED_PARAMS = {  # model cards / HF safetensors totals
-    "smollm2-135m": 134.5e6, "llama-3.2-1b": 1.24e9, "llama-3.2-3b": 3.21e9, "llama-3.1-8b": 8.03e9,
-    "llama-3.1-70b": 70.6e9, "llama-3.1-405b": 405.9e9, "mixtral-8x7b": 46.7e9, "llama-4-maverick": 400e9,
+    "smollm2-135m": 134.5e6,
+    "llama-3.2-1b": 1.24e9,
+    "llama-3.2-3b": 3.21e9,
+    "llama-3.1-8b": 8.03e9,
+    "llama-3.1-70b": 70.6e9,
+    "llama-3.1-405b": 405.9e9,
+    "mixtral-8x7b": 46.7e9,
+    "llama-4-maverick": 400e9,
 }
 
 
@@ -78,15 +84,18 @@ def _file_bytes(name: str, fmt: WeightFormat) -> float:
     return t.total_bytes - (t.embed_bytes if m.tie_embeddings else 0)
 
 
-@pytest.mark.parametrize(("name", "fmt", "published_gb"), [
-    ("llama-3.1-8b", WeightFormat.Q4_K_M, 4.92),  # bartowski/Meta-Llama-3.1-8B-Instruct-GGUF
-    ("llama-3.1-8b", WeightFormat.Q8_0, 8.54),
-    ("llama-3.1-8b", WeightFormat.F16, 16.07),
-    ("llama-3.1-70b", WeightFormat.Q4_K_M, 42.52),
-    ("llama-3.1-405b", WeightFormat.Q4_K_M, 243.06),
-    ("llama-3.2-1b", WeightFormat.Q4_K_M, 0.81),
-    ("smollm2-135m", WeightFormat.Q4_K_M, 0.105),
-])
+@pytest.mark.parametrize(
+    ("name", "fmt", "published_gb"),
+    [
+        ("llama-3.1-8b", WeightFormat.Q4_K_M, 4.92),  # bartowski/Meta-Llama-3.1-8B-Instruct-GGUF
+        ("llama-3.1-8b", WeightFormat.Q8_0, 8.54),
+        ("llama-3.1-8b", WeightFormat.F16, 16.07),
+        ("llama-3.1-70b", WeightFormat.Q4_K_M, 42.52),
+        ("llama-3.1-405b", WeightFormat.Q4_K_M, 243.06),
+        ("llama-3.2-1b", WeightFormat.Q4_K_M, 0.81),
+        ("smollm2-135m", WeightFormat.Q4_K_M, 0.105),
+    ],
+)
 def test_weight_bytes_match_published_gguf_files(name: str, fmt: WeightFormat, published_gb: float) -> None:
     assert abs(_file_bytes(name, fmt) / (published_gb * 1e9) - 1) < 0.02
 
@@ -118,9 +127,17 @@ def test_kv_bytes_per_token() -> None:
 
 
 def test_hf_config_gives_the_preset_shape() -> None:
-    cfg = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "num_hidden_layers": 32,
-           "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
-           "max_position_embeddings": 131072, "tie_word_embeddings": False}
+    cfg = {
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 14336,
+        "max_position_embeddings": 131072,
+        "tie_word_embeddings": False,
+    }
     m = profile_from_hf_config(cfg, name="llama-3.1-8b")
     assert m == preset("llama-3.1-8b")
     with pytest.raises(ModelSourceError, match="hidden_size"):
@@ -130,9 +147,19 @@ def test_hf_config_gives_the_preset_shape() -> None:
 
 
 def test_hf_llama4_config_interleaves_moe_layers() -> None:
-    text = {"vocab_size": 202048, "hidden_size": 5120, "num_hidden_layers": 48, "num_attention_heads": 40,
-            "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
-            "num_local_experts": 128, "num_experts_per_tok": 1, "interleave_moe_layer_step": 2}
+    text = {
+        "vocab_size": 202048,
+        "hidden_size": 5120,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 8192,
+        "intermediate_size_mlp": 16384,
+        "num_local_experts": 128,
+        "num_experts_per_tok": 1,
+        "interleave_moe_layer_step": 2,
+    }
     m = profile_from_hf_config({"model_type": "llama4", "text_config": text})
     assert m.moe_layers == preset("llama-4-maverick").moe_layers
     assert m.total_params() == preset("llama-4-maverick").total_params()
@@ -155,9 +182,15 @@ def _write_gguf(path: Path, tied: bool) -> None:
     if not tied:
         w.add_tensor("output.weight", rng.standard_normal((100, 64)).astype(np.float16))
     for i in range(2):
-        for name, shape in (("attn_q", (64, 64)), ("attn_k", (32, 64)), ("attn_v", (32, 64)),
-                            ("attn_output", (64, 64)), ("ffn_gate", (128, 64)), ("ffn_up", (128, 64)),
-                            ("ffn_down", (64, 128))):
+        for name, shape in (
+            ("attn_q", (64, 64)),
+            ("attn_k", (32, 64)),
+            ("attn_v", (32, 64)),
+            ("attn_output", (64, 64)),
+            ("ffn_gate", (128, 64)),
+            ("ffn_up", (128, 64)),
+            ("ffn_down", (64, 128)),
+        ):
             w.add_tensor(f"blk.{i}.{name}.weight", rng.standard_normal(shape).astype(np.float16))
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(64, np.float32))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(64, np.float32))
@@ -224,7 +257,14 @@ def test_packaged_smollm2_gguf_header() -> None:
     m = profile_from_gguf(path)
     shape = preset("smollm2-135m")
     assert (m.n_layers, m.dim, m.n_heads, m.n_kv_heads, m.ffn_dim, m.vocab_size, m.tie_embeddings) == (
-        shape.n_layers, shape.dim, shape.n_heads, shape.n_kv_heads, shape.ffn_dim, shape.vocab_size, True)
+        shape.n_layers,
+        shape.dim,
+        shape.n_heads,
+        shape.n_kv_heads,
+        shape.ffn_dim,
+        shape.vocab_size,
+        True,
+    )
     assert m.stored is not None
     tensor_bytes = sum(m.stored.layer_bytes) + m.stored.embed_bytes + m.stored.head_bytes - m.stored.embed_bytes
     size = path.stat().st_size
@@ -261,8 +301,9 @@ def test_adding_a_slow_machine_does_not_slow_the_cluster() -> None:
 
 
 def test_order_puts_the_roomy_fast_node_in_the_middle_when_that_holds_more() -> None:
-    p = plan(preset("llama-3.1-70b"), [D("a", "16GB"), D("b", "32GB"), D("c", "36GB", "mps")],
-             PlanOptions(context=8192))
+    p = plan(
+        preset("llama-3.1-70b"), [D("a", "16GB"), D("b", "32GB"), D("c", "36GB", "mps")], PlanOptions(context=8192)
+    )
     assert [s.start for s in p.stages][0] == 0 and p.stages[-1].end == 80
     assert p.stages[0].embed and p.stages[-1].head
     c = next(s for s in p.stages if s.node == "c")
@@ -295,7 +336,7 @@ def test_moe_plan_keeps_whole_layers_and_names_expert_hosts() -> None:
     p = plan(m, [D("a", "16GB"), D("b", "16GB")], PlanOptions(context=4096))
     assert p.experts is not None and set(p.experts) == set(range(32))
     for layer, hosts in p.experts.items():
-        (node, ids), = hosts.items()
+        ((node, ids),) = hosts.items()
         s = next(s for s in p.stages if s.node == node)
         assert s.start <= layer < s.end and ids == frozenset(range(8))
 
@@ -331,8 +372,11 @@ def test_keep_prefers_survivors_ranges() -> None:
 
 def test_plan_error_says_shortfall_and_ways_out() -> None:
     with pytest.raises(PlanError) as e:
-        plan(preset("llama-3.1-70b"), [D("a", "24GB"), D("b", "16GB")], PlanOptions(context=8192,
-                                                                                     weights=WeightFormat.Q8_0))
+        plan(
+            preset("llama-3.1-70b"),
+            [D("a", "24GB"), D("b", "16GB")],
+            PlanOptions(context=8192, weights=WeightFormat.Q8_0),
+        )
     err = e.value
     assert err.shortfall_bytes > 30e9 and "short by" in err.message
     assert any("more memory" in s for s in err.suggestions)
@@ -347,7 +391,14 @@ def test_plan_error_says_shortfall_and_ways_out() -> None:
 def test_device_specs() -> None:
     d = DeviceProfile.from_spec("gpu=24GiB,kind=cuda,tflops=80,membw=900,link=2.5,latency=0.2")
     assert (d.name, d.kind, d.memory.bytes, d.tflops, d.membw_gbs, d.link_gbits, d.latency_ms) == (
-        "gpu", "cuda", 24 * 2**30, 80.0, 900.0, 2.5, 0.2)
+        "gpu",
+        "cuda",
+        24 * 2**30,
+        80.0,
+        900.0,
+        2.5,
+        0.2,
+    )
     assert DeviceProfile.from_spec("x=16GB").membw_gbs == 40.0  # the cpu default
     for bad in ("x", "=16GB", "x=16", "x=16GB,kind=tpu", "x=16GB,speed=3", "x=16GB,tflops=fast", "x=abc"):
         if bad == "x=16":
@@ -360,8 +411,24 @@ def test_device_specs() -> None:
 
 
 def test_cli_json_is_one_object_with_stages_and_left_out() -> None:
-    r = runner.invoke(app, ["plan", "llama-3.1-70b", "--device", "a=16GB", "--device", "b=32GB",
-                            "--device", "c=36GB", "--context", "8192", "--weights", "q4_k_m", "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "plan",
+            "llama-3.1-70b",
+            "--device",
+            "a=16GB",
+            "--device",
+            "b=32GB",
+            "--device",
+            "c=36GB",
+            "--context",
+            "8192",
+            "--weights",
+            "q4_k_m",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     stages = data["stages"]

@@ -35,11 +35,20 @@ def models(draw: st.DrawFn) -> ModelProfile:
     moe = draw(st.booleans())
     moe_layers = frozenset(draw(st.sets(st.integers(0, L - 1)))) if moe else frozenset()
     return ModelProfile(
-        name="tiny", vocab_size=draw(st.integers(8, 400)), dim=heads * head_dim, n_layers=L, n_heads=heads,
-        n_kv_heads=kv, head_dim=head_dim, ffn_dim=draw(st.sampled_from([32, 64, 256])),
-        tie_embeddings=draw(st.booleans()), n_experts=4 if moe_layers else 0,
-        experts_per_token=2 if moe_layers else 0, expert_ffn_dim=64 if moe_layers else 0,
-        shared_expert_ffn_dim=draw(st.sampled_from([0, 32])) if moe_layers else 0, moe_layers=moe_layers,
+        name="tiny",
+        vocab_size=draw(st.integers(8, 400)),
+        dim=heads * head_dim,
+        n_layers=L,
+        n_heads=heads,
+        n_kv_heads=kv,
+        head_dim=head_dim,
+        ffn_dim=draw(st.sampled_from([32, 64, 256])),
+        tie_embeddings=draw(st.booleans()),
+        n_experts=4 if moe_layers else 0,
+        experts_per_token=2 if moe_layers else 0,
+        expert_ffn_dim=64 if moe_layers else 0,
+        shared_expert_ffn_dim=draw(st.sampled_from([0, 32])) if moe_layers else 0,
+        moe_layers=moe_layers,
     )
 
 
@@ -47,9 +56,12 @@ def models(draw: st.DrawFn) -> ModelProfile:
 def cases(draw: st.DrawFn) -> tuple[ModelProfile, list[DeviceProfile], PlanOptions]:
     model = draw(models())
     options = PlanOptions(
-        context=draw(st.integers(1, 64)), batch=draw(st.integers(1, 3)), prefill_chunk=4,
+        context=draw(st.integers(1, 64)),
+        batch=draw(st.integers(1, 3)),
+        prefill_chunk=4,
         micro_batches=draw(st.integers(1, 2)),
-        weights=draw(st.sampled_from(list(WeightFormat))), objective=draw(st.sampled_from(list(Objective))),
+        weights=draw(st.sampled_from(list(WeightFormat))),
+        objective=draw(st.sampled_from(list(Objective))),
     )
     probe = CostModel(model, [DeviceProfile.declare("probe", Memory(0))], options)
     total = probe.table.total_bytes + round(probe.kv_layer * model.n_layers)
@@ -62,12 +74,18 @@ def cases(draw: st.DrawFn) -> tuple[ModelProfile, list[DeviceProfile], PlanOptio
         mem = reserve.bytes + workspace - draw(st.sampled_from([0, 0, 0, workspace // 2]))
         share = draw(st.sampled_from([0.0, 0.3, 0.6, 1.0, 1.2, 2.0, 3.0]))
         mem += round(share * total / n) + draw(st.integers(0, total // n))
-        devices.append(DeviceProfile.declare(
-            f"d{i}", Memory(mem), draw(st.sampled_from(["cpu", "cuda", "mps"])),
-            tflops=draw(st.sampled_from([0.001, 0.01, 1.0])), membw_gbs=draw(st.sampled_from([0.01, 0.1, 10.0])),
-            link_gbits=draw(st.sampled_from([0.001, 1.0])), latency_ms=draw(st.sampled_from([0.0, 0.01, 1.0])),
-            reserve=reserve,
-        ))
+        devices.append(
+            DeviceProfile.declare(
+                f"d{i}",
+                Memory(mem),
+                draw(st.sampled_from(["cpu", "cuda", "mps"])),
+                tflops=draw(st.sampled_from([0.001, 0.01, 1.0])),
+                membw_gbs=draw(st.sampled_from([0.01, 0.1, 10.0])),
+                link_gbits=draw(st.sampled_from([0.001, 1.0])),
+                latency_ms=draw(st.sampled_from([0.0, 0.01, 1.0])),
+                reserve=reserve,
+            )
+        )
     return model, devices, options
 
 
@@ -149,8 +167,11 @@ def test_adding_a_machine_never_slows_the_cluster(case: tuple, data: st.DataObje
     model, devices, options = case
     p = try_plan(model, devices, options)
     extra = DeviceProfile.declare(
-        "new", Memory(data.draw(st.integers(0, 400_000))), data.draw(st.sampled_from(["cpu", "cuda"])),
-        membw_gbs=data.draw(st.sampled_from([0.001, 1.0, 100.0])), reserve=Memory(0),
+        "new",
+        Memory(data.draw(st.integers(0, 400_000))),
+        data.draw(st.sampled_from(["cpu", "cuda"])),
+        membw_gbs=data.draw(st.sampled_from([0.001, 1.0, 100.0])),
+        reserve=Memory(0),
     )
     q = try_plan(model, [*devices, extra], options)
     if p is not None:

@@ -7,7 +7,6 @@ number (``"  1"``, ``" ½"``). We follow the model; the reference here is transf
 pre-tokenizer restored, and stock transformers is compared on every text without that pattern.
 """
 
-
 from __future__ import annotations
 
 import copy
@@ -42,7 +41,6 @@ def _splits_disagree(text: str) -> bool:
         and (not ch.isascii() or (i > 1 and text[i - 2].isspace()))
         for i, ch in enumerate(text)
     )
-
 
 
 def _smollm_pre_tokenizer() -> pre_tokenizers.PreTokenizer:

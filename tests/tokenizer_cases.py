@@ -29,7 +29,6 @@ CONVERSATIONS: list[list[dict[str, str]]] = [
 ]  # fmt: skip
 
 
-
 def chat_ids(result: Any) -> list[int]:
     """``apply_chat_template(tokenize=True)`` returns a BatchEncoding in transformers 5, a list in 4."""
     return list(result["input_ids"] if isinstance(result, Mapping) else result)

@@ -14,6 +14,21 @@ from coordinator.planner.split import LeftOut, Plan, plan
 from coordinator.planner.weights import WeightFormat, weight_table
 
 __all__ = [
-    "PRESETS", "DeviceKind", "DeviceProfile", "HostShare", "LeftOut", "Memory", "ModelProfile", "Objective", "Plan",
-    "PlanError", "PlanOptions", "Stage", "WeightFormat", "plan", "preset", "share_hosts", "weight_table",
+    "PRESETS",
+    "DeviceKind",
+    "DeviceProfile",
+    "HostShare",
+    "LeftOut",
+    "Memory",
+    "ModelProfile",
+    "Objective",
+    "Plan",
+    "PlanError",
+    "PlanOptions",
+    "Stage",
+    "WeightFormat",
+    "plan",
+    "preset",
+    "share_hosts",
+    "weight_table",
 ]

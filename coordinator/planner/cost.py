@@ -184,11 +184,19 @@ class CostModel:
         first, last = a == 0, b == self.L
         weights = self.W[b] - self.W[a] + (t.embed_bytes if first else 0) + (t.head_bytes if last else 0)
         return Stage(
-            node=dev.name, kind=dev.kind.value, start=a, end=b, embed=first, head=last,
-            weights_bytes=weights, kv_bytes=round(self.kv_layer * (b - a)),
+            node=dev.name,
+            kind=dev.kind.value,
+            start=a,
+            end=b,
+            embed=first,
+            head=last,
+            weights_bytes=weights,
+            kv_bytes=round(self.kv_layer * (b - a)),
             workspace_bytes=round(self.ws_base + (self.ws_head if last else 0)),
-            reserve_bytes=dev.reserve.bytes, memory_bytes=dev.memory.bytes,
-            compute_ms=self.compute_ms(d, a, b), hop_ms=self.hop[d][first][last],
+            reserve_bytes=dev.reserve.bytes,
+            memory_bytes=dev.memory.bytes,
+            compute_ms=self.compute_ms(d, a, b),
+            hop_ms=self.hop[d][first][last],
         )
 
     def min_stage_bytes(self, d: int) -> float:

@@ -17,8 +17,14 @@ class PlanError(ValueError):
     no contiguous split does); ``suggestions`` are sentences saying what would fit.
     """
 
-    def __init__(self, message: str, shortfall_bytes: int, needed_bytes: int, available_bytes: int,
-                 suggestions: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        message: str,
+        shortfall_bytes: int,
+        needed_bytes: int,
+        available_bytes: int,
+        suggestions: Sequence[str] = (),
+    ) -> None:
         super().__init__(message)
         self.shortfall_bytes = shortfall_bytes
         self.needed_bytes = needed_bytes

@@ -55,10 +55,12 @@ def profile_from_hf_config(cfg: Mapping[str, Any], name: str = "hf-model") -> Mo
             return ModelProfile(ffn_dim=int(cfg["intermediate_size"]), **common)
         if model_type == "mixtral":
             return ModelProfile(
-                ffn_dim=int(cfg["intermediate_size"]), n_experts=int(cfg["num_local_experts"]),
+                ffn_dim=int(cfg["intermediate_size"]),
+                n_experts=int(cfg["num_local_experts"]),
                 experts_per_token=int(cfg["num_experts_per_tok"]),
                 expert_ffn_dim=int(cfg["intermediate_size"]),
-                moe_layers=frozenset(range(n_layers)), **common,
+                moe_layers=frozenset(range(n_layers)),
+                **common,
             )
         step = int(cfg.get("interleave_moe_layer_step", 1))
         moe = cfg.get("moe_layers")
@@ -67,9 +69,12 @@ def profile_from_hf_config(cfg: Mapping[str, Any], name: str = "hf-model") -> Mo
             moe_layers = frozenset(int(i) for i in moe)
         return ModelProfile(
             ffn_dim=int(cfg.get("intermediate_size_mlp") or cfg["intermediate_size"]),
-            n_experts=int(cfg["num_local_experts"]), experts_per_token=int(cfg.get("num_experts_per_tok", 1)),
-            expert_ffn_dim=int(cfg["intermediate_size"]), shared_expert_ffn_dim=int(cfg["intermediate_size"]),
-            moe_layers=moe_layers, **common,
+            n_experts=int(cfg["num_local_experts"]),
+            experts_per_token=int(cfg.get("num_experts_per_tok", 1)),
+            expert_ffn_dim=int(cfg["intermediate_size"]),
+            shared_expert_ffn_dim=int(cfg["intermediate_size"]),
+            moe_layers=moe_layers,
+            **common,
         )
     except KeyError as e:
         raise ModelSourceError(f"config.json lacks required field {e.args[0]!r}") from None
@@ -183,6 +188,5 @@ def load_model_profile(source: str) -> ModelProfile:
             raise ModelSourceError(f"{p}: config.json is not an object")
         return profile_from_hf_config(cfg, name=p.parent.name or "hf-model")
     raise ModelSourceError(
-        f"{source!r} is neither a preset ({', '.join(PRESETS)}), a config.json / HF model directory "
-        "nor a .gguf file"
+        f"{source!r} is neither a preset ({', '.join(PRESETS)}), a config.json / HF model directory nor a .gguf file"
     )

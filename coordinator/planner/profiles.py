@@ -27,8 +27,18 @@ from enum import StrEnum
 from functools import total_ordering
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
 
 
 @total_ordering
@@ -161,7 +171,9 @@ class DeviceProfile:
         d = KIND_DEFAULTS[k]
         mem = Memory.parse(memory) if isinstance(memory, str) else memory
         return cls(
-            name=name, kind=k, memory=mem,
+            name=name,
+            kind=k,
+            memory=mem,
             tflops=d.tflops if tflops is None else tflops,
             membw_gbs=d.membw_gbs if membw_gbs is None else membw_gbs,
             link_gbits=d.link_gbits if link_gbits is None else link_gbits,
@@ -205,8 +217,13 @@ class DeviceProfile:
                     msg = f"--device {spec!r}: {key} must be a number, got {fields[key]!r}"
                     raise ValueError(msg) from None
         return cls.declare(
-            name.strip(), memory, kind, tflops=numbers.get("tflops"), membw_gbs=numbers.get("membw"),
-            link_gbits=numbers.get("link"), latency_ms=numbers.get("latency"),
+            name.strip(),
+            memory,
+            kind,
+            tflops=numbers.get("tflops"),
+            membw_gbs=numbers.get("membw"),
+            link_gbits=numbers.get("link"),
+            latency_ms=numbers.get("latency"),
         )
 
     def with_memory(self, memory: Memory) -> DeviceProfile:
@@ -340,9 +357,19 @@ class ModelProfile:
 
 def _llama4(name: str, n_experts: int, interleave: int) -> ModelProfile:
     return ModelProfile(
-        name=name, vocab_size=202048, dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, head_dim=128,
-        ffn_dim=16384, max_seq_len=1048576 if n_experts == 128 else 10485760, n_experts=n_experts,
-        experts_per_token=1, expert_ffn_dim=8192, shared_expert_ffn_dim=8192,
+        name=name,
+        vocab_size=202048,
+        dim=5120,
+        n_layers=48,
+        n_heads=40,
+        n_kv_heads=8,
+        head_dim=128,
+        ffn_dim=16384,
+        max_seq_len=1048576 if n_experts == 128 else 10485760,
+        n_experts=n_experts,
+        experts_per_token=1,
+        expert_ffn_dim=8192,
+        shared_expert_ffn_dim=8192,
         # transformers' Llama4TextConfig: MoE layers are interleave-1, 2*interleave-1, ...
         moe_layers=frozenset(range(interleave - 1, 48, interleave)),
     )
@@ -351,16 +378,29 @@ def _llama4(name: str, n_experts: int, interleave: int) -> ModelProfile:
 #: Published shapes (the HF ``config.json`` of each model; Llama 4 text decoder only).
 PRESETS: Mapping[str, ModelProfile] = {
     "smollm2-135m": ModelProfile("smollm2-135m", 49152, 576, 30, 9, 3, 1536, tie_embeddings=True),
-    "llama-3.2-1b": ModelProfile("llama-3.2-1b", 128256, 2048, 16, 32, 8, 8192, head_dim=64,
-                                 tie_embeddings=True, max_seq_len=131072),
-    "llama-3.2-3b": ModelProfile("llama-3.2-3b", 128256, 3072, 28, 24, 8, 8192, head_dim=128,
-                                 tie_embeddings=True, max_seq_len=131072),
+    "llama-3.2-1b": ModelProfile(
+        "llama-3.2-1b", 128256, 2048, 16, 32, 8, 8192, head_dim=64, tie_embeddings=True, max_seq_len=131072
+    ),
+    "llama-3.2-3b": ModelProfile(
+        "llama-3.2-3b", 128256, 3072, 28, 24, 8, 8192, head_dim=128, tie_embeddings=True, max_seq_len=131072
+    ),
     "llama-3.1-8b": ModelProfile("llama-3.1-8b", 128256, 4096, 32, 32, 8, 14336, max_seq_len=131072),
     "llama-3.1-70b": ModelProfile("llama-3.1-70b", 128256, 8192, 80, 64, 8, 28672, max_seq_len=131072),
     "llama-3.1-405b": ModelProfile("llama-3.1-405b", 128256, 16384, 126, 128, 8, 53248, max_seq_len=131072),
-    "mixtral-8x7b": ModelProfile("mixtral-8x7b", 32000, 4096, 32, 32, 8, 14336, max_seq_len=32768,
-                                 n_experts=8, experts_per_token=2, expert_ffn_dim=14336,
-                                 moe_layers=frozenset(range(32))),
+    "mixtral-8x7b": ModelProfile(
+        "mixtral-8x7b",
+        32000,
+        4096,
+        32,
+        32,
+        8,
+        14336,
+        max_seq_len=32768,
+        n_experts=8,
+        experts_per_token=2,
+        expert_ffn_dim=14336,
+        moe_layers=frozenset(range(32)),
+    ),
     "llama-4-scout": _llama4("llama-4-scout", 16, 1),
     "llama-4-maverick": _llama4("llama-4-maverick", 128, 2),
 }

@@ -83,23 +83,41 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
         return {
-            "model": self.model, "weights": self.weights, "context": self.context, "batch": self.batch,
+            "model": self.model,
+            "weights": self.weights,
+            "context": self.context,
+            "batch": self.batch,
             "micro_batches": self.micro_batches,
-            "objective": self.objective.value, "predicted_ms": self.predicted_ms,
-            "bottleneck_ms": self.bottleneck_ms, "tokens_per_s": self.tokens_per_s, "exact": self.exact,
+            "objective": self.objective.value,
+            "predicted_ms": self.predicted_ms,
+            "bottleneck_ms": self.bottleneck_ms,
+            "tokens_per_s": self.tokens_per_s,
+            "exact": self.exact,
             "reload_bytes": self.reload_bytes,
             "stages": [
-                {"node": s.node, "kind": s.kind, "start": s.start, "end": s.end, "embed": s.embed,
-                 "head": s.head, "weights_bytes": s.weights_bytes, "kv_bytes": s.kv_bytes,
-                 "workspace_bytes": s.workspace_bytes, "reserve_bytes": s.reserve_bytes,
-                 "memory_bytes": s.memory_bytes, "free_bytes": s.free_bytes,
-                 "compute_ms": s.compute_ms, "hop_ms": s.hop_ms}
+                {
+                    "node": s.node,
+                    "kind": s.kind,
+                    "start": s.start,
+                    "end": s.end,
+                    "embed": s.embed,
+                    "head": s.head,
+                    "weights_bytes": s.weights_bytes,
+                    "kv_bytes": s.kv_bytes,
+                    "workspace_bytes": s.workspace_bytes,
+                    "reserve_bytes": s.reserve_bytes,
+                    "memory_bytes": s.memory_bytes,
+                    "free_bytes": s.free_bytes,
+                    "compute_ms": s.compute_ms,
+                    "hop_ms": s.hop_ms,
+                }
                 for s in self.stages
             ],
             "left_out": [{"node": x.node, "reason": x.reason} for x in self.left_out],
-            "experts": None if self.experts is None else {
-                str(layer): {node: sorted(ids) for node, ids in hosts.items()}
-                for layer, hosts in self.experts.items()
+            "experts": None
+            if self.experts is None
+            else {
+                str(layer): {node: sorted(ids) for node, ids in hosts.items()} for layer, hosts in self.experts.items()
             },
         }
 
@@ -187,8 +205,10 @@ def _search(cm: CostModel, cost: StageCost, required: int = 0
     unit = "ms/token" if not use_max else "ms slowest stage"
     n = cm.n
     if n > cm.options.exact_max_devices:
-        orders = [sorted(range(n), key=lambda d: -cm.devices[d].membw_gbs),
-                  sorted(range(n), key=lambda d: -cm.devices[d].memory.bytes)]
+        orders = [
+            sorted(range(n), key=lambda d: -cm.devices[d].membw_gbs),
+            sorted(range(n), key=lambda d: -cm.devices[d].memory.bytes),
+        ]
         value, stages = min((_chain_dp(cm, cost, use_max, o, required) for o in orders), key=lambda r: r[0])
         used = {d for d, _, _ in stages}
         note = f"not used by the best of {len(orders)} orders searched ({n} devices: heuristic search)"
@@ -200,6 +220,7 @@ def _search(cm: CostModel, cost: StageCost, required: int = 0
     if not finals:
         return INF, [], {}
     top = min(v for v, _, _ in finals)
+
     # equally fast: fewest devices, then the most memory (headroom), then the lowest cost
     def mem(m: int) -> int:
         return sum(cm.devices[d].memory.bytes for d in range(n) if m >> d & 1)
@@ -220,8 +241,10 @@ def _search(cm: CostModel, cost: StageCost, required: int = 0
             need = cm.min_stage_bytes(d)
             dev = cm.devices[d]
             if need > dev.memory.bytes:
-                why[d] = (f"too little memory: one stage needs at least {need / 1e9:.2f} GB "
-                          f"(one block + its KV + workspace + reserve), it has {dev.memory}")
+                why[d] = (
+                    f"too little memory: one stage needs at least {need / 1e9:.2f} GB "
+                    f"(one block + its KV + workspace + reserve), it has {dev.memory}"
+                )
             else:
                 why[d] = "no plan that fits memory can use it"
     return value, _walk(cm, parent, mask), why
@@ -234,7 +257,7 @@ def _reload_cost(cm: CostModel, keep: Plan) -> Callable[[int, int, int], int]:
     def reload(d: int, a: int, b: int) -> int:
         s = prev.get(cm.devices[d].name)
         held = 0 if s is None else max(0, cm.W[min(b, s.end)] - cm.W[max(a, s.start)])
-        extra = (t.embed_bytes if a == 0 and not (s and s.embed) else 0)
+        extra = t.embed_bytes if a == 0 and not (s and s.embed) else 0
         extra += t.head_bytes if b == cm.L and not (s and s.head) else 0
         return cm.W[b] - cm.W[a] - held + extra
 
@@ -306,22 +329,31 @@ def plan(
         value, reload_bytes, chosen = min(ok, key=lambda c: (c[1], c[0]))
         for d in range(cm.n):
             if d not in why and d not in {s[0] for s in chosen}:
-                why[d] = (f"left out to keep the surviving nodes' ranges ({value:.2f} vs best "
-                          f"{best_value:.2f}, within the {options.keep_tolerance:.0%} tolerance)")
+                why[d] = (
+                    f"left out to keep the surviving nodes' ranges ({value:.2f} vs best "
+                    f"{best_value:.2f}, within the {options.keep_tolerance:.0%} tolerance)"
+                )
     stages = tuple(cm.stage(*s) for s in chosen)
     used = {s[0] for s in chosen}
     left = tuple(LeftOut(cm.devices[d].name, why.get(d, "not used")) for d in range(cm.n) if d not in used)
     experts: dict[int, dict[str, frozenset[int]]] | None = None
     if model.is_moe:
         all_experts = frozenset(range(model.n_experts))
-        experts = {
-            i: {s.node: all_experts} for s in stages for i in range(s.start, s.end) if i in model.moe_layers
-        }
+        experts = {i: {s.node: all_experts} for s in stages for i in range(s.start, s.end) if i in model.moe_layers}
     result = Plan(
-        model=model.name, weights=cm.table.label, context=options.context, batch=options.batch,
-        micro_batches=options.micro_batches, objective=options.objective, stages=stages, left_out=left,
-        predicted_ms=sum(s.ms for s in stages), bottleneck_ms=max(s.ms for s in stages),
-        experts=experts, reload_bytes=reload_bytes, exact=cm.n <= options.exact_max_devices,
+        model=model.name,
+        weights=cm.table.label,
+        context=options.context,
+        batch=options.batch,
+        micro_batches=options.micro_batches,
+        objective=options.objective,
+        stages=stages,
+        left_out=left,
+        predicted_ms=sum(s.ms for s in stages),
+        bottleneck_ms=max(s.ms for s in stages),
+        experts=experts,
+        reload_bytes=reload_bytes,
+        exact=cm.n <= options.exact_max_devices,
     )
     log.debug("plan %s: %s, %.2f ms/step", model.name, [(s.node, s.start, s.end) for s in stages], value)
     return result

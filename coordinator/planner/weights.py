@@ -20,8 +20,16 @@ from coordinator.planner.profiles import ModelProfile
 
 #: type -> (weights per block, bytes per block)
 BLOCK: dict[str, tuple[int, int]] = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q5_0": (32, 22), "Q5_1": (32, 24),
-    "Q4_0": (32, 18), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+    "F32": (1, 4),
+    "F16": (1, 2),
+    "BF16": (1, 2),
+    "Q8_0": (32, 34),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q4_0": (32, 18),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
 }
 _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
@@ -36,7 +44,11 @@ class WeightFormat(StrEnum):
 
 #: Formats from largest to smallest, for "a smaller format would fit" advice.
 FORMATS_BY_SIZE = (
-    WeightFormat.BF16, WeightFormat.F16, WeightFormat.Q8_0, WeightFormat.Q4_K_M, WeightFormat.Q4_0,
+    WeightFormat.BF16,
+    WeightFormat.F16,
+    WeightFormat.Q8_0,
+    WeightFormat.Q4_K_M,
+    WeightFormat.Q4_0,
 )
 
 
@@ -96,8 +108,11 @@ def _layer(model: ModelProfile, fmt: WeightFormat, i: int) -> tuple[int, int, in
     d, hq, hkv = model.dim, model.n_heads * model.head_dim, model.n_kv_heads * model.head_dim
     norm_t = "F32" if fmt not in (WeightFormat.BF16, WeightFormat.F16) else fmt.value.upper()
     attn = (
-        tensor_bytes(t["q"], hq, d) + tensor_bytes(t["k"], hkv, d) + tensor_bytes(t["v"], hkv, d)
-        + tensor_bytes(t["o"], d, hq) + 2 * tensor_bytes(norm_t, 1, d)
+        tensor_bytes(t["q"], hq, d)
+        + tensor_bytes(t["k"], hkv, d)
+        + tensor_bytes(t["v"], hkv, d)
+        + tensor_bytes(t["o"], d, hq)
+        + 2 * tensor_bytes(norm_t, 1, d)
     )
 
     def ffn(width: int) -> int:
