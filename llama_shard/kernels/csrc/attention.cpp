@@ -104,6 +104,23 @@ inline void weigh_values(const float* p, const T* values, int64_t n, int64_t ste
 
 // the dot products of q with 4 keys (E a multiple of 8), each reduced in the same order whatever its place among
 // the 4, times scale
+// a row of scores (``padded``: a multiple of 8, -inf past the keys) becomes exp(score - max) in place; returns
+// 1 / their sum in every lane: the softmax of attend_one and attend_group, so both give the same bits
+inline __m256 softmax8(float* sc, int64_t padded) {
+  __m256 best = _mm256_set1_ps(kMinusInf);
+  for (int64_t j = 0; j < padded; j += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(sc + j));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, best);
+  const __m256 top = _mm256_set1_ps(*std::max_element(lanes, lanes + 8));
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t j = 0; j < padded; j += 8) {  // the padding's -inf becomes 0
+    const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), top));
+    _mm256_storeu_ps(sc + j, p);
+    total = _mm256_add_ps(total, p);
+  }
+  return _mm256_set1_ps(1.f / hsum8(total));
+}
+
 template <typename T>
 inline __m128 dot4(const float* q, const T* k0, const T* k1, const T* k2, const T* k3, int64_t E, float scale) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -138,18 +155,7 @@ void attend_one(const float* q, const T* keys, const T* values, int64_t n, int64
       _mm_storeu_ps(four, dot4(q, k[0], k[1], k[2], k[3], E, scale));
       std::copy(four, four + std::min<int64_t>(4, n - j), scores.data() + j);
     }
-    __m256 best = _mm256_set1_ps(kMinusInf);
-    for (size_t j = 0; j < scores.size(); j += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(scores.data() + j));
-    float lanes[8];
-    _mm256_storeu_ps(lanes, best);
-    const __m256 top = _mm256_set1_ps(*std::max_element(lanes, lanes + 8));
-    __m256 total = _mm256_setzero_ps();
-    for (size_t j = 0; j < scores.size(); j += 8) {  // the padding's -inf becomes 0
-      const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + j), top));
-      _mm256_storeu_ps(scores.data() + j, p);
-      total = _mm256_add_ps(total, p);
-    }
-    const __m256 inv = _mm256_set1_ps(1.f / hsum8(total));
+    const __m256 inv = softmax8(scores.data(), static_cast<int64_t>(scores.size()));
     int64_t e0 = 0;
     for (; e0 + 64 <= E; e0 += 64) weigh_values<8>(scores.data(), values + e0, n, step, inv, o + e0);
     for (; e0 < E; e0 += 8) weigh_values<1>(scores.data(), values + e0, n, step, inv, o + e0);
@@ -282,18 +288,7 @@ void attend_group(const float* q, int64_t G, const T* keys, const T* values, int
     const int64_t nh = std::min(tile, G - h0);
     for (int64_t h = 0; h < nh; ++h) {  // attend_one's softmax, on each head's scores
       float* sc = scores.data() + (h0 + h) * padded;
-      __m256 best = _mm256_set1_ps(kMinusInf);
-      for (int64_t j = 0; j < padded; j += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(sc + j));
-      float lanes[8];
-      _mm256_storeu_ps(lanes, best);
-      const __m256 top = _mm256_set1_ps(*std::max_element(lanes, lanes + 8));
-      __m256 total = _mm256_setzero_ps();
-      for (int64_t j = 0; j < padded; j += 8) {  // the padding's -inf becomes 0
-        const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), top));
-        _mm256_storeu_ps(sc + j, p);
-        total = _mm256_add_ps(total, p);
-      }
-      inv[h] = _mm256_set1_ps(1.f / hsum8(total));
+      inv[h] = softmax8(sc, padded);
       ps[h] = sc;
       outs[h] = o + (h0 + h) * E;
     }
