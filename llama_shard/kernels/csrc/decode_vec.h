@@ -1,6 +1,6 @@
-// fp32 helpers shared by the fused decode step (decode.cpp) and its attention (attention.cpp): 8-lane sums and
-// exp, the dot product in its fixed order. Inline in both files, compiled with the same flags, so they give the same
-// bits wherever they are called.
+// fp32 helpers shared by the fused decode step (decode.cpp), its attention (attention.cpp) and the matmul driver
+// (ggml_mm.cpp, the 8-lane sum): 8-lane sums and exp, the dot product in its fixed order. Inline in each file,
+// compiled with the same flags, so they give the same bits wherever they are called.
 #pragma once
 
 #include <cstdint>

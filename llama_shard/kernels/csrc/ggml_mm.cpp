@@ -21,6 +21,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "decode_vec.h"
 #include "ggml_kernels.h"
 #include "ggml_mm.h"
 
@@ -44,12 +45,7 @@ struct Scalar {
 
 // ---- AVX2 kernels (ggml-cpu's x86 dot products, over blocks of 32 activations) -----------------------------------
 #if LN_AVX2
-inline float hsum(__m256 x) {
-  __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_add_ss(r, _mm_movehdup_ps(r));
-  return _mm_cvtss_f32(r);
-}
+using llama_node::decode::hsum8;
 
 inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
@@ -100,7 +96,7 @@ struct Avx2 {
         }
       }
     }
-    for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]);
+    for (int t = 0; t < T; ++t) out[t] = hsum8(acc[t]);
   }
 };
 
