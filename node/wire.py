@@ -285,20 +285,11 @@ def _row_to_pb(r: RowInput) -> pb.Row:
     )  # fmt: skip
 
 
-#: Encoded ``SamplingParams`` by the object's id (the object kept, so the id stays its own): a request's rows carry
-#: the same object step after step, and building the message costs more than the rest of the row.
-_SAMPLING_PB: dict[int, tuple[SamplingParams, pb.SamplingParams]] = {}
-
-
+@functools.lru_cache(maxsize=4096)
 def _sampling_pb(p: SamplingParams) -> pb.SamplingParams:
-    hit = _SAMPLING_PB.get(id(p))
-    if hit is not None and hit[0] is p:
-        return hit[1]
-    m = sampling_to_pb(p)
-    if len(_SAMPLING_PB) >= 4096:
-        _SAMPLING_PB.clear()
-    _SAMPLING_PB[id(p)] = (p, m)
-    return m
+    """``sampling_to_pb``, remembered (``SamplingParams`` is frozen, so hashable): a request's rows carry the same
+    params step after step, and building the message costs more than the rest of the row. ``pb.Row`` copies it."""
+    return sampling_to_pb(p)
 
 
 #: Decoded ``SamplingParams`` by their encoding: a request's rows carry the same ones frame after frame, and
