@@ -181,7 +181,7 @@ def ceiling_probe(levels: list[int], max_tokens: int, dtype: str) -> dict[int, f
     source = open_source(path)
     n_layers = source.config.n_layers
     mode = weight_mode(path, dtype)
-    stage = load_stage(source, ShardSpec(0, n_layers, n_layers), quantize=mode, dtype=torch.float32)
+    stage = load_stage(source, ShardSpec.whole(n_layers), quantize=mode, dtype=torch.float32)
     start = 16  # about the streams' prompt length
     cache = stage.new_cache(max(levels) + 1, start + max_tokens + 8)
     out: dict[int, float] = {}
