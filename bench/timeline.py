@@ -9,7 +9,10 @@ coordinator and the node processes write timestamps of each frame's events (``no
 median and mean milliseconds over the frames of the middle of the run (the first 20% and last 10% dropped).
 The summary line gives the frames computing at once on average (compute time of all frames ÷ wall time): with
 ``--micro-batches`` frames in flight, what the rest of a frame's cycle costs in lost compute; and the rows per
-frame (mean, and how many frames carried each count), which decide what a row's compute costs.
+frame (mean, and how many frames carried each count), which decide what a row's compute costs. With frames
+in flight together it also gives where each send falls in their cycle (p10/p50/p90 of the gap to the send before ÷
+the cycle: 0.5 every time for 2 evenly spaced frames), and splits each stage's queueing (arrive → start) into the
+wait behind another frame (frames bunched at that stage) and the wait with the stage free.
 """
 
 from __future__ import annotations
@@ -82,6 +85,52 @@ def segments(
     return out, summary
 
 
+def spacing(lines: list[tuple[int, str, int, float]]) -> tuple[dict[str, list[float]], int]:
+    """How the frames in flight together are spaced, and what each stage's queueing waits for; and how many frames
+    were in flight (the most common count at a send).
+
+    - ``send gap ÷ cycle``: each send's distance from the send before it, as a fraction of the cycle of ``M`` gaps
+      it begins (``M`` frames in flight; evenly spaced frames give 1/M every time; absent when ``M`` is 1);
+    - per stage, its arrive → start split in two (ms): behind another frame (the stage still computing the frame
+      before), and with the stage free (the hand-off to its compute thread, or no core for it). Pacing the frames
+      can only shorten the first.
+    """
+    coord = next(pid for pid, event, _, _ in lines if event == "send")
+    events: dict[tuple[int, int], dict[str, float]] = collections.defaultdict(dict)
+    for pid, event, fid, t in lines:
+        seen = events[pid, fid]
+        # a frame sent in parts arrives when its last part does; every other event counts at its first stamp
+        seen[event] = max(t, seen.get(event, t)) if event == "arrive" else min(t, seen.get(event, t))
+    sent = sorted((e["send"], fid) for (pid, fid), e in events.items() if pid == coord and "send" in e)
+    keep = {fid for _, fid in sent[len(sent) // 5 : len(sent) - len(sent) // 10]}  # as ``segments``
+    recvs = sorted(e["recv"] for (pid, _), e in events.items() if pid == coord and "recv" in e)
+    sends = [t for t, _ in sent]
+    flying = [i + 1 - bisect.bisect_right(recvs, t) for i, (t, fid) in enumerate(sent) if fid in keep]
+    depth = max(1, collections.Counter(flying).most_common(1)[0][0]) if flying else 1
+    out: dict[str, list[float]] = {}
+    if depth > 1:
+        out["send gap ÷ cycle"] = [(sends[i] - sends[i - 1]) / (sends[i - 1 + depth] - sends[i - 1])
+                                   for i in range(1, len(sent) - depth + 1) if sent[i][1] in keep]  # fmt: skip
+    # stage i is the process that starts the frames i-th (ordered by how long after its send a frame starts there)
+    per_pid: dict[int, list[tuple[int, dict[str, float]]]] = collections.defaultdict(list)
+    for (pid, fid), e in events.items():
+        if pid != coord and {"arrive", "start", "end"} <= e.keys():
+            per_pid[pid].append((fid, e))
+    since_send = {pid: statistics.median(e["start"] - events[coord, fid]["send"] for fid, e in done if fid in keep)
+                  for pid, done in per_pid.items() if any(fid in keep for fid, _ in done)}  # fmt: skip
+    for i, pid in enumerate(sorted(since_send, key=since_send.__getitem__), 1):
+        done = sorted(per_pid[pid], key=lambda item: item[1]["start"])
+        behind, free = [], []
+        for j, (fid, e) in enumerate(done):
+            if fid not in keep:
+                continue
+            busy_until = done[j - 1][1]["end"] if j else e["arrive"]  # the stage's frame before this one
+            behind.append(max(0.0, min(e["start"], busy_until) - e["arrive"]) * 1e3)
+            free.append((e["start"] - max(e["arrive"], busy_until)) * 1e3)
+        out[f"S{i} queue behind another frame"], out[f"S{i} queue with the stage free"] = behind, free
+    return out, depth
+
+
 def read(path: Path) -> tuple[list[tuple[int, str, int, float]], dict[int, int]]:
     """The events, and each frame's row count (the last field of a coordinator send)."""
     events, rows = [], {}
@@ -91,6 +140,10 @@ def read(path: Path) -> tuple[list[tuple[int, str, int, float]], dict[int, int]]
         if n:
             rows[int(fid)] = int(n[0])
     return events, rows
+
+
+def spread(deciles: list[float]) -> str:
+    return "/".join(f"{deciles[i]:.2f}" for i in (0, 4, 8)) if deciles else "-"
 
 
 def main() -> None:
@@ -131,6 +184,10 @@ def main() -> None:
         if args.keep:
             Path(args.keep).write_text(path.read_text())
     segs, summary = segments(lines, frame_rows)
+    spaced, summary["frames_in_flight"] = spacing(lines)
+    gaps = spaced.pop("send gap ÷ cycle", [])
+    summary["send_gap_deciles"] = statistics.quantiles(gaps, n=10) if len(gaps) > 1 else []
+    segs.update(spaced)
     summary["tokens_per_s"] = statistics.median(tps)
     ids = sorted(frame_rows)[len(frame_rows) // 5 : len(frame_rows) - len(frame_rows) // 10]  # as ``segments``
     counts = collections.Counter(frame_rows[i] for i in ids)
@@ -145,7 +202,8 @@ def main() -> None:
     caption = (f"{args.nodes} local nodes, {args.streams} streams, {summary['tokens_per_s']:.1f} tok/s (median of "
                f"{len(tps)} rounds), {summary['frames_computing']:.2f} frames computing at once on average, "
                f"{summary['rows_per_frame']:.2f} rows per frame (frames by rows: {by_rows}), "
-               f"{summary['compute_ms_per_row']:.2f} ms of compute per row, "
+               f"{summary['compute_ms_per_row']:.2f} ms of compute per row, {summary['frames_in_flight']} frames "
+               f"in flight, send gap ÷ cycle p10/p50/p90 {spread(summary['send_gap_deciles'])}, "
                f"load avg {load_average() or 0:.1f}")  # fmt: skip
     print_table("A frame's path (ms)", ["segment", "p50", "mean", "frames"], rows, caption)
 
