@@ -6,14 +6,15 @@ time to first token p50/p95.
     python bench/concurrency.py --url http://host:11434 --model NAME   # an already running server
     python bench/concurrency.py --plot bench/concurrency.png
     python bench/concurrency.py --levels 1,8 --rounds 5   # the ratio at 8 alone, from 5 interleaved rounds
+    python bench/concurrency.py --api ollama          # the streams are Ollama's /api/generate (NDJSON) instead
 
-Each stream is a streaming ``/v1/completions`` with its own prompt and ``max_tokens``; the tokens counted are the
-ones the server reports in ``usage``. The levels run ``--rounds`` times interleaved (1, 2, .., 16, 1, 2, ..) and the
-table shows each level's median, with every round's tokens/s beside it: one pass of a single stream over a few dozen
-tokens swung by ±15% between runs, and every ratio divides by it. The goal at 8 streams is at least 6x the single
-stream's tokens/s. When the bench
-starts the server, it also reports the CPU time per token of the node processes and of the server: on a machine
-whose cores are shared (with each other, or with other work), tokens/s follows the CPU a token costs.
+Each stream is a streaming ``/v1/completions`` (``--api ollama``: ``/api/generate``, raw) with its own prompt and
+``max_tokens`` (``num_predict``); the tokens counted are the ones the server reports (``usage``, ``eval_count``).
+The levels run ``--rounds`` times interleaved (1, 2, .., 16, 1, 2, ..) and the table shows each level's median, with
+every round's tokens/s beside it: one pass of a single stream over a few dozen tokens swung by ±15% between runs, and
+every ratio divides by it. The goal at 8 streams is at least 6x the single stream's tokens/s. When the bench starts
+the server, it also reports the CPU time per token of the node processes and of the server: on a machine whose cores
+are shared (with each other, or with other work), tokens/s follows the CPU a token costs.
 
 ``--ceiling`` adds what the machine itself allows at each level, measured in the same rounds: a fresh process
 (``--ceiling-probe``) loads the whole model as one stage on all usable cores and times batched decode steps of n
@@ -74,7 +75,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> StreamResult:
+async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, api: str) -> StreamResult:
+    if api == "ollama":
+        return await one_ollama_stream(client, model, prompt, max_tokens)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     t0 = time.perf_counter()
@@ -92,11 +95,32 @@ async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tok
     return StreamResult(tokens, ttft, time.perf_counter() - t0)
 
 
-async def level(url: str, model: str, n: int, max_tokens: int) -> tuple[float, list[StreamResult]]:
+async def one_ollama_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> StreamResult:
+    """``one_stream`` through ``/api/generate``: raw, so the prompt is the same tokens as ``/v1/completions``'."""
+    body = {"model": model, "prompt": prompt, "raw": True, "stream": True,
+            "options": {"num_predict": max_tokens, "temperature": 0}}  # fmt: skip
+    t0 = time.perf_counter()
+    ttft, tokens = float("nan"), 0
+    async with client.stream("POST", "/api/generate", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line:
+                continue
+            obj = json.loads(line)
+            if "error" in obj:
+                raise RuntimeError(f"the server reported: {obj['error']}")
+            if obj.get("response") and ttft != ttft:
+                ttft = time.perf_counter() - t0
+            if obj.get("done"):
+                tokens = int(obj["eval_count"])
+    return StreamResult(tokens, ttft, time.perf_counter() - t0)
+
+
+async def level(url: str, model: str, n: int, max_tokens: int, api: str = "openai") -> tuple[float, list[StreamResult]]:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         t0 = time.perf_counter()
         results = await asyncio.gather(
-            *(one_stream(client, model, f"Here is a short story about {TOPICS[i % len(TOPICS)]}:", max_tokens)
+            *(one_stream(client, model, f"Here is a short story about {TOPICS[i % len(TOPICS)]}:", max_tokens, api)
               for i in range(n))
         )  # fmt: skip
         wall = time.perf_counter() - t0
@@ -120,12 +144,14 @@ def percentile(values: list[float], q: float) -> float:
     return data[k]
 
 
-def measure(url: str, model: str, n: int, max_tokens: int, proc: subprocess.Popen[bytes] | None) -> dict[str, float]:
+def measure(
+    url: str, model: str, n: int, max_tokens: int, proc: subprocess.Popen[bytes] | None, api: str = "openai"
+) -> dict[str, float]:
     """One level: ``n`` streams at once; tokens/s, TTFT and the CPU per token of the server, nodes and this bench."""
     cpu0 = cpu_seconds(proc.pid) if proc is not None else (float("nan"), float("nan"))
     stats0 = scheduler_stats(url)
     client0 = time.process_time()
-    tps, results = asyncio.run(level(url, model, n, max_tokens))
+    tps, results = asyncio.run(level(url, model, n, max_tokens, api))
     client_s = time.process_time() - client0
     cpu1 = cpu_seconds(proc.pid) if proc is not None else cpu0
     stats1 = scheduler_stats(url)
@@ -222,6 +248,8 @@ def main() -> None:
         help="passes over the levels (1,2,..,16, 1,2,..,16, ...); the table shows each level's median",
     )
     ap.add_argument("--dtype", default="auto", help="serve --dtype: auto (GGUF blocks packed on the nodes), float32")
+    ap.add_argument("--api", choices=["openai", "ollama"], default="openai",
+                    help="the streams' route: /v1/completions (SSE) or /api/generate (NDJSON)")  # fmt: skip
     ap.add_argument("--micro-batches", type=int, default=0, help="serve --micro-batches (0: the server's default)")
     ap.add_argument(
         "--ceiling",
@@ -248,11 +276,11 @@ def main() -> None:
         proc, url = start_server(args.nodes, max(levels), 256 + args.max_tokens, args.threads, args.dtype,
                                  args.micro_batches)  # fmt: skip
     try:
-        asyncio.run(level(url, args.model, 1, 4))  # warm-up
+        asyncio.run(level(url, args.model, 1, 4, args.api))  # warm-up
         runs: dict[int, list[dict[str, float]]] = {n: [] for n in levels}
         for _ in range(args.rounds):  # interleaved, so a load spike does not land on one level only
             for n in levels:
-                runs[n].append(measure(url, args.model, n, args.max_tokens, proc))
+                runs[n].append(measure(url, args.model, n, args.max_tokens, proc, args.api))
                 log.info("%d streams: %.1f tok/s", n, runs[n][-1]["tokens_per_s"])
             if args.ceiling:  # the server is idle meanwhile
                 for n, tps in ceiling(levels, args.max_tokens, args.dtype).items():
@@ -276,10 +304,11 @@ def main() -> None:
             proc.wait(30)
     if args.json:
         rounds = {n: [r["tokens_per_s"] for r in runs[n]] for n in levels}
-        print(json.dumps({"nodes": args.nodes, "max_tokens": args.max_tokens, "dtype": args.dtype,
+        print(json.dumps({"nodes": args.nodes, "max_tokens": args.max_tokens, "dtype": args.dtype, "api": args.api,
                           "load_avg_1m": load_average(), "levels": data, "tokens_per_s_rounds": rounds}))  # fmt: skip
     else:
-        caption = (f"{args.nodes}-node loopback pipeline, --dtype {args.dtype}, --micro-batches {args.micro_batches}, "
+        caption = (f"{args.nodes}-node loopback pipeline, --api {args.api}, --dtype {args.dtype}, "
+                   f"--micro-batches {args.micro_batches}, "
                    f"{args.max_tokens} tokens/stream, medians of {args.rounds} interleaved rounds, "
                    f"load avg {load_average() or 0:.1f}; goal at 8: 6x")  # fmt: skip
         columns = ["streams", "tok/s", "rounds", f"÷ {levels[0]} stream(s)", "TTFT p50 ms", "TTFT p95 ms",

@@ -242,3 +242,50 @@ def test_delta_events_are_the_bytes_of_the_encoded_chunk(include_usage: bool) ->
             if include_usage:
                 obj["usage"] = None
             assert event(delta) == _sse(obj), (chunk.__name__, delta)
+
+
+def test_ollama_delta_lines_are_the_bytes_of_the_encoded_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each token's NDJSON line, made from a chunk encoded once, is byte for byte the chunk encoded anew with its own
+    ``created_at`` (both routes' chunk shapes, deltas and model names JSON must escape); a chunk where a field mimics
+    a mark, or that holds the delta before ``created_at``, is encoded anew."""
+    from coordinator.api import ollama_routes
+    from coordinator.api.ollama_routes import _CREATED, _DELTA, _delta_lines
+
+    stamps = iter(f"2026-11-24T00:00:{s:02d}.{s:06d}Z" for s in range(10_000))
+    monkeypatch.setattr(ollama_routes, "_now", lambda: next(stamps))
+
+    def generate(created: str, delta: str) -> dict[str, object]:
+        return {"model": 'x"\\é', "created_at": created, "response": delta, "done": False}
+
+    def chat(created: str, delta: str) -> dict[str, object]:
+        return {"model": "tiny", "created_at": created, "message": {"role": "assistant", "content": delta},
+                "done": False}  # fmt: skip
+
+    def mimic(created: str, delta: str) -> dict[str, object]:
+        return {"model": _DELTA, "created_at": created, "response": delta}
+
+    def reversed_(created: str, delta: str) -> dict[str, object]:
+        return {"response": delta, "created_at": created}
+
+    deltas = ["Hello", " world", 'quote " and \\ back', "é中🙂", "\n\t\r", "\u2028\u0000", " </s>", "{}", _CREATED]
+    for piece in (generate, chat, mimic, reversed_):
+        line = _delta_lines(piece)
+        for delta in deltas:
+            got = line(delta)
+            created = json.loads(got)["created_at"]
+            assert got == (json.dumps(piece(created, delta)) + "\n").encode(), (piece.__name__, delta)
+        assert len({json.loads(line(d))["created_at"] for d in deltas}) == len(deltas)  # each line its own time
+
+
+@pytest.mark.parametrize("path", ["/api/generate", "/api/chat"])
+def test_ollama_stream_lines_are_their_objects_encoded(client: TestClient, path: str) -> None:
+    """The routes' streamed lines read back and encoded anew give the same bytes, and carry the delta."""
+    body = {"model": "tiny", "options": {"num_predict": 3, "temperature": 0}}
+    body |= {"prompt": "hi"} if path == "/api/generate" else {"messages": [{"role": "user", "content": "hi"}]}
+    lines = client.post(path, json=body, headers=AUTH).content.splitlines(keepends=True)
+    assert len(lines) == 4, lines
+    for raw in lines[:-1]:
+        obj = json.loads(raw)
+        assert raw == (json.dumps(obj) + "\n").encode()
+        assert obj["done"] is False and (obj.get("response") or obj["message"]["content"])
+    assert json.loads(lines[-1])["done"] is True

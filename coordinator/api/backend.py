@@ -173,6 +173,8 @@ class TextRun:
         self.prompt_ids = list(prompt_ids)
         self.stop = [s for s in stop if s]
         self.t_start = time.perf_counter()
+        # grows by concatenation, quadratic but small: a 4096-token answer's copies take 1.1 ms in all (0.27 us a
+        # token, 32768 tokens: 1.7 us) against ~280 us of coordinator CPU a streamed token (bench/api_overhead.py)
         self.text = ""
         self.finish_reason = "length"
         self.completion_ids: list[int] = []
