@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -28,9 +28,9 @@ from node.slices import PartialSlice, SliceMismatchError
 from node.stage_host import StageHost
 from node.wire import (
     MAX_MESSAGE_BYTES,
-    Frame,
     FrameAssembler,
     FrameResult,
+    PendingFrame,
     WireError,
     chunk_crc,
     frame_to_messages,
@@ -82,20 +82,18 @@ class ProtocolInterceptor(aio.ServerInterceptor):
         return with_behaviour(handler, refuse)
 
 
-def _step(
-    host: StageHost, build: Callable[[], Frame], rows_pb: Sequence[pb.Row]
-) -> list[pb.ForwardMessage] | pb.ForwardReply:
+def _step(host: StageHost, pending: PendingFrame) -> list[pb.ForwardMessage] | pb.ForwardReply:
     """On the compute thread: the frame made from its bytes (``FrameAssembler.take``), run through the stage, and its
     result encoded (the messages for the next stage, the rows passed on as they came; or the reply with the tokens),
     so the event loop only reads and writes messages: less work there, and no torch call that would hand the GIL to
     the compute thread and wait to get it back."""
-    frame = build()
+    frame = pending.build()
     timeline.mark("start", frame.frame_id)
     result = host.run(frame)
     timeline.mark("end", frame.frame_id)
     if isinstance(result, FrameResult):
         return result_to_pb(result)
-    return list(frame_to_messages(result, rows_pb=rows_pb if result.rows is frame.rows else None))
+    return list(frame_to_messages(result, rows_pb=pending.rows_pb if result.rows is frame.rows else None))
 
 
 def _report(out: asyncio.Queue[Any], error: BaseException) -> None:
@@ -328,14 +326,14 @@ class NodeServicer(pb_grpc.NodeServicer):
             async for msg in request_iterator:
                 if msg.WhichOneof("kind") != "part":
                     raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "OpenStream may only be the first message")
-                build = assembler.take(msg.part)
-                if build is None:
+                pending = assembler.take(msg.part)
+                if pending is None:
                     continue
-                timeline.mark("arrive", msg.part.frame_id)
+                timeline.mark("arrive", pending.frame_id)
                 host = self.service.host
                 if host is None:
                     raise WireError(grpc.StatusCode.FAILED_PRECONDITION, "the shard was released")
-                computed.put_nowait(self._start(_step, host, build, assembler.rows_pb))
+                computed.put_nowait(self._start(_step, host, pending))
             computed.put_nowait(None)
             await sender
         except Exception as e:

@@ -318,7 +318,7 @@ def frame_to_messages(
     frame: Frame, part_bytes: int = DEFAULT_PART_BYTES, rows_pb: Sequence[pb.Row] | None = None
 ) -> Iterator[pb.ForwardMessage]:
     """The frame as one or more ``FramePart`` messages of at most ``part_bytes`` tensor bytes each. ``rows_pb``:
-    ``frame.rows`` already encoded (a stage passes on the rows it was sent: ``FrameAssembler.rows_pb``)."""
+    ``frame.rows`` already encoded (a stage passes on the rows it was sent: ``PendingFrame.rows_pb``)."""
     rows = [_row_to_pb(r) for r in frame.rows] if rows_pb is None else rows_pb
     if frame.hidden is None:
         part = pb.FramePart(frame_id=frame.frame_id, layer=frame.layer, rows=rows, last=True)
@@ -338,6 +338,17 @@ def frame_to_messages(
         yield pb.ForwardMessage(part=part)
 
 
+@dataclass(frozen=True, slots=True)
+class PendingFrame:
+    """A frame whose parts have all arrived (``FrameAssembler.take``), not made yet: ``build()`` makes it, its tensor
+    from the bytes (checked there), which a node leaves to its compute thread (no torch call on the event loop).
+    ``rows_pb`` are its rows as they came, so a stage passes them on without encoding them again."""
+
+    frame_id: int
+    rows_pb: Sequence[pb.Row]
+    build: Callable[[], Frame]
+
+
 class FrameAssembler:
     """Collects the parts of one frame at a time (parts of different frames never interleave on a stream)."""
 
@@ -345,16 +356,14 @@ class FrameAssembler:
         self.max_frame_bytes = max_frame_bytes
         self._first: pb.FramePart | None = None
         self._data = bytearray()
-        self.rows_pb: Sequence[pb.Row] = ()  # the rows of the last frame returned, as they came
 
     def push(self, part: pb.FramePart) -> Frame | None:
         """Add a part; returns the frame when its last part arrived."""
-        build = self.take(part)
-        return None if build is None else build()
+        pending = self.take(part)
+        return None if pending is None else pending.build()
 
-    def take(self, part: pb.FramePart) -> Callable[[], Frame] | None:
-        """``push``, but the whole frame comes as a function that makes it: its tensor from the bytes (checked
-        there), which a node leaves to its compute thread (no torch call on the event loop)."""
+    def take(self, part: pb.FramePart) -> PendingFrame | None:
+        """``push``, but the whole frame comes as a ``PendingFrame``, to be made where its tensor may be built."""
         if self._first is None:
             if part.HasField("hidden") and part.hidden.nbytes > self.max_frame_bytes:
                 raise WireError(
@@ -380,13 +389,14 @@ class FrameAssembler:
             return None
         self._first = None
         rows = tuple(map(_row_from_pb, first.rows))
-        self.rows_pb = first.rows
         if not rows:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"frame {first.frame_id} has no rows")
         if not first.HasField("hidden"):
-            return functools.partial(Frame, first.frame_id, first.layer, rows, None)
-        dtype, shape = dtype_from_pb(first.hidden.dtype), list(first.hidden.shape)
-        return functools.partial(_frame_of_bytes, first.frame_id, first.layer, rows, self._data, dtype, shape)
+            build = functools.partial(Frame, first.frame_id, first.layer, rows, None)
+        else:
+            dtype, shape = dtype_from_pb(first.hidden.dtype), list(first.hidden.shape)
+            build = functools.partial(_frame_of_bytes, first.frame_id, first.layer, rows, self._data, dtype, shape)
+        return PendingFrame(first.frame_id, first.rows, build)
 
 
 def _frame_of_bytes(

@@ -67,6 +67,28 @@ def test_frames_round_trip_through_parts() -> None:
         assert frame.hidden is not None and frame.hidden.dtype == dtype and torch.equal(frame.hidden, hidden)
 
 
+def test_each_assembled_frame_carries_its_own_rows_as_they_came() -> None:
+    # a stage passes on the rows it was sent; with the rows kept as the assembler's last-frame state, a frame whose
+    # compute was still queued when the next frame arrived would have passed on that next frame's rows
+    first = (RowInput(1, 0, 4, (5,)), RowInput(2, 1, 9, (6,), SamplingParams(temperature=0.5, seed=7)))
+    second = (RowInput(3, 2, 0, (7, 8)),)
+    assembler = FrameAssembler()
+    pending = []
+    for fid, rows in ((1, first), (2, second)):
+        (msg,) = frame_to_messages(Frame(fid, 3, rows, torch.randn(sum(len(r.tokens) for r in rows), 8)))
+        pending.append(assembler.take(msg.part))
+    a, b = pending
+    assert a is not None and b is not None
+    assert (a.frame_id, b.frame_id) == (1, 2)
+    assert [r.request_id for r in a.rows_pb] == [1, 2] and [r.request_id for r in b.rows_pb] == [3]
+    assert a.build().rows == first and b.build().rows == second
+    # passed on unchanged: the message a stage sends from the rows it got is the one it would encode anew
+    out = Frame(1, 5, first, torch.zeros(2, 8))
+    (again,) = frame_to_messages(out, rows_pb=a.rows_pb)
+    (fresh,) = frame_to_messages(out)
+    assert again.SerializeToString() == fresh.SerializeToString()
+
+
 def test_a_frame_claiming_more_bytes_than_allowed_is_refused_before_allocation() -> None:
     part = pb.FramePart(frame_id=1, layer=1, hidden=pb.TensorHeader(dtype=pb.DTYPE_FLOAT32, shape=[1 << 30, 1 << 10],
                         nbytes=1 << 42), rows=[pb.Row(tokens=[1])])  # fmt: skip
