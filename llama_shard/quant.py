@@ -18,8 +18,8 @@ Every GGUF format whose blocks are an affine map of integer codes over groups of
   by side along K (``[hi | lo]``, each group in one plane) and the activation is repeated, so one call of the
   int4 kernel sums both: ``(hi - 8) · 16d + (lo - 8) · d + 8d``. The codes stay exact; only scales round.
 - Q5_0 ``w = d (q - 16)`` / Q5_1 ``w = d q + m`` with 5-bit ``q = 16 hi + lo``: two planes as Q8_0's, the top bit
-  (code hi + 7 / hi + 8, scale 16d, zero 0) and the low nibble (scale d, zero 8d / 8d + m). Types of one plane
-  count stack into one matmul (llama.cpp's Q4_K_M: Q5_0 attn_q/k, Q8_0 attn_v).
+  (code hi + 7 / hi + 8, scale 16d, zero 0) and the low nibble (scale d, zero 8d / 8d + m). llama.cpp's K-quant
+  mixes of models with rows that are not a multiple of 256 hold most tensors in these (Q4_K_M: Q5_0).
 - ``int4`` / ``int8`` at load (``--quantize``, float checkpoints): the same two layouts, asymmetric int4 or
   symmetric int8 per group of 32, computed from the float weight.
 
