@@ -125,6 +125,20 @@ class LlamaCppEngine:
         logits = self._np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         return int(logits.argmax())
 
+    def log_likelihoods(self, ids: Sequence[int]) -> list[float]:
+        """Teacher-forced: the log-probability of each of ``ids[1:]`` after the ids before it, fed one at a time
+        (the decode path, as llama-node's ``bench/quant_mixes.py`` side), in fp64 from the fp32 logits."""
+        np = self._np
+        self.llm.reset()
+        out = []
+        for i, token in enumerate(ids[:-1]):
+            self.llm.eval([token])
+            ptr = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+            logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+            top = logits.max()
+            out.append(float(logits[ids[i + 1]] - top - np.log(np.exp(logits - top).sum())))
+        return out
+
     def generate(self, prompt_ids: Sequence[int], max_tokens: int) -> Sample:
         llm = self.llm
         llm.reset()  # n_tokens = 0; eval() then drops the whole KV cache

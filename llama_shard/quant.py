@@ -17,13 +17,16 @@ Every GGUF format whose blocks are an affine map of integer codes over groups of
 - Q8_0 ``w = d q`` with 8-bit q: written as ``q + 128 = 16 hi + lo`` in two 4-bit *planes*. The planes sit side
   by side along K (``[hi | lo]``, each group in one plane) and the activation is repeated, so one call of the
   int4 kernel sums both: ``(hi - 8) · 16d + (lo - 8) · d + 8d``. The codes stay exact; only scales round.
+- Q5_0 ``w = d (q - 16)`` / Q5_1 ``w = d q + m`` with 5-bit ``q = 16 hi + lo``: two planes as Q8_0's, the top bit
+  (code hi + 7 / hi + 8, scale 16d, zero 0) and the low nibble (scale d, zero 8d / 8d + m). llama.cpp's K-quant
+  mixes of models with rows that are not a multiple of 256 hold most tensors in these (Q4_K_M: Q5_0).
 - ``int4`` / ``int8`` at load (``--quantize``, float checkpoints): the same two layouts, asymmetric int4 or
   symmetric int8 per group of 32, computed from the float weight.
 
 What is not exact: scales and zeros are bf16 in this kernel (relative rounding ≤ 2^-9), and so is the activation
 (also ≤ 2^-9) and the output. llama.cpp itself rounds activations to 8 bits (Q8_0/Q8_1) for these formats.
 
-Formats with a scale per 16 weights (Q6_K, Q2_K, Q3_K) or 5-bit codes are dequantised at load into a bf16
+Formats with a scale per 16 weights (Q6_K, Q2_K, Q3_K) or 5-bit K-quant codes (Q5_K) are dequantised at load into a bf16
 ``DenseLinear`` (2 bytes per weight) — no packed kernel here takes groups under 32. The native kernel takes all of
 them packed (``GGMLLinear``): a 2- or 3-bit file held in bf16 here is 5-6x its size.
 
@@ -64,7 +67,7 @@ class QuantMode(StrEnum):
 QT = GGMLQuantizationType
 
 #: GGUF types that are repacked for the int4 kernel, and how many 4-bit planes each takes.
-PACKED_TYPES: dict[GGMLQuantizationType, int] = {QT.Q4_0: 1, QT.Q4_1: 1, QT.Q4_K: 1, QT.Q8_0: 2}
+PACKED_TYPES: dict[GGMLQuantizationType, int] = {QT.Q4_0: 1, QT.Q4_1: 1, QT.Q4_K: 1, QT.Q5_0: 2, QT.Q5_1: 2, QT.Q8_0: 2}
 
 
 class Int4Planes:
@@ -127,6 +130,26 @@ def _q8_planes(codes: Tensor, d: Tensor) -> Int4Planes:
     return Int4Planes(torch.from_numpy(q).view(u.shape[0], -1), scale, zero, 2)
 
 
+def _q5_planes(r: np.ndarray, qtype: GGMLQuantizationType, cols: int) -> Int4Planes:
+    """Q5_0 ``w = d (q - 16)`` / Q5_1 ``w = d q + m`` with ``q = 16 hi + lo`` as two planes, as Q8_0: the top bit
+    (code ``hi + 7`` resp. ``hi + 8``, scale ``16 d``, zero 0) and the low nibble (code ``lo``, scale ``d``, zero
+    ``8 d`` resp. ``8 d + m``). The zeros are those of Q4_0 / Q4_1's own plane, so rounding them to bf16 costs what
+    it costs those types; a zero of ``-128 d`` (the top bit's offset folded in) would err by a quarter of a step."""
+    n = r.shape[0]
+    head = 2 if qtype == QT.Q5_0 else 4  # d (and m) before the 4 bytes of top bits
+    b = r.reshape(n, -1, head + 20)
+    qh = np.ascontiguousarray(b[..., head : head + 4]).view("<u4")  # [N, blocks, 1]: bit j is element j's top bit
+    q = np.empty((n, 2, b.shape[1], 32), dtype=np.uint8)  # [N, plane, block, element]: top-bit plane, then low
+    np.bitwise_and(np.right_shift(qh, np.arange(32, dtype=np.uint32)), 1, out=q[:, 0], casting="unsafe")
+    q[:, 0] += 7 if qtype == QT.Q5_0 else 8
+    _nibbles(b[..., head + 4 :], q[:, 1])
+    d = _f16(b[..., 0:2])
+    low_zero = 8 * d if qtype == QT.Q5_0 else 8 * d + _f16(b[..., 2:4])
+    scale = torch.cat((16 * d, d), dim=1)
+    zero = torch.cat((torch.zeros_like(d), low_zero), dim=1)
+    return Int4Planes(torch.from_numpy(q).view(n, 2 * cols), scale, zero, 2)
+
+
 def gguf_planes(raw: Tensor, qtype: GGMLQuantizationType, cols: int) -> Int4Planes:
     """Decode GGUF blocks ``raw`` (uint8 ``[N, bytes per row]``) of a ``PACKED_TYPES`` type into int4 planes.
 
@@ -155,6 +178,8 @@ def gguf_planes(raw: Tensor, qtype: GGMLQuantizationType, cols: int) -> Int4Plan
         np.bitwise_and(qs, 0x0F, out=q[..., 0, :])
         np.right_shift(qs, 4, out=q[..., 1, :])
         return Int4Planes(torch.from_numpy(q).view(n, cols), scale.reshape(n, -1), zero.reshape(n, -1), 1)
+    if qtype in (QT.Q5_0, QT.Q5_1):
+        return _q5_planes(r, qtype, cols)
     if qtype == QT.Q8_0:
         b = r.reshape(n, -1, 34)
         d = _f16(b[..., 0:2])

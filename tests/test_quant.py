@@ -44,7 +44,7 @@ from gguf_util import encode, hf_to_gguf  # noqa: E402
 
 Q = GGMLQuantizationType
 U = 2.0**-9  # bf16 unit roundoff
-PACKED = [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0]
+PACKED = [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0, Q.Q5_0, Q.Q5_1]
 
 
 def _blocks(qtype: GGMLQuantizationType, rows: int = 96, cols: int = 512, seed: int = 0) -> np.ndarray:
@@ -234,3 +234,25 @@ def test_safetensors_quantised_at_load(make_hf_llama: Callable[..., Path], mode:
     # Measured: int8 ≈ 1.7%, int4 ≈ 18%.
     assert rel < (0.04 if mode == QuantMode.int8 else 0.3), rel
     assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() > (0.999 if mode == QuantMode.int8 else 0.95)
+
+
+def test_q5_layers_stay_packed_without_the_kernel(
+    make_hf_llama: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama.cpp's Q4_K_M / Q5_K_M of a model whose rows are not a multiple of 256 (SmolLM2's 576) hold attn_q/k/o and
+    the FFN in Q5_0 / Q5_1, attn_v raised to Q8_0 in some layers: without the native kernel Q5_x are two int4 planes
+    like Q8_0, not a bf16 copy. wq|wk|wv is one matmul where its types agree, and apart where they do not."""
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    overrides = {"blk.0.attn_v.weight": Q.Q8_0, "blk.1.attn_q.weight": Q.Q4_0, "blk.1.attn_k.weight": Q.Q4_0}
+    path = hf_to_gguf(make_hf_llama(), tmp_path / "m.gguf", weight_type=Q.Q5_0, type_overrides=overrides)
+    source = open_source(path)
+    exact = load_stage(source, ShardSpec.whole(4))
+    packed = load_stage(source, ShardSpec.whole(4), quantize=QuantMode.gguf)
+    assert not [n for n, m in packed.named_modules() if isinstance(m, DenseLinear)]
+    mixed, plain = packed.layers["0"].attention, packed.layers["2"].attention
+    assert mixed.wqkv is None and {type(mixed.wq), type(mixed.wk), type(mixed.wv)} == {QuantLinear}
+    assert isinstance(plain.wqkv, QuantLinear) and plain.wqkv.planes == 2
+    with torch.inference_mode():
+        a, b = _prefill([exact], IDS), _prefill([packed], IDS)
+    rel = ((a - b).norm() / a.norm()).item()
+    assert rel < 0.03, rel  # the bound of test_quantised_stage_tracks_the_exact_fp32_stage (bf16 roundings only)
