@@ -27,7 +27,7 @@ from grpc import aio
 
 from coordinator.api.backend import Backend
 from coordinator.api.errors import ApiError
-from coordinator.scheduler import RowWork
+from coordinator.scheduler import RowError, RowResult, RowWork
 
 if TYPE_CHECKING:
     from coordinator.cluster import ClusterRuntime
@@ -60,9 +60,22 @@ def _wire_row() -> type[RowInput]:
 _FRAME_CODES = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION", "DATA_LOSS", "INTERNAL"})
 
 
+#: of those, the statuses about what a row carries (its ids, its positions): the request's fault, an HTTP 400
+_REQUEST_CODES = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE"})
+
+
 def _frame_error(e: BaseException) -> bool:
     code = getattr(e, "code", None)
     return callable(code) and getattr(code(), "name", None) in _FRAME_CODES
+
+
+def _row_error(e: BaseException) -> RowError:
+    """What a request whose row a node failed *alone* is told: the node's own words, and a 400 when they are about
+    what the row carries (the API checks ids and lengths first, so this is a node that knows better), else a 500."""
+    code, details = (e.code().name, e.details() or "") if isinstance(e, aio.AioRpcError) else ("", str(e))
+    if code in _REQUEST_CODES:
+        return RowError(f"a node refused this request: {details}", 400)
+    return RowError(f"the model failed on this request: {details} ({code})", 500)
 
 
 @dataclass(slots=True)
@@ -105,11 +118,12 @@ class ClusterExecutor:
         self.fixed_depth, self.on_close = depth, on_close
         self.depth = depth or runtime.cluster.depth
         self.replayed_rows = 0  # rows fed again into a new pipeline (visible to tests and logs)
+        self.split_steps = 0  # steps whose rows were run one by one to find the row a node refuses
         self._current: PipelineClient | None = None
         self._slots: dict[int, _SlotLog] = {}
         self._retry = asyncio.Lock()  # steps retried after a frame error run one at a time
 
-    def run(self, rows: Sequence[RowWork]) -> asyncio.Future[list[int | None]]:
+    def run(self, rows: Sequence[RowWork]) -> asyncio.Future[list[RowResult]]:
         """Hands the step to the runtime's event loop now; the future settles on the caller's loop. Called on that
         loop (``serve`` runs the HTTP server there), the step is a task of it: no hop between threads."""
         loop = self.runtime.runner.loop
@@ -125,8 +139,9 @@ class ClusterExecutor:
                 await asyncio.to_thread(self.on_close)
 
     # ------------------------------------------------------------------------ on the runtime's event loop
-    async def _run(self, rows: list[RowWork]) -> list[int | None]:
+    async def _run(self, rows: list[RowWork]) -> list[RowResult]:
         failed: PipelineClient | None = None  # after a frame error: the client it broke, and this step runs again
+        alone: dict[int, RowResult] | None = None  # after the retry failed too: the outcomes of rows run alone
         while True:
             client = await self._client()
             try:
@@ -137,15 +152,30 @@ class ClusterExecutor:
                 # again is its own doing (a victim's retry no longer shares the stream with the culprit's).
                 async with self._retry:
                     await self.runtime.cluster.reopen(failed)  # nothing if another retry reopened it already
-                    client = await self._client()
-                    try:
-                        return await self._step(client, rows)
-                    except Exception as e:
-                        # the culprit's retry breaks its streams again: they are reopened before the lock is let
-                        # go (reopened after it, the next victim's retry took the broken streams and failed too)
-                        if _frame_error(e):
+                    if alone is None:
+                        client = await self._client()
+                        try:
+                            return await self._step(client, rows)
+                        except Exception as e:
+                            if not _frame_error(e):
+                                raise
+                            # the culprit's retry breaks its streams again: they are reopened before the lock is
+                            # let go (reopened after it, the next victim's retry took the broken streams)
                             await self.runtime.cluster.reopen(client)
-                        raise
+                            if len(rows) == 1:
+                                alone = {0: _row_error(e)}  # it ran alone already
+                            else:
+                                alone = {}
+                                log.warning("a step of %d rows failed again (%s); running each row alone", len(rows),
+                                            _row_error(e))  # fmt: skip
+                    # A frame fails as a whole, so which rows a node refuses is found by running each alone, still
+                    # under the lock: the rows the step shares with the culprit complete, only the culprit fails.
+                    # The cost is bounded by the step: one single-row frame per row (at most a step's rows, which
+                    # are at most the slots) and one reopen per row refused; after a reopen, each request in
+                    # progress replays its rows into the new streams once (``_replay``). A failed frame may have
+                    # written KV at stages before the refusing one; running the row again writes the same positions
+                    # (a stage accepts a row that starts at or before its slot's length), so nothing stale is read.
+                    return await self._alone(rows, alone)
             except Exception as e:
                 if _frame_error(e):
                     if failed is not None:
@@ -161,7 +191,31 @@ class ClusterExecutor:
                     continue
                 raise
 
-    async def _step(self, client: PipelineClient, rows: list[RowWork]) -> list[int | None]:
+    async def _alone(self, rows: list[RowWork], outcomes: dict[int, RowResult]) -> list[RowResult]:
+        """Each row of ``rows`` not in ``outcomes`` in a frame of its own (under ``_retry``); a row a node fails then
+        gets a ``RowError``. ``outcomes`` keeps what is done, so after a node is lost (an error that is no frame's:
+        raised, and the executor waits for the re-plan) the rest runs on the new pipeline and no row runs twice."""
+        t0, reopened = time.perf_counter(), 0
+        for i, row in enumerate(rows):
+            if i in outcomes:
+                continue
+            client = await self._client()
+            try:
+                (outcomes[i],) = await self._step(client, [row])
+            except Exception as e:
+                if not _frame_error(e):
+                    raise
+                await self.runtime.cluster.reopen(client)
+                outcomes[i] = _row_error(e)
+                reopened += 1
+        if len(rows) > 1:
+            self.split_steps += 1
+            refused = [r.request_id for i, r in enumerate(rows) if isinstance(outcomes[i], RowError)]
+            log.warning("split a step of %d rows: request(s) %s refused, the others ran (%d reopen(s), %.2f s)",
+                        len(rows), refused, reopened, time.perf_counter() - t0)  # fmt: skip
+        return [outcomes[i] for i in range(len(rows))]
+
+    async def _step(self, client: PipelineClient, rows: list[RowWork]) -> list[RowResult]:
         logs = [self._log_for(r, client) for r in rows]
         await self._replay(client, logs)
         outputs = await client.forward(

@@ -37,14 +37,16 @@ class FakePipeline:
         self.frames = 0
         self.cluster, self.replan_after, self.fail = cluster, replan_after, fail
         self.next: FakePipeline | None = None
-        self.bad = bad  # a request id a node fails with INTERNAL, which ends the stream (every later frame fails too)
+        self.bad = bad  # a request id a node fails with ``code``, which ends the stream (every later frame fails too)
+        self.code = grpc.StatusCode.INTERNAL
         self.broken: aio.AioRpcError | None = None
 
     async def forward(self, rows: Sequence[RowInput]) -> list[RowOutput]:
         await asyncio.sleep(0)
         self.frames += 1
         if self.broken is None and any(r.request_id == self.bad for r in rows):
-            self.broken = aio.AioRpcError(grpc.StatusCode.INTERNAL, aio.Metadata(), aio.Metadata(), "ValueError: bad")
+            details = f"request {self.bad}: token id outside the vocabulary of 500"
+            self.broken = aio.AioRpcError(self.code, aio.Metadata(), aio.Metadata(), details)
         if self.broken is not None:
             raise self.broken
         if self.frames == self.replan_after:
@@ -77,6 +79,7 @@ class FakeCluster:
     async def reopen(self, failed: FakePipeline) -> None:
         if self.client is failed:  # new streams: the fake's caches start empty, so replay must rebuild them
             self.client, self.reopened = FakePipeline(bad=failed.bad), self.reopened + 1
+            self.client.code = failed.code
 
 
 @dataclass
@@ -220,3 +223,55 @@ def test_an_error_of_this_process_fails_the_step_without_waiting_for_a_replan(ru
     reason, elapsed = asyncio.run(go())
     assert reason == "error"
     assert elapsed < 10, f"{elapsed:.1f} s: the step waited for a re-plan"
+
+
+@pytest.mark.parametrize("joins", ["prompt-chunks", "decode-rows"])
+def test_a_refused_row_fails_alone_and_the_rows_sharing_its_step_get_their_answers(
+    runner: LoopThread, joins: str
+) -> None:
+    """A node that refuses one row fails its whole frame, and the step's retry fails the same way: the step is then
+    split, each row run alone, so only the refused request ends (with the node's reason, a 400: INVALID_ARGUMENT is
+    about what the row carries), and the requests that shared its step get exactly their answers. ``joins``: the
+    refused prompt chunk shares a step with the others' prompt chunks, or (arriving later) with their decode rows."""
+    expected, _ = _answers(FakePipeline(), FakeCluster(), runner)
+    cluster = FakeCluster(depth=1)  # one step in flight: every ready row is in it
+    runner.run(_set(cluster.ready))
+    executor = ClusterExecutor(FakeRuntime(runner, cluster), n_slots=4, max_len=64, failover_s=60)  # type: ignore[arg-type]
+
+    async def go() -> list[tuple[str, int | None, str | None, list[int]]]:
+        scheduler = Scheduler(executor, prefill_chunk=16)  # the three first chunks (7 + 3 + 3 tokens) fit one step
+        good = [scheduler.submit(p, SamplingParams(), 12, frozenset()) for p in PROMPTS[:2]]
+        if joins == "decode-rows":
+            while not all(r.generated for r in good):
+                await asyncio.sleep(0)
+        bad = scheduler.submit([50, 51, 52], SamplingParams(), 12, frozenset())
+        assert cluster.client is not None
+        cluster.client.bad, cluster.client.code = bad.id, grpc.StatusCode.INVALID_ARGUMENT
+        requests = [*good, bad]
+        answers = await asyncio.wait_for(asyncio.gather(*(_collect(r) for r in requests)), 30)
+        later = scheduler.submit(PROMPTS[2], SamplingParams(), 12, frozenset())
+        answers.append(await asyncio.wait_for(_collect(later), 30))
+        free = scheduler.stats()["free_slots"]
+        await scheduler.stop()
+        assert free == 4, "a slot was left behind"
+        return [
+            (r.finish_reason, r.finish.status if r.finish else None, r.finish.error if r.finish else None, tokens)
+            for r, tokens in zip([*requests, later], answers, strict=True)
+        ]
+
+    cluster.client = FakePipeline()
+    out = asyncio.run(go())
+    # the requests beside the refused one, and one after it, get exactly their answers alone
+    assert [(o[0], o[3]) for o in (out[0], out[1], out[3])] == [("length", e) for e in expected]
+    # the refused one fails with the node's reason, as the request's fault
+    reason, status, error, _ = out[2]
+    assert (reason, status) == ("error", 400) and error is not None and "token id outside" in error, out[2]
+    assert "AioRpcError" not in error, error
+    assert executor.split_steps == 1
+
+
+async def _collect(r: Any) -> list[int]:
+    tokens: list[int] = []
+    with contextlib.suppress(Exception):
+        tokens.extend([t async for t in r.tokens()])
+    return tokens
