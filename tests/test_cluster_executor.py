@@ -31,21 +31,27 @@ class FakePipeline:
     """A pipeline whose per-slot cache is the list of tokens fed; ``on_forward`` may re-plan (or fail) mid-run."""
 
     def __init__(
-        self, cluster: FakeCluster | None = None, *, replan_after: int = -1, fail: bool = False, bad: int = -1
+        self,
+        cluster: FakeCluster | None = None,
+        *,
+        replan_after: int = -1,
+        fail: bool = False,
+        bad: set[int] | None = None,
     ) -> None:
         self.kv: dict[int, list[tuple[int, bool]]] = {}  # (token, fed as prefill) per position
         self.frames = 0
         self.cluster, self.replan_after, self.fail = cluster, replan_after, fail
         self.next: FakePipeline | None = None
-        self.bad = bad  # a request id a node fails with ``code``, which ends the stream (every later frame fails too)
+        self.bad = bad or set()  # request ids a node fails with ``code``, which ends the stream (every later frame too)
         self.code = grpc.StatusCode.INTERNAL
         self.broken: aio.AioRpcError | None = None
 
     async def forward(self, rows: Sequence[RowInput]) -> list[RowOutput]:
         await asyncio.sleep(0)
         self.frames += 1
-        if self.broken is None and any(r.request_id == self.bad for r in rows):
-            details = f"request {self.bad}: token id outside the vocabulary of 500"
+        refused = [r.request_id for r in rows if r.request_id in self.bad]
+        if self.broken is None and refused:
+            details = f"request {refused[0]}: token id outside the vocabulary of 500"
             self.broken = aio.AioRpcError(self.code, aio.Metadata(), aio.Metadata(), details)
         if self.broken is not None:
             raise self.broken
@@ -78,6 +84,9 @@ class FakeCluster:
 
     async def reopen(self, failed: FakePipeline) -> None:
         if self.client is failed:  # new streams: the fake's caches start empty, so replay must rebuild them
+            await asyncio.sleep(0)  # opening them takes a round trip, in which other steps run (as Cluster.reopen)
+            if self.client is not failed:
+                return
             self.client, self.reopened = FakePipeline(bad=failed.bad), self.reopened + 1
             self.client.code = failed.code
 
@@ -175,7 +184,7 @@ def test_a_frame_a_node_fails_does_not_break_the_pipeline(runner: LoopThread) ->
         good = [scheduler.submit(p, SamplingParams(), 12, frozenset()) for p in PROMPTS[:2]]
         bad = scheduler.submit(bad_prompt, SamplingParams(), 12, frozenset())
         assert cluster.client is not None
-        cluster.client.bad = bad.id
+        cluster.client.bad = {bad.id}
         t0 = asyncio.get_running_loop().time()
         out = []
         for r in [*good, bad]:
@@ -246,7 +255,7 @@ def test_a_refused_row_fails_alone_and_the_rows_sharing_its_step_get_their_answe
                 await asyncio.sleep(0)
         bad = scheduler.submit([50, 51, 52], SamplingParams(), 12, frozenset())
         assert cluster.client is not None
-        cluster.client.bad, cluster.client.code = bad.id, grpc.StatusCode.INVALID_ARGUMENT
+        cluster.client.bad, cluster.client.code = {bad.id}, grpc.StatusCode.INVALID_ARGUMENT
         requests = [*good, bad]
         answers = await asyncio.wait_for(asyncio.gather(*(_collect(r) for r in requests)), 30)
         later = scheduler.submit(PROMPTS[2], SamplingParams(), 12, frozenset())
@@ -275,3 +284,36 @@ async def _collect(r: Any) -> list[int]:
     with contextlib.suppress(Exception):
         tokens.extend([t async for t in r.tokens()])
     return tokens
+
+
+@pytest.mark.parametrize(("depth", "refused"), [(3, (2, 5)), (4, (0, 4))])
+def test_two_refused_rows_in_steps_in_flight_together_fail_alone(
+    runner: LoopThread, depth: int, refused: tuple[int, int]
+) -> None:
+    """Two requests a node refuses, in different steps of those in flight: each retry and each row run alone has the
+    streams to itself (first attempts wait, those in flight land, and streams they broke are reopened), so neither
+    refusal is blamed on a request retried or run alone beside the other. On the runtime's loop the order of events
+    is fixed; here the old executor failed an innocent request (its retry took streams a first attempt holding the
+    other refused row broke, or shared them with it)."""
+    prompts = [[10 * i, 10 * i + 1, 10 * i + 2] for i in range(6)]
+
+    def answers(refused: tuple[int, ...]) -> list[tuple[str, list[int]]]:
+        cluster = FakeCluster(depth=depth, client=FakePipeline())
+        runner.run(_set(cluster.ready))
+        executor = ClusterExecutor(FakeRuntime(runner, cluster), n_slots=8, max_len=64, failover_s=60)  # type: ignore[arg-type]
+
+        async def go() -> list[tuple[str, list[int]]]:
+            scheduler = Scheduler(executor, prefill_chunk=3)  # a prompt chunk per step
+            requests = [scheduler.submit(p, SamplingParams(), 12, frozenset()) for p in prompts]
+            assert cluster.client is not None
+            cluster.client.bad = {requests[i].id for i in refused}
+            out = await asyncio.wait_for(asyncio.gather(*(_collect(r) for r in requests)), 30)
+            await scheduler.stop()
+            return [(r.finish_reason, tokens) for r, tokens in zip(requests, out, strict=True)]
+
+        return runner.run(go())
+
+    expected = answers(())
+    got = answers(refused)
+    assert [reason == "error" for reason, _ in got] == [i in refused for i in range(6)], got
+    assert [o for i, o in enumerate(got) if i not in refused] == [o for i, o in enumerate(expected) if i not in refused]
