@@ -191,7 +191,8 @@ class ClusterExecutor:
         request in progress replays its rows into the new streams once (``_replay``). A failed frame may have written
         KV at the stages before the refusing one; running the row again writes the same positions (a stage takes a
         row that starts at or before its slot's length), so nothing stale is ever read."""
-        t0, outcomes = time.perf_counter(), list[RowResult]()
+        t0 = time.perf_counter()
+        outcomes: list[RowResult] = []
         for row in rows:
             try:
                 outcomes.extend(await self._retry_step([row]))

@@ -51,7 +51,11 @@ class FakePipeline:
         self.frames += 1
         refused = [r.request_id for r in rows if r.request_id in self.bad]
         if self.broken is None and refused:
-            details = f"request {refused[0]}: token id outside the vocabulary of 500"
+            details = (
+                "ValueError: bad"
+                if self.code == grpc.StatusCode.INTERNAL
+                else f"request {refused[0]}: token id outside the vocabulary of 500"
+            )
             self.broken = aio.AioRpcError(self.code, aio.Metadata(), aio.Metadata(), details)
         if self.broken is not None:
             raise self.broken
@@ -192,6 +196,9 @@ def test_a_frame_a_node_fails_does_not_break_the_pipeline(runner: LoopThread) ->
             with contextlib.suppress(Exception):
                 tokens.extend([t async for t in r.tokens()])
             out.append((r.finish_reason, tokens))
+        # INTERNAL (the node raised computing the row) is the server's fault: a 500, with the node's words
+        assert bad.finish is not None and bad.finish.status == 500, bad.finish
+        assert bad.finish.error == "the model failed on this request: ValueError: bad (INTERNAL)", bad.finish
         later = scheduler.submit(PROMPTS[2], SamplingParams(), 12, frozenset())
         tokens = [t async for t in later.tokens()]
         out.append((later.finish_reason, tokens))
