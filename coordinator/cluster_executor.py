@@ -7,7 +7,10 @@ when a node joins (or a peer stops answering) the runtime re-plans, loads the ne
 ``PipelineClient``. The executor picks the new client up between steps. The new stages' KV caches are empty, so
 before a request's next row goes there, the rows it already fed are *replayed* into it, cut exactly as they were
 first fed (batch-invariant numerics: the cache is rebuilt bit for bit, and greedy or seeded output is unchanged).
-A step that fails on a pipeline that has since been replaced is retried on the new one, the same way.
+A step that fails on a pipeline that has since been replaced is retried on the new one, the same way. A frame that
+a node fails (it refuses a row, or raises computing it) ends the streams every frame in flight shares: they are
+reopened to the same stages and the step is retried once; when the retry fails too, each of its rows runs alone, so
+only the rows the node refuses fail (a ``RowError`` each, with the node's reason) and the rest of the step completes.
 
 ``ClusterBackend`` answers 503 with ``Retry-After`` and the cluster's state while no pipeline is loaded (no node
 has joined yet, or too few are left), so clients know to come back.
@@ -16,10 +19,11 @@ has joined yet, or too few are left), so clients know to come back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,7 +31,7 @@ from grpc import aio
 
 from coordinator.api.backend import Backend
 from coordinator.api.errors import ApiError
-from coordinator.scheduler import RowWork
+from coordinator.scheduler import RowError, RowResult, RowWork
 
 if TYPE_CHECKING:
     from coordinator.cluster import ClusterRuntime
@@ -60,9 +64,22 @@ def _wire_row() -> type[RowInput]:
 _FRAME_CODES = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION", "DATA_LOSS", "INTERNAL"})
 
 
+#: of those, the statuses about what a row carries (its ids, its positions): the request's fault, an HTTP 400
+_REQUEST_CODES = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE"})
+
+
 def _frame_error(e: BaseException) -> bool:
     code = getattr(e, "code", None)
     return callable(code) and getattr(code(), "name", None) in _FRAME_CODES
+
+
+def _row_error(e: BaseException) -> RowError:
+    """What a request whose row a node failed *alone* is told: the node's own words, and a 400 when they are about
+    what the row carries (the API checks ids and lengths first, so this is a node that knows better), else a 500."""
+    code, details = (e.code().name, e.details() or "") if isinstance(e, aio.AioRpcError) else ("", str(e))
+    if code in _REQUEST_CODES:
+        return RowError(f"a node refused this request: {details}", 400)
+    return RowError(f"the model failed on this request: {details} ({code})", 500)
 
 
 @dataclass(slots=True)
@@ -105,11 +122,18 @@ class ClusterExecutor:
         self.fixed_depth, self.on_close = depth, on_close
         self.depth = depth or runtime.cluster.depth
         self.replayed_rows = 0  # rows fed again into a new pipeline (visible to tests and logs)
+        self.split_steps = 0  # steps whose rows were run one by one to find the row a node refuses
         self._current: PipelineClient | None = None
         self._slots: dict[int, _SlotLog] = {}
         self._retry = asyncio.Lock()  # steps retried after a frame error run one at a time
+        # ... and alone on the streams (``_retrying``): first attempts wait at ``_open`` while a retry runs, and the
+        # retry starts once those in flight (``_flying``) have landed (``_landed``): answered, or failed by a break
+        self._open, self._landed = asyncio.Event(), asyncio.Event()
+        self._open.set()
+        self._landed.set()
+        self._flying = 0
 
-    def run(self, rows: Sequence[RowWork]) -> asyncio.Future[list[int | None]]:
+    def run(self, rows: Sequence[RowWork]) -> asyncio.Future[list[RowResult]]:
         """Hands the step to the runtime's event loop now; the future settles on the caller's loop. Called on that
         loop (``serve`` runs the HTTP server there), the step is a task of it: no hop between threads."""
         loop = self.runtime.runner.loop
@@ -125,43 +149,113 @@ class ClusterExecutor:
                 await asyncio.to_thread(self.on_close)
 
     # ------------------------------------------------------------------------ on the runtime's event loop
-    async def _run(self, rows: list[RowWork]) -> list[int | None]:
-        failed: PipelineClient | None = None  # after a frame error: the client it broke, and this step runs again
+    async def _run(self, rows: list[RowWork]) -> list[RowResult]:
         while True:
+            while not self._open.is_set():  # a retry runs (``_retrying``): this step waits for it
+                await self._open.wait()
             client = await self._client()
+            if not self._open.is_set():  # a retry began while this waited for a pipeline
+                continue
             try:
-                if failed is None:
-                    return await self._step(client, rows)
-                # A node that fails one frame ends the stream every frame in flight shares, so this step may be
-                # another's victim: it runs again on reopened streams, one such retry at a time, so that failing
-                # again is its own doing (a victim's retry no longer shares the stream with the culprit's).
-                async with self._retry:
-                    await self.runtime.cluster.reopen(failed)  # nothing if another retry reopened it already
-                    client = await self._client()
-                    try:
-                        return await self._step(client, rows)
-                    except Exception as e:
-                        # the culprit's retry breaks its streams again: they are reopened before the lock is let
-                        # go (reopened after it, the next victim's retry took the broken streams and failed too)
-                        if _frame_error(e):
-                            await self.runtime.cluster.reopen(client)
-                        raise
+                return await self._flight(client, rows)
             except Exception as e:
                 if _frame_error(e):
-                    if failed is not None:
-                        raise
                     log.warning("a step of %d rows failed (%s); retrying it on reopened streams", len(rows), e)
-                    failed = client
-                    continue
-                # a node or link gone (the stream's status, or the stream closed): wait for the re-plan; an error of
-                # this process (a row the wire cannot carry, a bug) fails the step now
-                if isinstance(e, (aio.AioRpcError, ConnectionError)) and await self._replaced(client):
+                    break
+                if await self._lost(client, e):
                     log.warning("a step of %d rows failed on the old pipeline (%s); retrying on the new one", len(rows),
                                 e)  # fmt: skip
                     continue
                 raise
+        # A node that fails one frame ends the stream every frame in flight shares, so this step may be another's
+        # victim: it runs again on reopened streams, one such retry at a time and with no other step on them, so that
+        # failing again is its own doing (neither the culprit's retry nor a step holding another refused row shares
+        # the streams with a victim's retry, or with a row run alone below).
+        async with self._retrying():
+            try:
+                return await self._retry_step(rows)
+            except Exception as e:
+                if not _frame_error(e):
+                    raise
+                if len(rows) == 1:
+                    return [_row_error(e)]  # it ran alone already
+                log.warning("a step of %d rows failed again (%s); running each row alone", len(rows), _row_error(e))
+            return await self._alone(rows)
 
-    async def _step(self, client: PipelineClient, rows: list[RowWork]) -> list[int | None]:
+    async def _alone(self, rows: list[RowWork]) -> list[RowResult]:
+        """Each row in a frame of its own (under ``_retrying``); a row a node fails then gets a ``RowError``.
+
+        A frame fails as a whole, so which rows a node refuses is found by running each alone: the rows that shared
+        the step with the culprit complete, only the culprit fails. The cost is bounded by the step: one single-row
+        frame per row (a step has at most a row per slot) and one reopen per row refused; after a reopen, each
+        request in progress replays its rows into the new streams once (``_replay``). A failed frame may have written
+        KV at the stages before the refusing one; running the row again writes the same positions (a stage takes a
+        row that starts at or before its slot's length), so nothing stale is ever read."""
+        t0 = time.perf_counter()
+        outcomes: list[RowResult] = []
+        for row in rows:
+            try:
+                outcomes.extend(await self._retry_step([row]))
+            except Exception as e:
+                if not _frame_error(e):
+                    raise
+                outcomes.append(_row_error(e))
+        self.split_steps += 1
+        refused = [r.request_id for r, o in zip(rows, outcomes, strict=True) if isinstance(o, RowError)]
+        log.warning("split a step of %d rows: request(s) %s refused, the others ran (%.2f s)", len(rows), refused,
+                    time.perf_counter() - t0)  # fmt: skip
+        return outcomes
+
+    async def _flight(self, client: PipelineClient, rows: list[RowWork]) -> list[RowResult]:
+        """A step's first attempt, counted in flight until it lands (answered, or failed by a break of the stream)."""
+        self._flying += 1
+        self._landed.clear()
+        try:
+            return await self._step(client, rows)
+        finally:
+            self._flying -= 1
+            if not self._flying:
+                self._landed.set()
+
+    @contextlib.asynccontextmanager
+    async def _retrying(self) -> AsyncIterator[None]:
+        """The retry lock, held with no first attempt on the streams: new ones wait, those in flight land first."""
+        async with self._retry:
+            self._open.clear()
+            try:
+                await self._landed.wait()
+                yield
+            finally:
+                self._open.set()
+
+    async def _retry_step(self, rows: list[RowWork]) -> list[RowResult]:
+        """One attempt of ``rows`` under ``_retrying``, on streams no frame error has broken (a step that landed
+        before this one may have broken them); a lost node's re-plan is waited for here. A frame error is raised
+        after the streams it broke are reopened, before the lock is let go (reopened after it, the next retry took
+        the broken streams)."""
+        while True:
+            client = await self._client()
+            if client.broken:
+                await self.runtime.cluster.reopen(client)
+                client = await self._client()
+            try:
+                return await self._step(client, rows)
+            except Exception as e:
+                if _frame_error(e):
+                    await self.runtime.cluster.reopen(client)
+                    raise
+                if await self._lost(client, e):
+                    log.warning("a retried step of %d rows failed on the old pipeline (%s); retrying on the new one",
+                                len(rows), e)  # fmt: skip
+                    continue
+                raise
+
+    async def _lost(self, client: PipelineClient, e: BaseException) -> bool:
+        """Whether ``e`` means a node or link is gone (the stream's status, or the stream closed) and a re-plan has
+        replaced ``client``; an error of this process (a row the wire cannot carry, a bug) is no such thing."""
+        return isinstance(e, (aio.AioRpcError, ConnectionError)) and await self._replaced(client)
+
+    async def _step(self, client: PipelineClient, rows: list[RowWork]) -> list[RowResult]:
         logs = [self._log_for(r, client) for r in rows]
         await self._replay(client, logs)
         outputs = await client.forward(

@@ -42,6 +42,19 @@ class SchedulerError(Exception):
         self.retry_after_s = retry_after_s
 
 
+class RowError(Exception):
+    """An executor's answer for one row in place of its token: that row failed (a node refused it), the step's other
+    rows ran. ``status``: the HTTP status it deserves (400: what the request carries, 500: the server's fault)."""
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+#: a row's outcome: its sampled token, None where none was asked, or why that row alone failed
+RowResult = int | None | RowError
+
+
 class QueueFullError(SchedulerError):
     status = 429
 
@@ -68,13 +81,14 @@ class RowWork:
 
 
 class StepExecutor(Protocol):
-    """Runs steps of rows. ``run`` returns, for each row, the sampled token id or None where none was asked."""
+    """Runs steps of rows. ``run`` returns, for each row, the sampled token id, None where none was asked, or a
+    ``RowError`` for a row that failed alone; an exception fails every row of the step."""
 
     n_slots: int
     max_len: int
     depth: int
 
-    def run(self, rows: Sequence[RowWork]) -> Awaitable[list[int | None]]:
+    def run(self, rows: Sequence[RowWork]) -> Awaitable[Sequence[RowResult]]:
         """The step's outcome. An executor that computes elsewhere (a thread, a pipeline) should hand the step over
         before it returns, not when the awaitable is first awaited: the scheduler's loop first delivers the previous
         step's tokens to their streams (work of the same loop), and a step started after that starts late."""
@@ -89,6 +103,7 @@ class Finished:
 
     reason: str  # "stop" (an end-of-turn token), "length" (max tokens), "cancelled" or "error"
     error: str | None = None
+    status: int = 500  # with an error: the HTTP status it deserves (``RowError.status``)
 
 
 @dataclass(eq=False)
@@ -142,7 +157,7 @@ class Scheduler:
         self._active: dict[int, Request] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._settled: deque[asyncio.Future[list[int | None]]] = deque()  # steps done, not yet applied
+        self._settled: deque[asyncio.Future[Sequence[RowResult]]] = deque()  # steps done, not yet applied
         self._outbox: list[tuple[Request, int | Finished]] | None = None  # held deliveries (see ``_loop``)
         self.steps = 0  # steps handed to the executor, and their decode rows and prompt tokens (``/stats``)
         self.decode_rows = 0
@@ -232,7 +247,7 @@ class Scheduler:
         else:
             r._queue.put_nowait(item)
 
-    def _step_done(self, fut: asyncio.Future[list[int | None]]) -> None:
+    def _step_done(self, fut: asyncio.Future[Sequence[RowResult]]) -> None:
         self._settled.append(fut)
         self._wake.set()
 
@@ -283,13 +298,17 @@ class Scheduler:
             self._active[row.request_id].in_flight = True
         return rows
 
-    def _apply(self, rows: Sequence[RowWork], tokens: Sequence[int | None]) -> None:
+    def _apply(self, rows: Sequence[RowWork], tokens: Sequence[RowResult]) -> None:
         now = time.perf_counter()
         for row, token in zip(rows, tokens, strict=True):
             r = self._active.get(row.request_id)
             if r is None:
                 continue
             r.in_flight = False
+            if isinstance(token, RowError):
+                log.warning("request %d failed: %s", r.id, token)
+                self._end(r, Finished("error", str(token), token.status))
+                continue
             if r.cancelled:
                 self._end(r, Finished("cancelled"))
                 continue
@@ -318,7 +337,7 @@ class Scheduler:
         """Start steps while fewer than ``depth`` are in flight, then sleep until one settles or a request comes or
         goes. A settled step's tokens reach their streams only after the next steps are handed over: the executor
         gets its next frame before this loop's event loop turns to the streams' work (SSE, detokenising)."""
-        in_flight: dict[asyncio.Future[list[int | None]], list[RowWork]] = {}
+        in_flight: dict[asyncio.Future[Sequence[RowResult]], list[RowWork]] = {}
         try:
             while True:
                 for r in [r for r in self._active.values() if r.cancelled and not r.in_flight]:
@@ -328,7 +347,7 @@ class Scheduler:
                     rows = self._next_step()
                     if not rows:
                         break
-                    step: asyncio.Future[list[int | None]] = asyncio.ensure_future(self.executor.run(rows))
+                    step: asyncio.Future[Sequence[RowResult]] = asyncio.ensure_future(self.executor.run(rows))
                     in_flight[step] = rows
                     step.add_done_callback(self._step_done)
                     self.steps += 1

@@ -31,20 +31,32 @@ class FakePipeline:
     """A pipeline whose per-slot cache is the list of tokens fed; ``on_forward`` may re-plan (or fail) mid-run."""
 
     def __init__(
-        self, cluster: FakeCluster | None = None, *, replan_after: int = -1, fail: bool = False, bad: int = -1
+        self,
+        cluster: FakeCluster | None = None,
+        *,
+        replan_after: int = -1,
+        fail: bool = False,
+        bad: set[int] | None = None,
     ) -> None:
         self.kv: dict[int, list[tuple[int, bool]]] = {}  # (token, fed as prefill) per position
         self.frames = 0
         self.cluster, self.replan_after, self.fail = cluster, replan_after, fail
         self.next: FakePipeline | None = None
-        self.bad = bad  # a request id a node fails with INTERNAL, which ends the stream (every later frame fails too)
+        self.bad = bad or set()  # request ids a node fails with ``code``, which ends the stream (every later frame too)
+        self.code = grpc.StatusCode.INTERNAL
         self.broken: aio.AioRpcError | None = None
 
     async def forward(self, rows: Sequence[RowInput]) -> list[RowOutput]:
         await asyncio.sleep(0)
         self.frames += 1
-        if self.broken is None and any(r.request_id == self.bad for r in rows):
-            self.broken = aio.AioRpcError(grpc.StatusCode.INTERNAL, aio.Metadata(), aio.Metadata(), "ValueError: bad")
+        refused = [r.request_id for r in rows if r.request_id in self.bad]
+        if self.broken is None and refused:
+            details = (
+                "ValueError: bad"
+                if self.code == grpc.StatusCode.INTERNAL
+                else f"request {refused[0]}: token id outside the vocabulary of 500"
+            )
+            self.broken = aio.AioRpcError(self.code, aio.Metadata(), aio.Metadata(), details)
         if self.broken is not None:
             raise self.broken
         if self.frames == self.replan_after:
@@ -76,7 +88,11 @@ class FakeCluster:
 
     async def reopen(self, failed: FakePipeline) -> None:
         if self.client is failed:  # new streams: the fake's caches start empty, so replay must rebuild them
+            await asyncio.sleep(0)  # opening them takes a round trip, in which other steps run (as Cluster.reopen)
+            if self.client is not failed:
+                return
             self.client, self.reopened = FakePipeline(bad=failed.bad), self.reopened + 1
+            self.client.code = failed.code
 
 
 @dataclass
@@ -172,7 +188,7 @@ def test_a_frame_a_node_fails_does_not_break_the_pipeline(runner: LoopThread) ->
         good = [scheduler.submit(p, SamplingParams(), 12, frozenset()) for p in PROMPTS[:2]]
         bad = scheduler.submit(bad_prompt, SamplingParams(), 12, frozenset())
         assert cluster.client is not None
-        cluster.client.bad = bad.id
+        cluster.client.bad = {bad.id}
         t0 = asyncio.get_running_loop().time()
         out = []
         for r in [*good, bad]:
@@ -180,6 +196,9 @@ def test_a_frame_a_node_fails_does_not_break_the_pipeline(runner: LoopThread) ->
             with contextlib.suppress(Exception):
                 tokens.extend([t async for t in r.tokens()])
             out.append((r.finish_reason, tokens))
+        # INTERNAL (the node raised computing the row) is the server's fault: a 500, with the node's words
+        assert bad.finish is not None and bad.finish.status == 500, bad.finish
+        assert bad.finish.error == "the model failed on this request: ValueError: bad (INTERNAL)", bad.finish
         later = scheduler.submit(PROMPTS[2], SamplingParams(), 12, frozenset())
         tokens = [t async for t in later.tokens()]
         out.append((later.finish_reason, tokens))
@@ -220,3 +239,88 @@ def test_an_error_of_this_process_fails_the_step_without_waiting_for_a_replan(ru
     reason, elapsed = asyncio.run(go())
     assert reason == "error"
     assert elapsed < 10, f"{elapsed:.1f} s: the step waited for a re-plan"
+
+
+@pytest.mark.parametrize("joins", ["prompt-chunks", "decode-rows"])
+def test_a_refused_row_fails_alone_and_the_rows_sharing_its_step_get_their_answers(
+    runner: LoopThread, joins: str
+) -> None:
+    """A node that refuses one row fails its whole frame, and the step's retry fails the same way: the step is then
+    split, each row run alone, so only the refused request ends (with the node's reason, a 400: INVALID_ARGUMENT is
+    about what the row carries), and the requests that shared its step get exactly their answers. ``joins``: the
+    refused prompt chunk shares a step with the others' prompt chunks, or (arriving later) with their decode rows."""
+    expected, _ = _answers(FakePipeline(), FakeCluster(), runner)
+    cluster = FakeCluster(depth=1)  # one step in flight: every ready row is in it
+    runner.run(_set(cluster.ready))
+    executor = ClusterExecutor(FakeRuntime(runner, cluster), n_slots=4, max_len=64, failover_s=60)  # type: ignore[arg-type]
+
+    async def go() -> list[tuple[str, int | None, str | None, list[int]]]:
+        scheduler = Scheduler(executor, prefill_chunk=16)  # the three first chunks (7 + 3 + 3 tokens) fit one step
+        good = [scheduler.submit(p, SamplingParams(), 12, frozenset()) for p in PROMPTS[:2]]
+        if joins == "decode-rows":
+            while not all(r.generated for r in good):
+                await asyncio.sleep(0)
+        bad = scheduler.submit([50, 51, 52], SamplingParams(), 12, frozenset())
+        assert cluster.client is not None
+        cluster.client.bad, cluster.client.code = {bad.id}, grpc.StatusCode.INVALID_ARGUMENT
+        requests = [*good, bad]
+        answers = await asyncio.wait_for(asyncio.gather(*(_collect(r) for r in requests)), 30)
+        later = scheduler.submit(PROMPTS[2], SamplingParams(), 12, frozenset())
+        answers.append(await asyncio.wait_for(_collect(later), 30))
+        free = scheduler.stats()["free_slots"]
+        await scheduler.stop()
+        assert free == 4, "a slot was left behind"
+        return [
+            (r.finish_reason, r.finish.status if r.finish else None, r.finish.error if r.finish else None, tokens)
+            for r, tokens in zip([*requests, later], answers, strict=True)
+        ]
+
+    cluster.client = FakePipeline()
+    out = asyncio.run(go())
+    # the requests beside the refused one, and one after it, get exactly their answers alone
+    assert [(o[0], o[3]) for o in (out[0], out[1], out[3])] == [("length", e) for e in expected]
+    # the refused one fails with the node's reason, as the request's fault
+    reason, status, error, _ = out[2]
+    assert (reason, status) == ("error", 400) and error is not None and "token id outside" in error, out[2]
+    assert "AioRpcError" not in error, error
+    assert executor.split_steps == 1
+
+
+async def _collect(r: Any) -> list[int]:
+    tokens: list[int] = []
+    with contextlib.suppress(Exception):
+        tokens.extend([t async for t in r.tokens()])
+    return tokens
+
+
+@pytest.mark.parametrize(("depth", "refused"), [(3, (2, 5)), (4, (0, 4))])
+def test_two_refused_rows_in_steps_in_flight_together_fail_alone(
+    runner: LoopThread, depth: int, refused: tuple[int, int]
+) -> None:
+    """Two requests a node refuses, in different steps of those in flight: each retry and each row run alone has the
+    streams to itself (first attempts wait, those in flight land, and streams they broke are reopened), so neither
+    refusal is blamed on a request retried or run alone beside the other. On the runtime's loop the order of events
+    is fixed; here the old executor failed an innocent request (its retry took streams a first attempt holding the
+    other refused row broke, or shared them with it)."""
+    prompts = [[10 * i, 10 * i + 1, 10 * i + 2] for i in range(6)]
+
+    def answers(refused: tuple[int, ...]) -> list[tuple[str, list[int]]]:
+        cluster = FakeCluster(depth=depth, client=FakePipeline())
+        runner.run(_set(cluster.ready))
+        executor = ClusterExecutor(FakeRuntime(runner, cluster), n_slots=8, max_len=64, failover_s=60)  # type: ignore[arg-type]
+
+        async def go() -> list[tuple[str, list[int]]]:
+            scheduler = Scheduler(executor, prefill_chunk=3)  # a prompt chunk per step
+            requests = [scheduler.submit(p, SamplingParams(), 12, frozenset()) for p in prompts]
+            assert cluster.client is not None
+            cluster.client.bad = {requests[i].id for i in refused}
+            out = await asyncio.wait_for(asyncio.gather(*(_collect(r) for r in requests)), 30)
+            await scheduler.stop()
+            return [(r.finish_reason, tokens) for r, tokens in zip(requests, out, strict=True)]
+
+        return runner.run(go())
+
+    expected = answers(())
+    got = answers(refused)
+    assert [reason == "error" for reason, _ in got] == [i in refused for i in range(6)], got
+    assert [o for i, o in enumerate(got) if i not in refused] == [o for i, o in enumerate(expected) if i not in refused]

@@ -11,7 +11,7 @@ node answers INVALID_ARGUMENT, and:
   replays their KV rows and retries the steps the broken stream took with it);
 - a request after it runs on the reopened streams at once (no wait for a re-plan that never comes: failover_s).
 
-The steps are cut so the bad row is alone in its step (a row in the same step as a refused one fails with it): the
+The steps are cut so the bad row is alone in its step (``test_cluster_split`` has a refused row share its step): the
 bad request is the oldest, its refused chunk is its second one and fills the prefill budget, and the others are
 still in their prompts then, so no decode row joins it.
 

@@ -217,7 +217,8 @@ class TextRun:
                     return
             finish = self.request.finish
             if finish is not None and finish.reason in ("error", "cancelled"):
-                raise ApiError(500, finish.error or "the request was cancelled by the server", type_="server_error")
+                status = finish.status if finish.reason == "error" else 500
+                raise ApiError(status, finish.error or "the request was cancelled by the server")
             self.finish_reason = "stop" if finish is None or finish.reason == "stop" else "length"
             visible, stopped = stops.push(decoder.flush())
             tail = visible + ("" if stopped else stops.flush())

@@ -191,6 +191,11 @@ class PipelineClient:
                 future.set_exception(self._error)
         self._pending.clear()
 
+    @property
+    def broken(self) -> bool:
+        """Whether a stream of this client has ended (an error, or closed): every later frame fails."""
+        return self._error is not None
+
     async def forward(self, rows: Sequence[RowInput]) -> list[RowOutput]:
         """Run one micro-batch through every stage; the sampled token (and logits if asked) of each row."""
         if self._call is None:
