@@ -150,6 +150,15 @@ class ClusterExecutor:
 
     # ------------------------------------------------------------------------ on the runtime's event loop
     async def _run(self, rows: list[RowWork]) -> list[RowResult]:
+        try:
+            return await self._attempts(rows)
+        except aio.AioRpcError as e:
+            # the user reads the node's status in one line, not the error's repr (several lines: a peer's address,
+            # gRPC's debug string); the log keeps the whole error (``from e``)
+            raise RuntimeError(f"{e.details() or 'a node failed'} ({e.code().name})") from e
+
+    async def _attempts(self, rows: list[RowWork]) -> list[RowResult]:
+        """The step: a first attempt, a retry on reopened streams, then each row alone (see the module's docstring)."""
         while True:
             while not self._open.is_set():  # a retry runs (``_retrying``): this step waits for it
                 await self._open.wait()

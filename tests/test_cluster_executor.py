@@ -380,3 +380,30 @@ def test_a_node_lost_while_a_refused_rows_step_is_retried_is_waited_for(runner: 
     assert [(o[0], o[2]) for o in out[:2]] == [("length", e) for e in expected[:2]], out
     assert out[2][:2] == ("error", 400), out[2]
     assert cluster.lost is not None and cluster.client is not cluster.lost, "the node was never lost"
+
+
+class GonePipeline(FakePipeline):
+    """A pipeline whose first node is gone (and no re-plan replaces it)."""
+
+    async def forward(self, rows: Sequence[RowInput]) -> list[RowOutput]:
+        raise aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, aio.Metadata(), aio.Metadata(), "connection refused",
+                              'UNKNOWN:Error received from peer ipv4:10.0.0.7:50051 {created_time:"..."}')  # fmt: skip
+
+
+def test_a_node_gone_for_good_is_reported_in_words_not_as_the_grpc_error(runner: LoopThread) -> None:
+    """After ``failover_s`` with no re-plan the step fails: the user reads the node's status in one line, not the
+    ``AioRpcError``'s repr (several lines, with a peer's address and gRPC's debug string)."""
+    cluster = FakeCluster(client=GonePipeline())
+    runner.run(_set(cluster.ready))
+    executor = ClusterExecutor(FakeRuntime(runner, cluster), n_slots=4, max_len=64, failover_s=0.3)  # type: ignore[arg-type]
+
+    async def go() -> str | None:
+        scheduler = Scheduler(executor, prefill_chunk=4)
+        request = scheduler.submit(PROMPTS[0], SamplingParams(), 4, frozenset())
+        await _collect(request)
+        await scheduler.stop()
+        return request.finish.error if request.finish else None
+
+    error = asyncio.run(go())
+    assert error is not None and "connection refused (UNAVAILABLE)" in error, error
+    assert "AioRpcError" not in error and "debug_error_string" not in error and "\n" not in error, error
