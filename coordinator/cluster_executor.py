@@ -150,6 +150,15 @@ class ClusterExecutor:
 
     # ------------------------------------------------------------------------ on the runtime's event loop
     async def _run(self, rows: list[RowWork]) -> list[RowResult]:
+        try:
+            return await self._attempts(rows)
+        except aio.AioRpcError as e:
+            # the user reads the node's status in one line, not the error's repr (several lines: a peer's address,
+            # gRPC's debug string); the log keeps the whole error (``from e``)
+            raise RuntimeError(f"{e.details() or 'a node failed'} ({e.code().name})") from e
+
+    async def _attempts(self, rows: list[RowWork]) -> list[RowResult]:
+        """The step: a first attempt, a retry on reopened streams, then each row alone (see the module's docstring)."""
         while True:
             while not self._open.is_set():  # a retry runs (``_retrying``): this step waits for it
                 await self._open.wait()
@@ -232,17 +241,19 @@ class ClusterExecutor:
         """One attempt of ``rows`` under ``_retrying``, on streams no frame error has broken (a step that landed
         before this one may have broken them); a lost node's re-plan is waited for here. A frame error is raised
         after the streams it broke are reopened, before the lock is let go (reopened after it, the next retry took
-        the broken streams)."""
+        the broken streams). A node gone meanwhile fails the reopen (UNAVAILABLE): that is waited out like a node lost
+        mid-step, here or in the next attempt, and the frame error is still the row's."""
         while True:
             client = await self._client()
-            if client.broken:
-                await self.runtime.cluster.reopen(client)
-                client = await self._client()
             try:
+                if client.broken:
+                    await self.runtime.cluster.reopen(client)
+                    client = await self._client()
                 return await self._step(client, rows)
             except Exception as e:
                 if _frame_error(e):
-                    await self.runtime.cluster.reopen(client)
+                    with contextlib.suppress(aio.AioRpcError, ConnectionError):
+                        await self.runtime.cluster.reopen(client)
                     raise
                 if await self._lost(client, e):
                     log.warning("a retried step of %d rows failed on the old pipeline (%s); retrying on the new one",

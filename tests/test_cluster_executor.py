@@ -324,3 +324,86 @@ def test_two_refused_rows_in_steps_in_flight_together_fail_alone(
     got = answers(refused)
     assert [reason == "error" for reason, _ in got] == [i in refused for i in range(6)], got
     assert [o for i, o in enumerate(got) if i not in refused] == [o for i, o in enumerate(expected) if i not in refused]
+
+
+@dataclass
+class LosingCluster(FakeCluster):
+    """A cluster whose first node goes down at the ``lose_at``-th reopen: from then on the streams cannot be opened
+    again (UNAVAILABLE, as ``PipelineClient.open`` raises with no node to connect to) until the runtime's re-plan
+    replaces the pipeline, 50 ms later."""
+
+    lose_at: int = 1
+    attempts: int = 0
+    lost: FakePipeline | None = None
+
+    async def reopen(self, failed: FakePipeline) -> None:
+        self.attempts += 1
+        if self.attempts == self.lose_at:
+            self.lost = failed
+            asyncio.get_running_loop().call_later(0.05, self._replan, failed)
+        if self.lost is failed and self.client is failed:
+            raise aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, aio.Metadata(), aio.Metadata(), "connection refused")
+        await super().reopen(failed)
+
+    def _replan(self, failed: FakePipeline) -> None:
+        self.client = FakePipeline(bad=failed.bad)
+        self.client.code = failed.code
+
+
+@pytest.mark.parametrize("lose_at", [1, 2, 3], ids=["retry-reopen", "reopen-after-retry", "reopen-after-alone"])
+def test_a_node_lost_while_a_refused_rows_step_is_retried_is_waited_for(runner: LoopThread, lose_at: int) -> None:
+    """The node that refused a row goes down before its streams are reopened (the retry's reopen, the one after the
+    retry failed again, or the one after the refused row ran alone): the re-plan is waited for, as for a node lost
+    mid-step, so the rows sharing the step still get exactly their answers and only the refused one fails (400)."""
+    expected, _ = _answers(FakePipeline(), FakeCluster(), runner)
+    cluster = LosingCluster(depth=1, lose_at=lose_at)
+    runner.run(_set(cluster.ready))
+    executor = ClusterExecutor(FakeRuntime(runner, cluster), n_slots=4, max_len=64, failover_s=10)  # type: ignore[arg-type]
+
+    async def go() -> list[tuple[str, int | None, list[int]]]:
+        scheduler = Scheduler(executor, prefill_chunk=4)
+        good = [scheduler.submit(p, SamplingParams(), 12, frozenset()) for p in PROMPTS[:2]]
+        while not all(r.generated for r in good):  # both decode: the refused chunk shares their step
+            await asyncio.sleep(0)
+        bad = scheduler.submit([50, 51, 52], SamplingParams(), 12, frozenset())
+        assert cluster.client is not None
+        cluster.client.bad, cluster.client.code = {bad.id}, grpc.StatusCode.INVALID_ARGUMENT
+        requests = [*good, bad]
+        answers = await asyncio.wait_for(asyncio.gather(*(_collect(r) for r in requests)), 30)
+        await scheduler.stop()
+        return [
+            (r.finish_reason, r.finish.status if r.finish else None, a) for r, a in zip(requests, answers, strict=True)
+        ]
+
+    cluster.client = FakePipeline()
+    out = asyncio.run(go())
+    assert [(o[0], o[2]) for o in out[:2]] == [("length", e) for e in expected[:2]], out
+    assert out[2][:2] == ("error", 400), out[2]
+    assert cluster.lost is not None and cluster.client is not cluster.lost, "the node was never lost"
+
+
+class GonePipeline(FakePipeline):
+    """A pipeline whose first node is gone (and no re-plan replaces it)."""
+
+    async def forward(self, rows: Sequence[RowInput]) -> list[RowOutput]:
+        raise aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, aio.Metadata(), aio.Metadata(), "connection refused",
+                              'UNKNOWN:Error received from peer ipv4:10.0.0.7:50051 {created_time:"..."}')  # fmt: skip
+
+
+def test_a_node_gone_for_good_is_reported_in_words_not_as_the_grpc_error(runner: LoopThread) -> None:
+    """After ``failover_s`` with no re-plan the step fails: the user reads the node's status in one line, not the
+    ``AioRpcError``'s repr (several lines, with a peer's address and gRPC's debug string)."""
+    cluster = FakeCluster(client=GonePipeline())
+    runner.run(_set(cluster.ready))
+    executor = ClusterExecutor(FakeRuntime(runner, cluster), n_slots=4, max_len=64, failover_s=0.3)  # type: ignore[arg-type]
+
+    async def go() -> str | None:
+        scheduler = Scheduler(executor, prefill_chunk=4)
+        request = scheduler.submit(PROMPTS[0], SamplingParams(), 4, frozenset())
+        await _collect(request)
+        await scheduler.stop()
+        return request.finish.error if request.finish else None
+
+    error = asyncio.run(go())
+    assert error is not None and "connection refused (UNAVAILABLE)" in error, error
+    assert "AioRpcError" not in error and "debug_error_string" not in error and "\n" not in error, error

@@ -197,7 +197,8 @@ class TextRun:
         return len(self.completion_ids)
 
     async def deltas(self) -> AsyncIterator[str]:
-        """Text as it becomes final. Raises ``ApiError`` (500) when the model fails mid-way."""
+        """Text as it becomes final. Raises ``ApiError`` when the request fails mid-way: ``Finished.status`` (400 for a
+        row a node refused for what it carries, else 500)."""
         from llama_shard.generate import StopStrings
 
         tok = self.backend.tokenizer
