@@ -57,12 +57,13 @@ _row_invariant: weakref.WeakKeyDictionary[Stage, bool] = weakref.WeakKeyDictiona
 
 def row_invariant(stage: Stage) -> bool:
     """Whether every leaf module of ``stage`` gives a row's output bitwise the same whatever the other rows: its type
-    is row-wise by nature (``_ROW_WISE``, an embedding) or says so (``row_invariant = True``, as ``QuantLinear``).
-    ``nn.Linear`` does not (MKL's kernels depend on M), nor does any module type that does not declare it."""
+    is row-wise by nature (``_ROW_WISE``, an embedding) or the module says so (``row_invariant``: always for
+    ``QuantLinear``, for a ``DenseLinear`` where its device and dtype take torch's reference kernel).
+    ``nn.Linear`` does not (MKL's kernels depend on M), nor does any module that does not declare it."""
     known = _row_invariant.get(stage)
     if known is None:
         leaves = [m for m in stage.modules() if next(m.children(), None) is None]
-        known = all(isinstance(m, _ROW_WISE) or getattr(type(m), "row_invariant", False) for m in leaves)
+        known = all(isinstance(m, _ROW_WISE) or getattr(m, "row_invariant", False) is True for m in leaves)
         _row_invariant[stage] = known
     return known
 
