@@ -8,7 +8,8 @@ length changes its blocking. So every call made here has a shape drawn from a fe
 * decode (one new token per row): the rows are padded to a multiple of ``ROW_MULTIPLE`` (at least
   ``ROW_MULTIPLE``) with scratch rows that write to a scratch KV slot, which no real row ever reads. Except on a
   ``row_invariant`` stage, whose every module gives a row the same bits for any number of rows (the packed int4
-  kernel of ``QuantLinear`` does; MKL's fp32 GEMM does not): there the rows go unpadded, and attention runs row by
+  kernel of ``QuantLinear`` does, and torch's reference bf16 kernel under a ``DenseLinear`` on a CPU without
+  oneDNN's bf16; MKL's fp32 GEMM does not): there the rows go unpadded, and attention runs row by
   row (B = 1, one query, the row's own key count), so no shape a row meets depends on its batch-mates;
 * prefill (a prompt chunk, of any length including 1): one row per call, its chunk padded with dummy inputs to a
   multiple of ``ROW_MULTIPLE`` tokens. The padding writes KV past the chunk, which the next real token overwrites
