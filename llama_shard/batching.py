@@ -8,7 +8,8 @@ length changes its blocking. So every call made here has a shape drawn from a fe
 * decode (one new token per row): the rows are padded to a multiple of ``ROW_MULTIPLE`` (at least
   ``ROW_MULTIPLE``) with scratch rows that write to a scratch KV slot, which no real row ever reads. Except on a
   ``row_invariant`` stage, whose every module gives a row the same bits for any number of rows (the packed int4
-  kernel of ``QuantLinear`` does; MKL's fp32 GEMM does not): there the rows go unpadded, and attention runs row by
+  kernel of ``QuantLinear`` does, and torch's reference bf16 kernel under a ``DenseLinear`` on a CPU without
+  oneDNN's bf16; MKL's fp32 GEMM does not): there the rows go unpadded, and attention runs row by
   row (B = 1, one query, the row's own key count), so no shape a row meets depends on its batch-mates;
 * prefill (a prompt chunk, of any length including 1): one row per call, its chunk padded with dummy inputs to a
   multiple of ``ROW_MULTIPLE`` tokens. The padding writes KV past the chunk, which the next real token overwrites
@@ -57,12 +58,13 @@ _row_invariant: weakref.WeakKeyDictionary[Stage, bool] = weakref.WeakKeyDictiona
 
 def row_invariant(stage: Stage) -> bool:
     """Whether every leaf module of ``stage`` gives a row's output bitwise the same whatever the other rows: its type
-    is row-wise by nature (``_ROW_WISE``, an embedding) or says so (``row_invariant = True``, as ``QuantLinear``).
-    ``nn.Linear`` does not (MKL's kernels depend on M), nor does any module type that does not declare it."""
+    is row-wise by nature (``_ROW_WISE``, an embedding) or the module says so (``row_invariant``: always for
+    ``QuantLinear``, for a ``DenseLinear`` where its device and dtype take torch's reference kernel).
+    ``nn.Linear`` does not (MKL's kernels depend on M), nor does any module that does not declare it."""
     known = _row_invariant.get(stage)
     if known is None:
         leaves = [m for m in stage.modules() if next(m.children(), None) is None]
-        known = all(isinstance(m, _ROW_WISE) or getattr(type(m), "row_invariant", False) for m in leaves)
+        known = all(isinstance(m, _ROW_WISE) or getattr(m, "row_invariant", False) is True for m in leaves)
         _row_invariant[stage] = known
     return known
 

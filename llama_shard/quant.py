@@ -301,8 +301,28 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, planes={self.planes}"
 
 
+def reference_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch multiplies ``dtype`` matrices on ``device`` with its reference kernel (``at::native::cpublas``),
+    where each output is one dot product over K, accumulated in fp32, in the same order for M = 1 (gemv) and M > 1
+    (gemm), with threads splitting the outputs, never K: a row's bits do not depend on the other rows. That is torch's
+    path for bf16 / fp16 on a CPU without oneDNN's bf16 / fp16 support (no AVX-512 / AMX / Arm bf16). Not fp32 (MKL),
+    not CUDA or MPS (cuBLAS / MPS pick kernels by M), not where oneDNN takes the call."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return True
+    ops = torch.ops.mkldnn
+    return not (ops._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else ops._is_mkldnn_fp16_supported())
+
+
 class DenseLinear(nn.Module):
-    """The fallback: a dequantised weight held in ``dtype`` (bf16), as a buffer so ``Stage.dtype`` ignores it."""
+    """The fallback: a dequantised weight held in ``dtype`` (bf16), as a buffer so ``Stage.dtype`` ignores it.
+
+    ``row_invariant`` where torch's reference kernel multiplies it (``reference_gemm``: bf16 on a CPU without
+    oneDNN's bf16, as where the native kernels are not built), so ``llama_shard.batching`` need not pad decode rows
+    for it (checked by ``tests/test_batch_invariance_dense.py``); elsewhere False, and the stage keeps the padded
+    convention.
+    """
 
     def __init__(self, weight: Tensor, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
@@ -310,6 +330,10 @@ class DenseLinear(nn.Module):
         self.register_buffer("weight", weight.to(dtype).contiguous())
 
     weight: Tensor
+
+    @property
+    def row_invariant(self) -> bool:
+        return reference_gemm(self.weight.device, self.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
