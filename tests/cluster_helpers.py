@@ -13,11 +13,14 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
+from coordinator.api.backend import ModelInfo
 from coordinator.cluster import plan_options
 from coordinator.pipeline.local import stop_processes
 from coordinator.pki import ClusterCA
 from coordinator.planner import DeviceProfile, Memory, PlanError, plan
 from coordinator.planner.loaders import load_model_profile
+from coordinator.serve_cluster import ClusterFlags, ServedCluster, serve_cluster
+from llama_shard.loading import load_tokenizer, open_source
 from protos import PROTOCOL_VERSION
 from protos.llama_node.v1 import node_pb2 as pb
 from protos.llama_node.v1 import node_pb2_grpc as pb_grpc
@@ -122,3 +125,19 @@ def memory_cap_for(
         lo, hi = (lo, mid) if fits(mid, nodes) else (mid, hi)
     assert not fits(hi, nodes - 1), f"the model is too small to need {nodes} nodes at any cap"
     return hi
+
+
+def serve_two_local_nodes(
+    model: Path, info: ModelInfo, state: Path, *, micro_batches: int, slots: int, context: int, chunk: int
+) -> ServedCluster:
+    """``serve --nodes 2 --micro-batches M``'s cluster (2 real ``join`` processes, a stage each) on ``model``, once it
+    is loaded; the caller closes it."""
+    flags = ClusterFlags(state_dir=state, join_port=free_port(), join_host="127.0.0.1", no_mdns=True, nodes=2,
+                         micro_batches=micro_batches)  # fmt: skip
+    served = serve_cluster(model, info, load_tokenizer(open_source(model)), flags, slots, context, None, chunk)
+    try:
+        served.wait_local_ready(120)
+    except BaseException:
+        served.close_unserved()
+        raise
+    return served

@@ -31,10 +31,9 @@ from pathlib import Path
 
 from coordinator.api.backend import ModelInfo
 from coordinator.scheduler import Request
-from coordinator.serve_cluster import ClusterFlags, ServedCluster, serve_cluster
-from llama_shard.loading import load_tokenizer, open_source
+from coordinator.serve_cluster import ServedCluster
 from llama_shard.sampling import SamplingParams
-from tests.cluster_helpers import free_port
+from tests.cluster_helpers import serve_two_local_nodes
 from tests.tiny_served import serveable_tiny_llama
 
 VOCAB, CONTEXT, CHUNK, N = 320, 64, 4, 12
@@ -45,15 +44,7 @@ A, B, LATER = list(range(20, 32)), list(range(40, 52)), list(range(60, 70))
 
 def _serve(model: Path, state: Path) -> ServedCluster:
     """``serve --nodes 2 --micro-batches 3``'s cluster and scheduler on ``model`` (2 stages), once it is loaded."""
-    flags = ClusterFlags(state_dir=state, join_port=free_port(), join_host="127.0.0.1", no_mdns=True, nodes=2,
-                         micro_batches=3)  # fmt: skip
-    served = serve_cluster(model, INFO, load_tokenizer(open_source(model)), flags, 4, CONTEXT, None, CHUNK)
-    try:
-        served.wait_local_ready(120)
-    except BaseException:
-        served.close_unserved()
-        raise
-    return served
+    return serve_two_local_nodes(model, INFO, state, micro_batches=3, slots=4, context=CONTEXT, chunk=CHUNK)
 
 
 async def _answer(r: Request) -> list[int]:

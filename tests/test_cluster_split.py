@@ -30,9 +30,9 @@ import httpx
 
 from coordinator.api.app import create_app
 from coordinator.api.backend import ModelInfo
-from coordinator.serve_cluster import ClusterFlags, ServedCluster, serve_cluster
+from coordinator.serve_cluster import ServedCluster
 from llama_shard.loading import load_tokenizer, open_source
-from tests.cluster_helpers import free_port
+from tests.cluster_helpers import serve_two_local_nodes
 from tests.tiny_served import serveable_tiny_llama
 
 EMBED, CONTEXT, CHUNK, SLOTS, N = 288, 64, 16, 4, 40
@@ -43,17 +43,8 @@ BAD = [5, 6, EMBED + 12, 7]  # an id the tokenizer has and the embedding lacks
 
 def _serve(model: Path, state: Path) -> ServedCluster:
     """``serve --nodes 2 --micro-batches 1``'s cluster and backend on ``model`` (2 stages), once it is loaded."""
-    flags = ClusterFlags(state_dir=state, join_port=free_port(), join_host="127.0.0.1", no_mdns=True, nodes=2,
-                         micro_batches=1)  # fmt: skip
-    tokenizer = load_tokenizer(open_source(model))
-    assert tokenizer.vocab_size > max(BAD), tokenizer.vocab_size  # the API lets the id through
-    served = serve_cluster(model, INFO, tokenizer, flags, SLOTS, CONTEXT, None, CHUNK)
-    try:
-        served.wait_local_ready(120)
-    except BaseException:
-        served.close_unserved()
-        raise
-    return served
+    assert load_tokenizer(open_source(model)).vocab_size > max(BAD)  # the API lets the id through
+    return serve_two_local_nodes(model, INFO, state, micro_batches=1, slots=SLOTS, context=CONTEXT, chunk=CHUNK)
 
 
 async def _generate(http: httpx.AsyncClient, ids: list[int], n: int = N) -> tuple[int, Any]:
