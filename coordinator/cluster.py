@@ -287,22 +287,23 @@ class Cluster:
         self.ready.set()
         log.info("ready: %d stage(s) loaded; node list: %s", len(stages), self.registry.describe())
 
-    async def reopen(self, failed: PipelineClient) -> None:
+    async def reopen(self, failed: PipelineClient) -> PipelineClient | None:
         """New Forward streams to the same loaded stages in place of ``failed``, which a node ended with an error of
-        one frame (the nodes are up and keep their stages); nothing when the pipeline was replaced already. The
-        executor replays the requests in progress into it, as into a re-planned pipeline."""
+        one frame (the nodes are up and keep their stages and KV caches); returns them, or None when the pipeline was
+        replaced already. The executor moves the requests in progress onto them without replaying anything."""
         from coordinator.pipeline.client import PipelineClient
 
         if self.client is not failed:
-            return
+            return None
         client = PipelineClient(failed.addresses, credentials=self.credentials)
         await client.open()
         if self.client is not failed:  # re-planned meanwhile
             await client.close()
-            return
+            return None
         self.client = client
         log.warning("a node failed a frame: the pipeline's streams are opened again (nodes and stages unchanged)")
         await failed.close()
+        return client
 
     def snapshot(self) -> cpb.ListNodesReply:
         """The node list with the layers the plan gives each (for ``llama-node status``)."""

@@ -11,6 +11,9 @@ A step that fails on a pipeline that has since been replaced is retried on the n
 a node fails (it refuses a row, or raises computing it) ends the streams every frame in flight shares: they are
 reopened to the same stages and the step is retried once; when the retry fails too, each of its rows runs alone, so
 only the rows the node refuses fail (a ``RowError`` each, with the node's reason) and the rest of the step completes.
+The reopened streams reach the same stages, which keep their KV caches, so nothing is replayed into them: each
+request's slot log moves to the new client. Replay stays the fallback where a node answers that it no longer knows a
+request (FAILED_PRECONDITION: it restarted, or lost the slot): every request fed through those streams is replayed.
 
 ``ClusterBackend`` answers 503 with ``Retry-After`` and the cluster's state while no pipeline is loaded (no node
 has joined yet, or too few are left), so clients know to come back.
@@ -71,6 +74,16 @@ _REQUEST_CODES = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE"})
 def _frame_error(e: BaseException) -> bool:
     code = getattr(e, "code", None)
     return callable(code) and getattr(code(), "name", None) in _FRAME_CODES
+
+
+def _forgotten(e: BaseException) -> bool:
+    """Whether a node refused a row because its slot does not hold the request's positions (``StageHost._check``:
+    "unknown request", "row starts at ... but slot ... holds"): it lost the KV it was fed, so a replay is due."""
+    code = getattr(e, "code", None)
+    if not (callable(code) and getattr(code(), "name", None) == "FAILED_PRECONDITION"):
+        return False
+    details = (e.details() or "") if isinstance(e, aio.AioRpcError) else str(e)
+    return "unknown request" in details or "row starts at" in details
 
 
 def _row_error(e: BaseException) -> RowError:
@@ -170,6 +183,7 @@ class ClusterExecutor:
             except Exception as e:
                 if _frame_error(e):
                     log.warning("a step of %d rows failed (%s); retrying it on reopened streams", len(rows), e)
+                    self._forget_if_lost(client, e)
                     break
                 if await self._lost(client, e):
                     log.warning("a step of %d rows failed on the old pipeline (%s); retrying on the new one", len(rows),
@@ -196,10 +210,10 @@ class ClusterExecutor:
 
         A frame fails as a whole, so which rows a node refuses is found by running each alone: the rows that shared
         the step with the culprit complete, only the culprit fails. The cost is bounded by the step: one single-row
-        frame per row (a step has at most a row per slot) and one reopen per row refused; after a reopen, each
-        request in progress replays its rows into the new streams once (``_replay``). A failed frame may have written
-        KV at the stages before the refusing one; running the row again writes the same positions (a stage takes a
-        row that starts at or before its slot's length), so nothing stale is ever read."""
+        frame per row (a step has at most a row per slot) and one reopen per row refused; a reopen replays nothing
+        (``_reopen``). A failed frame may have written KV at the stages before the refusing one; running the row again
+        writes the same positions (a stage takes a row that starts at or before its slot's length), so nothing stale
+        is ever read, and a slot log gains a row only once its step succeeded, so no row is assumed fed that was not."""
         t0 = time.perf_counter()
         outcomes: list[RowResult] = []
         for row in rows:
@@ -247,19 +261,45 @@ class ClusterExecutor:
             client = await self._client()
             try:
                 if client.broken:
-                    await self.runtime.cluster.reopen(client)
+                    await self._reopen(client)
                     client = await self._client()
                 return await self._step(client, rows)
             except Exception as e:
                 if _frame_error(e):
+                    self._forget_if_lost(client, e)
                     with contextlib.suppress(aio.AioRpcError, ConnectionError):
-                        await self.runtime.cluster.reopen(client)
+                        await self._reopen(client)
                     raise
                 if await self._lost(client, e):
                     log.warning("a retried step of %d rows failed on the old pipeline (%s); retrying on the new one",
                                 len(rows), e)  # fmt: skip
                     continue
                 raise
+
+    async def _reopen(self, failed: PipelineClient) -> None:
+        """New streams in place of ``failed`` (``Cluster.reopen``) to the same stages, which keep their KV caches: the
+        requests fed through ``failed`` continue on them without a replay (a request 1,000 tokens in replayed ~1,000
+        frames per reopen, and a split reopens once per refused row). None back: a re-plan replaced ``failed``
+        meanwhile, its stages are new and empty, and the slot logs stay on ``failed``, so ``_replay`` rebuilds them."""
+        client = await self.runtime.cluster.reopen(failed)
+        if client is None:
+            return
+        for slot_log in self._slots.values():
+            if slot_log.client is failed:
+                slot_log.client = client
+        if self._current is failed:
+            self._current = client  # the same pipeline: no "switching" (``_client``)
+
+    def _forget_if_lost(self, client: PipelineClient, e: BaseException) -> None:
+        """A node that no longer knows a request (``_forgotten``: it restarted behind the same address) has lost
+        every slot fed through ``client``: those requests are replayed on their next step, as into a new pipeline."""
+        if not _forgotten(e):
+            return
+        lost = [s for s in self._slots.values() if s.client is client]
+        for slot_log in lost:
+            slot_log.client = None
+        log.warning("a node no longer knows request(s) fed through these streams (%s); replaying %d request(s)",
+                    e.details() if isinstance(e, aio.AioRpcError) else e, len(lost))  # fmt: skip
 
     async def _lost(self, client: PipelineClient, e: BaseException) -> bool:
         """Whether ``e`` means a node or link is gone (the stream's status, or the stream closed) and a re-plan has

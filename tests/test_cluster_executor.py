@@ -86,13 +86,19 @@ class FakeCluster:
     depth: int = 1  # frames in flight through the current pipeline (``Cluster.depth``)
     reopened: int = 0
 
-    async def reopen(self, failed: FakePipeline) -> None:
-        if self.client is failed:  # new streams: the fake's caches start empty, so replay must rebuild them
+    restarts: bool = False  # a node restarted behind its address: the reopened streams reach empty caches
+
+    async def reopen(self, failed: FakePipeline) -> FakePipeline | None:
+        if self.client is failed:  # new streams to the same stages: the caches they hold stay (unless ``restarts``)
             await asyncio.sleep(0)  # opening them takes a round trip, in which other steps run (as Cluster.reopen)
             if self.client is not failed:
-                return
-            self.client, self.reopened = FakePipeline(bad=failed.bad), self.reopened + 1
+                return None
+            self.client, self.reopened = type(failed)(bad=failed.bad), self.reopened + 1
             self.client.code = failed.code
+            if not self.restarts:
+                self.client.kv = failed.kv
+            return self.client
+        return None
 
 
 @dataclass
@@ -209,7 +215,7 @@ def test_a_frame_a_node_fails_does_not_break_the_pipeline(runner: LoopThread) ->
     out, elapsed = asyncio.run(go())
     assert out[2][0] == "error"
     assert [out[0], out[1], out[3]] == [("length", expected[0]), ("length", expected[1]), ("length", expected[2])]
-    assert cluster.reopened >= 1 and executor.replayed_rows > 0
+    assert cluster.reopened >= 1 and executor.replayed_rows == 0  # the reopened streams kept the caches
     assert elapsed < 30, f"{elapsed:.1f} s: the executor waited for a re-plan that never comes"
 
 
@@ -336,14 +342,14 @@ class LosingCluster(FakeCluster):
     attempts: int = 0
     lost: FakePipeline | None = None
 
-    async def reopen(self, failed: FakePipeline) -> None:
+    async def reopen(self, failed: FakePipeline) -> FakePipeline | None:
         self.attempts += 1
         if self.attempts == self.lose_at:
             self.lost = failed
             asyncio.get_running_loop().call_later(0.05, self._replan, failed)
         if self.lost is failed and self.client is failed:
             raise aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, aio.Metadata(), aio.Metadata(), "connection refused")
-        await super().reopen(failed)
+        return await super().reopen(failed)
 
     def _replan(self, failed: FakePipeline) -> None:
         self.client = FakePipeline(bad=failed.bad)
@@ -407,3 +413,46 @@ def test_a_node_gone_for_good_is_reported_in_words_not_as_the_grpc_error(runner:
     error = asyncio.run(go())
     assert error is not None and "connection refused (UNAVAILABLE)" in error, error
     assert "AioRpcError" not in error and "debug_error_string" not in error and "\n" not in error, error
+
+
+class ForgetfulPipeline(FakePipeline):
+    """A pipeline whose node answers as ``StageHost`` does a row of a request its slot does not hold."""
+
+    async def forward(self, rows: Sequence[RowInput]) -> list[RowOutput]:
+        for r in rows:
+            if self.broken is None and r.start > len(self.kv.get(r.slot, [])):
+                details = f"unknown request {r.request_id} in slot {r.slot} (it starts at position 0)"
+                self.broken = aio.AioRpcError(grpc.StatusCode.FAILED_PRECONDITION, aio.Metadata(), aio.Metadata(),
+                                              details)  # fmt: skip
+        return await super().forward(rows)
+
+
+def test_a_node_that_restarted_behind_its_address_gets_the_requests_replayed(runner: LoopThread) -> None:
+    """Reopened streams replay nothing (the stages keep their caches), but a node that restarted has lost them: it
+    answers FAILED_PRECONDITION "unknown request", and the requests fed through those streams are replayed, so they
+    still end with exactly their answers."""
+    expected, _ = _answers(FakePipeline(), FakeCluster(), runner)
+    cluster = FakeCluster(depth=1, restarts=True)
+    runner.run(_set(cluster.ready))
+    executor = ClusterExecutor(FakeRuntime(runner, cluster), n_slots=4, max_len=64, failover_s=60)  # type: ignore[arg-type]
+
+    async def go() -> list[tuple[str, int | None, list[int]]]:
+        scheduler = Scheduler(executor, prefill_chunk=4)
+        good = [scheduler.submit(p, SamplingParams(), 12, frozenset()) for p in PROMPTS[:2]]
+        while not all(r.generated for r in good):  # both decode: the refused chunk shares their step
+            await asyncio.sleep(0)
+        bad = scheduler.submit([50, 51, 52], SamplingParams(), 12, frozenset())
+        assert cluster.client is not None
+        cluster.client.bad, cluster.client.code = {bad.id}, grpc.StatusCode.INVALID_ARGUMENT
+        requests = [*good, bad]
+        answers = await asyncio.wait_for(asyncio.gather(*(_collect(r) for r in requests)), 30)
+        await scheduler.stop()
+        return [
+            (r.finish_reason, r.finish.status if r.finish else None, a) for r, a in zip(requests, answers, strict=True)
+        ]
+
+    cluster.client = ForgetfulPipeline()
+    out = asyncio.run(go())
+    assert [(o[0], o[2]) for o in out[:2]] == [("length", e) for e in expected[:2]], out
+    assert out[2][:2] == ("error", 400), out[2]
+    assert cluster.reopened >= 1 and executor.replayed_rows > 0

@@ -98,3 +98,6 @@ def test_a_refused_row_fails_alone_and_the_rows_of_its_step_finish(
     assert stats["free_slots"] == SLOTS and stats["active"] == 0, stats
     # the refused row did share a step: that step was split
     assert executor.split_steps == 1
+    # (d) the reopens went to the same stages, whose KV caches a and b kept: nothing was fed to them again (each
+    # reopen used to replay their whole history, a frame per prompt chunk and per token, under the retry lock)
+    assert executor.replayed_rows == 0, executor.replayed_rows
