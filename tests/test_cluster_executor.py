@@ -407,3 +407,70 @@ def test_a_node_gone_for_good_is_reported_in_words_not_as_the_grpc_error(runner:
     error = asyncio.run(go())
     assert error is not None and "connection refused (UNAVAILABLE)" in error, error
     assert "AioRpcError" not in error and "debug_error_string" not in error and "\n" not in error, error
+
+
+@dataclass
+class ReleasingCluster(FakeCluster):
+    """A cluster whose nodes lose their stages (a node restarted, the shard released for a re-plan): from the
+    ``release_at``-th frame on, every frame fails FAILED_PRECONDITION, on reopened streams too, until the re-plan
+    replaces the pipeline (its stages loaded again) 200 ms later."""
+
+    release_at: int = 4
+    released: bool = False
+
+    async def reopen(self, failed: FakePipeline) -> None:
+        if self.client is failed:
+            self.client, self.reopened = ReleasedPipeline(self), self.reopened + 1
+
+    def replan(self) -> None:
+        self.client = FakePipeline()
+
+
+class ReleasedPipeline(FakePipeline):
+    async def forward(self, rows: Sequence[RowInput]) -> list[RowOutput]:
+        cluster = self.cluster
+        assert isinstance(cluster, ReleasingCluster)
+        if self.frames + 1 >= cluster.release_at and not cluster.released:
+            cluster.released = True
+            asyncio.get_running_loop().call_later(0.2, cluster.replan)
+        if cluster.released:
+            raise aio.AioRpcError(grpc.StatusCode.FAILED_PRECONDITION, aio.Metadata(), aio.Metadata(), "no shard")
+        return await super().forward(rows)
+
+
+def test_a_stage_released_under_the_steps_waits_for_the_replan_instead_of_failing_every_row(
+    runner: LoopThread,
+) -> None:
+    """FAILED_PRECONDITION (the node holds no shard, or not the layers or slot state the frame expects) is about the
+    pipeline, not a row: the executor waits for the re-plan as for a lost node, and the requests get their answers
+    on the new pipeline. Before, the step was retried, split, and every row ended with a 500."""
+    expected, _ = _answers(FakePipeline(), FakeCluster(), runner)
+    cluster = ReleasingCluster(depth=1)
+    got, executor = _answers(ReleasedPipeline(cluster), cluster, runner)
+    assert got == expected and cluster.released
+    assert executor.split_steps == 0
+
+
+@pytest.mark.parametrize(("code", "splits"), [(grpc.StatusCode.INTERNAL, 1), (grpc.StatusCode.DATA_LOSS, 0)])
+def test_a_node_that_fails_every_frame_is_split_once_not_every_step(
+    runner: LoopThread, code: grpc.StatusCode, splits: int
+) -> None:
+    """A split whose every row failed (not the rows' fault) shows a node that fails every frame: later steps fail as a
+    whole after their retry, instead of costing a frame and a reopen per row each. DATA_LOSS (the link's, not a
+    row's) is never split."""
+    cluster = FakeCluster(depth=1, client=FakePipeline(bad=set(range(1, 100))))  # every request's row fails
+    assert cluster.client is not None
+    cluster.client.code = code
+    runner.run(_set(cluster.ready))
+    executor = ClusterExecutor(FakeRuntime(runner, cluster), n_slots=4, max_len=64, failover_s=60)  # type: ignore[arg-type]
+
+    async def go() -> list[str | None]:
+        scheduler = Scheduler(executor, prefill_chunk=4)  # two 2-token prompts a step
+        requests = [scheduler.submit([i, i + 1], SamplingParams(), 4, frozenset()) for i in range(8)]
+        await asyncio.wait_for(asyncio.gather(*(_collect(r) for r in requests)), 30)
+        await scheduler.stop()
+        return [r.finish.error if r.finish else None for r in requests]
+
+    errors = runner.run(go())
+    assert all(e is not None and f"({code.name})" in e for e in errors), errors
+    assert executor.split_steps == splits
