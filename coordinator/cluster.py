@@ -271,7 +271,7 @@ class Cluster:
         try:
             await load_pipeline(clients, self.s.model, specs, stage_options)
             client = PipelineClient([a for _, a, _, _ in stages], credentials=self.credentials)
-            await client.open()
+            await _open(client)
         except BaseException:
             for c in clients:
                 await c.close()
@@ -296,7 +296,7 @@ class Cluster:
         if self.client is not failed:
             return None
         client = PipelineClient(failed.addresses, credentials=self.credentials)
-        await client.open()
+        await _open(client)
         if self.client is not failed:  # re-planned meanwhile
             await client.close()
             return None
@@ -330,6 +330,19 @@ class Cluster:
             await c.close()
         if self._server is not None:
             await self._server.stop(grace=1.0)
+
+
+async def _open(client: PipelineClient) -> None:
+    """``client.open()``; when it fails, the client's channels are closed (a gone node would otherwise leave them open
+    for good) and the open's error is the one raised, not one from the close."""
+    try:
+        await client.open()
+    except BaseException:
+        try:
+            await client.close()
+        except Exception:
+            log.debug("closing a pipeline client that failed to open", exc_info=True)
+        raise
 
 
 class ClusterRuntime:

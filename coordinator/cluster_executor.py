@@ -14,6 +14,9 @@ only the rows the node refuses fail (a ``RowError`` each, with the node's reason
 The reopened streams reach the same stages, which keep their KV caches, so nothing is replayed into them: each
 request's slot log moves to the new client. Replay stays the fallback where a node answers that it no longer knows a
 request (FAILED_PRECONDITION: it restarted, or lost the slot): every request fed through those streams is replayed.
+Errors that are not about a row are not split: FAILED_PRECONDITION (other than a forgotten request) waits for the
+re-plan like a lost node, DATA_LOSS fails the step after its retry, and so does any frame error once a split saw the
+node fail every row alone.
 
 ``ClusterBackend`` answers 503 with ``Retry-After`` and the cluster's state while no pipeline is loaded (no node
 has joined yet, or too few are left), so clients know to come back.
@@ -62,25 +65,36 @@ def _wire_row() -> type[RowInput]:
     return RowInput
 
 
-#: statuses a node gives one frame (a refused row, an exception while computing it); any other error of a stream
-#: (UNAVAILABLE, CANCELLED, ...) means a node or link is gone, and the re-plan over the survivors is waited for
-_FRAME_CODES = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION", "DATA_LOSS", "INTERNAL"})
+#: statuses a node gives one frame (a refused row, an exception while computing it, a frame corrupted on the way);
+#: any other error of a stream means a node or link is gone, and the re-plan over the survivors is waited for:
+#: UNAVAILABLE, CANCELLED, ... and FAILED_PRECONDITION, a stage that is not what the pipeline expects (no shard, the
+#: shard released for a re-plan, other layers or route): a row run alone fails the same way, and only a new pipeline
+#: runs it. One FAILED_PRECONDITION is a frame error all the same (``_forgotten``): a slot whose KV is not what the
+#: coordinator fed, which reopened streams with the requests replayed into them mend
+_FRAME_CODES = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "DATA_LOSS", "INTERNAL"})
+
+#: of those, the statuses that may be about one row, worth running the step's rows alone to find it (DATA_LOSS is
+#: the link's: the step is retried once on reopened streams, then fails as a whole)
+_ROW_CODES = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "INTERNAL"})
 
 
 #: of those, the statuses about what a row carries (its ids, its positions): the request's fault, an HTTP 400
 _REQUEST_CODES = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE"})
 
 
-def _frame_error(e: BaseException) -> bool:
+def _code(e: BaseException) -> str | None:
     code = getattr(e, "code", None)
-    return callable(code) and getattr(code(), "name", None) in _FRAME_CODES
+    return getattr(code(), "name", None) if callable(code) else None
+
+
+def _frame_error(e: BaseException) -> bool:
+    return _code(e) in _FRAME_CODES or _forgotten(e)
 
 
 def _forgotten(e: BaseException) -> bool:
     """Whether a node refused a row because its slot does not hold the request's positions (``StageHost._check``:
     "unknown request", "row starts at ... but slot ... holds"): it lost the KV it was fed, so a replay is due."""
-    code = getattr(e, "code", None)
-    if not (callable(code) and getattr(code(), "name", None) == "FAILED_PRECONDITION"):
+    if _code(e) != "FAILED_PRECONDITION":
         return False
     details = (e.details() or "") if isinstance(e, aio.AioRpcError) else str(e)
     return "unknown request" in details or "row starts at" in details
@@ -136,6 +150,7 @@ class ClusterExecutor:
         self.depth = depth or runtime.cluster.depth
         self.replayed_rows = 0  # rows fed again into a new pipeline (visible to tests and logs)
         self.split_steps = 0  # steps whose rows were run one by one to find the row a node refuses
+        self._futile = False  # a split failed every row, not by the rows' fault: no more splits until a step runs
         self._current: PipelineClient | None = None
         self._slots: dict[int, _SlotLog] = {}
         self._retry = asyncio.Lock()  # steps retried after a frame error run one at a time
@@ -202,6 +217,9 @@ class ClusterExecutor:
                     raise
                 if len(rows) == 1:
                     return [_row_error(e)]  # it ran alone already
+                if (_code(e) not in _ROW_CODES and not _forgotten(e)) or self._futile:
+                    raise  # not about a row, or a node that fails every frame: run alone, each row would fail too
+                # (a forgotten request's log is cleared: run alone, it is replayed first, and the culprit found)
                 log.warning("a step of %d rows failed again (%s); running each row alone", len(rows), _row_error(e))
             return await self._alone(rows)
 
@@ -225,6 +243,9 @@ class ClusterExecutor:
                 outcomes.append(_row_error(e))
         self.split_steps += 1
         refused = [r.request_id for r, o in zip(rows, outcomes, strict=True) if isinstance(o, RowError)]
+        if all(isinstance(o, RowError) and o.status >= 500 for o in outcomes):
+            self._futile = True
+            log.warning("a node failed each of %d rows alone: later steps that fail twice are not split", len(rows))
         log.warning("split a step of %d rows: request(s) %s refused, the others ran (%.2f s)", len(rows), refused,
                     time.perf_counter() - t0)  # fmt: skip
         return outcomes
@@ -234,7 +255,9 @@ class ClusterExecutor:
         self._flying += 1
         self._landed.clear()
         try:
-            return await self._step(client, rows)
+            outcome = await self._step(client, rows)
+            self._futile = False  # the node runs frames again
+            return outcome
         finally:
             self._flying -= 1
             if not self._flying:

@@ -361,6 +361,12 @@ class Scheduler:
                 while self._settled:
                     done = self._settled.popleft()
                     rows = in_flight.pop(done)
+                    if done.cancelled():
+                        # not by ``stop`` (that cancels this task, and the ``finally`` drops the callbacks first):
+                        # e.g. the pipeline client's loop closing under a pending step. ``exception()`` would raise
+                        # CancelledError here and end this task, leaving every stream waiting forever.
+                        self._fail(rows, RuntimeError("the step was cancelled"))
+                        continue
                     error = done.exception()
                     if error is not None:
                         self._fail(rows, error)

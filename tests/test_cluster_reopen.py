@@ -29,7 +29,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
+import pytest
+from grpc import aio
+
 from coordinator.api.backend import ModelInfo
+from coordinator.cluster import Cluster, ClusterSettings
+from coordinator.pipeline import client as pipeline_client
+from coordinator.pipeline.client import PipelineClient
 from coordinator.scheduler import Request
 from coordinator.serve_cluster import ServedCluster
 from llama_shard.sampling import SamplingParams
@@ -99,3 +106,31 @@ def test_a_refused_frame_reopens_the_streams_of_real_nodes(make_hf_llama: Callab
     assert elapsed < 10, f"{elapsed:.1f} s: the executor waited for a re-plan that never comes"
     # the nodes' streams are new, and reach the same stages and KV caches: nothing was replayed into them
     assert cluster.client is not first and replayed == 0, replayed
+
+
+def test_a_reopen_that_cannot_connect_closes_its_channels(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The new streams' node is gone (nothing listens at the address): the reopen raises the open's own error
+    (UNAVAILABLE, which the executor waits out like a lost node) and leaves no open channel behind."""
+    unreachable = ["127.0.0.1:1", "127.0.0.1:2"]  # port 1: connection refused at once
+
+    async def go() -> tuple[BaseException, list[aio.Channel]]:
+        cluster = Cluster(ClusterSettings(model=tmp_path / "m", state_dir=tmp_path / "state", mdns=False))
+        failed = PipelineClient(unreachable)
+        cluster.client = failed
+        made: list[aio.Channel] = []
+        make = pipeline_client._channel
+
+        def recording(address: str, credentials: grpc.ChannelCredentials | None) -> aio.Channel:
+            made.append(make(address, credentials))
+            return made[-1]
+
+        monkeypatch.setattr(pipeline_client, "_channel", recording)
+        with pytest.raises(aio.AioRpcError) as e:
+            await asyncio.wait_for(cluster.reopen(failed), 10)
+        await failed.close()
+        return e.value, made
+
+    error, made = asyncio.run(go())
+    assert isinstance(error, aio.AioRpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(made) == 2  # the new client's two channels (first and last stage)
+    assert [c.get_state() for c in made] == [grpc.ChannelConnectivity.SHUTDOWN] * 2

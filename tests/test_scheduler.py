@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.scheduler import QueueFullError, RowWork, Scheduler
+from coordinator.scheduler import QueueFullError, Request, RowWork, Scheduler
 from llama_shard.sampling import SamplingParams
 
 GREEDY = SamplingParams()
@@ -175,4 +175,30 @@ async def test_next_step_is_handed_over_before_the_tokens_reach_their_streams() 
     assert [t async for t in request.tokens()] == [3, 4, 5, 6]
     assert request.finish is not None and request.finish.reason == "length"
     assert seen == [0, 0, 0, 0]  # the prompt's row, then each decode row before the token it follows was delivered
+    await s.stop()
+
+
+@run_async
+async def test_a_cancelled_step_fails_its_rows_and_the_scheduler_goes_on() -> None:
+    """A step future cancelled by someone other than ``stop`` (the runtime loop closing while a cross-loop step is
+    pending) ends that step's requests with an error; the scheduler task lives on and serves the next request."""
+
+    class CancelsFirst(FakeExecutor):
+        def run(self, rows: Sequence[RowWork]) -> Any:
+            if not self.steps:
+                self.steps.append(list(rows))
+                fut: asyncio.Future[list[int | None]] = asyncio.get_running_loop().create_future()
+                fut.get_loop().call_soon(fut.cancel)
+                return fut
+            return super().run(rows)
+
+    async def drain(r: Request) -> list[int]:
+        return [t async for t in r.tokens()]
+
+    s = Scheduler(CancelsFirst(n_slots=1))
+    r = s.submit([1], GREEDY, 3, frozenset())
+    assert await asyncio.wait_for(drain(r), timeout=5) == []  # before the fix: never ends
+    assert r.finish is not None and r.finish.reason == "error" and "cancelled" in (r.finish.error or "")
+    assert s.stats()["free_slots"] == 1
+    assert await collect(s, [5], 2) == [6, 7]
     await s.stop()
