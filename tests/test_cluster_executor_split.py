@@ -29,6 +29,24 @@ def runner() -> Any:
     r.stop()
 
 
+async def _refused_beside_two_decoding(
+    executor: ClusterExecutor, cluster: FakeCluster
+) -> list[tuple[str, int | None, list[int]]]:
+    """Two requests decode; a third, whose rows the node refuses (INVALID_ARGUMENT), joins their step. Each
+    request's finish reason, HTTP status and tokens."""
+    scheduler = Scheduler(executor, prefill_chunk=4)
+    good = [scheduler.submit(p, SamplingParams(), 12, frozenset()) for p in PROMPTS[:2]]
+    while not all(r.generated for r in good):  # both decode: the refused chunk shares their step
+        await asyncio.sleep(0)
+    bad = scheduler.submit([50, 51, 52], SamplingParams(), 12, frozenset())
+    assert cluster.client is not None
+    cluster.client.bad, cluster.client.code = {bad.id}, grpc.StatusCode.INVALID_ARGUMENT
+    requests = [*good, bad]
+    got = await asyncio.wait_for(asyncio.gather(*(collect(r) for r in requests)), 30)
+    await scheduler.stop()
+    return [(r.finish_reason, r.finish.status if r.finish else None, a) for r, a in zip(requests, got, strict=True)]
+
+
 @pytest.mark.parametrize("joins", ["prompt-chunks", "decode-rows"])
 def test_a_refused_row_fails_alone_and_the_rows_sharing_its_step_get_their_answers(
     runner: LoopThread, joins: str
@@ -141,23 +159,8 @@ def test_a_node_lost_while_a_refused_rows_step_is_retried_is_waited_for(runner: 
     runner.run(set_event(cluster.ready))
     executor = ClusterExecutor(FakeRuntime(runner, cluster), n_slots=4, max_len=64, failover_s=10)  # type: ignore[arg-type]
 
-    async def go() -> list[tuple[str, int | None, list[int]]]:
-        scheduler = Scheduler(executor, prefill_chunk=4)
-        good = [scheduler.submit(p, SamplingParams(), 12, frozenset()) for p in PROMPTS[:2]]
-        while not all(r.generated for r in good):  # both decode: the refused chunk shares their step
-            await asyncio.sleep(0)
-        bad = scheduler.submit([50, 51, 52], SamplingParams(), 12, frozenset())
-        assert cluster.client is not None
-        cluster.client.bad, cluster.client.code = {bad.id}, grpc.StatusCode.INVALID_ARGUMENT
-        requests = [*good, bad]
-        answers = await asyncio.wait_for(asyncio.gather(*(collect(r) for r in requests)), 30)
-        await scheduler.stop()
-        return [
-            (r.finish_reason, r.finish.status if r.finish else None, a) for r, a in zip(requests, answers, strict=True)
-        ]
-
     cluster.client = FakePipeline()
-    out = asyncio.run(go())
+    out = asyncio.run(_refused_beside_two_decoding(executor, cluster))
     assert [(o[0], o[2]) for o in out[:2]] == [("length", e) for e in expected[:2]], out
     assert out[2][:2] == ("error", 400), out[2]
     assert cluster.lost is not None and cluster.client is not cluster.lost, "the node was never lost"
@@ -211,23 +214,8 @@ def test_a_node_that_restarted_behind_its_address_gets_the_requests_replayed(run
     runner.run(set_event(cluster.ready))
     executor = ClusterExecutor(FakeRuntime(runner, cluster), n_slots=4, max_len=64, failover_s=60)  # type: ignore[arg-type]
 
-    async def go() -> list[tuple[str, int | None, list[int]]]:
-        scheduler = Scheduler(executor, prefill_chunk=4)
-        good = [scheduler.submit(p, SamplingParams(), 12, frozenset()) for p in PROMPTS[:2]]
-        while not all(r.generated for r in good):  # both decode: the refused chunk shares their step
-            await asyncio.sleep(0)
-        bad = scheduler.submit([50, 51, 52], SamplingParams(), 12, frozenset())
-        assert cluster.client is not None
-        cluster.client.bad, cluster.client.code = {bad.id}, grpc.StatusCode.INVALID_ARGUMENT
-        requests = [*good, bad]
-        answers = await asyncio.wait_for(asyncio.gather(*(collect(r) for r in requests)), 30)
-        await scheduler.stop()
-        return [
-            (r.finish_reason, r.finish.status if r.finish else None, a) for r, a in zip(requests, answers, strict=True)
-        ]
-
     cluster.client = ForgetfulPipeline()
-    out = asyncio.run(go())
+    out = asyncio.run(_refused_beside_two_decoding(executor, cluster))
     assert [(o[0], o[2]) for o in out[:2]] == [("length", e) for e in expected[:2]], out
     assert out[2][:2] == ("error", 400), out[2]
     assert cluster.reopened >= 1 and executor.replayed_rows > 0
