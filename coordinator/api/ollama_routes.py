@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from coordinator.api.backend import Backend, ModelInfo, TextRun, sampling_params, until_disconnected
 from coordinator.api.errors import ApiError
 from coordinator.api.schemas import ChatRequest, GenerateRequest, OllamaOptions, ShowRequest
+from coordinator.api.splice import cut_at_marks
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,10 @@ def _delta_lines(piece: Callable[[str, str], dict[str, Any]]) -> Callable[[str],
     def slow(delta: str) -> bytes:
         return _ndjson(piece(_now(), delta))
 
-    created, delta_mark = json.dumps(_CREATED).encode(), json.dumps(_DELTA).encode()
-    encoded = _ndjson(piece(_CREATED, _DELTA))
-    if encoded.count(created) != 1 or encoded.count(delta_mark) != 1:  # a field that mimics a mark
+    pieces = cut_at_marks(_ndjson(piece(_CREATED, _DELTA)), [_CREATED, _DELTA])
+    if pieces is None:  # a field that mimics a mark, or a chunk that holds the delta before the time
         return slow
-    head, _, rest = encoded.partition(created)
-    middle, found, tail = rest.partition(delta_mark)
-    if not found:  # a chunk that holds the delta before the time
-        return slow
+    head, middle, tail = pieces
 
     def fast(delta: str) -> bytes:
         return b"".join((head, json.dumps(_now()).encode(), middle, json.dumps(delta).encode(), tail))

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from coordinator.api.backend import Backend, TextRun, sampling_params, until_disconnected
 from coordinator.api.errors import ApiError
 from coordinator.api.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
+from coordinator.api.splice import cut_at_marks
 
 
 def _sse(obj: dict[str, Any] | str) -> bytes:
@@ -28,7 +29,7 @@ def _sse(obj: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-#: a delta no model writes, standing for the delta in a chunk encoded once (``_delta_events``)
+#: a delta no model writes, standing for the delta in a chunk encoded once (``_delta_events``, ``cut_at_marks``)
 _MARK = "\x00delta\x00"
 
 
@@ -45,10 +46,10 @@ def _delta_events(
             obj["usage"] = None
         return _sse(obj)
 
-    mark, encoded = json.dumps(_MARK).encode(), slow(_MARK)
-    if encoded.count(mark) != 1:  # a chunk that does not carry the delta as a string once (or a field that mimics it)
+    pieces = cut_at_marks(slow(_MARK), [_MARK])
+    if pieces is None:
         return slow
-    head, _, tail = encoded.partition(mark)
+    head, tail = pieces
 
     def fast(delta: str) -> bytes:
         return head + json.dumps(delta).encode() + tail
