@@ -87,6 +87,11 @@ def _code(e: BaseException) -> str | None:
     return getattr(code(), "name", None) if callable(code) else None
 
 
+def _details(e: BaseException) -> str:
+    """A node's words for its status (``AioRpcError.details``), or the error's own text."""
+    return (e.details() or "") if isinstance(e, aio.AioRpcError) else str(e)
+
+
 def _frame_error(e: BaseException) -> bool:
     return _code(e) in _FRAME_CODES or _forgotten(e)
 
@@ -96,14 +101,14 @@ def _forgotten(e: BaseException) -> bool:
     "unknown request", "row starts at ... but slot ... holds"): it lost the KV it was fed, so a replay is due."""
     if _code(e) != "FAILED_PRECONDITION":
         return False
-    details = (e.details() or "") if isinstance(e, aio.AioRpcError) else str(e)
+    details = _details(e)
     return "unknown request" in details or "row starts at" in details
 
 
 def _row_error(e: BaseException) -> RowError:
     """What a request whose row a node failed *alone* is told: the node's own words, and a 400 when they are about
     what the row carries (the API checks ids and lengths first, so this is a node that knows better), else a 500."""
-    code, details = (e.code().name, e.details() or "") if isinstance(e, aio.AioRpcError) else ("", str(e))
+    code, details = (e.code().name if isinstance(e, aio.AioRpcError) else ""), _details(e)
     if code in _REQUEST_CODES:
         return RowError(f"a node refused this request: {details}", 400)
     return RowError(f"the model failed on this request: {details} ({code})", 500)
@@ -322,7 +327,7 @@ class ClusterExecutor:
         for slot_log in lost:
             slot_log.client = None
         log.warning("a node no longer knows request(s) fed through these streams (%s); replaying %d request(s)",
-                    e.details() if isinstance(e, aio.AioRpcError) else e, len(lost))  # fmt: skip
+                    _details(e), len(lost))  # fmt: skip
 
     async def _lost(self, client: PipelineClient, e: BaseException) -> bool:
         """Whether ``e`` means a node or link is gone (the stream's status, or the stream closed) and a re-plan has
